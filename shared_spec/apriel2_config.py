@@ -65,7 +65,9 @@ class AttentionMixerConfig(_Typed):
     @model_validator(mode="after")
     def _groups_divide_heads(self) -> AttentionMixerConfig:
         if self.heads % self.head_groups:
-            raise ValueError(f"attention heads ({self.heads}) must be a multiple of head_groups ({self.head_groups})")
+            raise ValueError(
+                f"attention heads ({self.heads}) must be a multiple of head_groups ({self.head_groups})"
+            )
         return self
 
 
@@ -83,7 +85,9 @@ class GDNMixerConfig(_Typed):
     @model_validator(mode="after")
     def _key_heads_divide_value_heads(self) -> GDNMixerConfig:
         if self.value_heads % self.key_heads:
-            raise ValueError(f"gdn value_heads ({self.value_heads}) must be a multiple of key_heads ({self.key_heads})")
+            raise ValueError(
+                f"gdn value_heads ({self.value_heads}) must be a multiple of key_heads ({self.key_heads})"
+            )
         return self
 
 
@@ -119,7 +123,8 @@ class StochasticMixerConfig(_Typed):
 
 
 BlockMixerConfig = Annotated[
-    AttentionMixerConfig | GDNMixerConfig | KDAMixerConfig | StochasticMixerConfig, Field(discriminator="type")
+    AttentionMixerConfig | GDNMixerConfig | KDAMixerConfig | StochasticMixerConfig,
+    Field(discriminator="type"),
 ]
 
 
@@ -156,7 +161,9 @@ class PatternDecoderConfig(_Typed):
     def _pattern_names_exist(self) -> PatternDecoderConfig:
         unknown = sorted(set(self.pattern) - set(self.blocks))
         if unknown:
-            raise ValueError(f"decoder pattern names {unknown} have no entry in `blocks` (have {sorted(self.blocks)})")
+            raise ValueError(
+                f"decoder pattern names {unknown} have no entry in `blocks` (have {sorted(self.blocks)})"
+            )
         return self
 
     def blocks_in_order(self) -> list[BlockConfig]:
@@ -207,7 +214,6 @@ class Apriel2TextConfig(_Node):
         if path.is_dir():
             path = path / "config.json"
         return cls.model_validate(json.loads(path.read_text()))
-
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / "config.json"

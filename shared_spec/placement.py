@@ -71,7 +71,9 @@ def parse_compact(text: str, num_layers: int | None = None) -> list[str]:
         if num_layers is None:
             raise PlacementError(f"placement {text!r} uses a fill run (NAME*), which needs the layer count")
         if fixed_total > num_layers:
-            raise PlacementError(f"placement {text!r} names {fixed_total} layers before filling; there are {num_layers}")
+            raise PlacementError(
+                f"placement {text!r} names {fixed_total} layers before filling; there are {num_layers}"
+            )
     names: list[str] = []
     for name, count in runs:
         names.extend([name] * (count if count is not None else num_layers - fixed_total))

@@ -40,7 +40,9 @@ class PresetsFile(BaseModel):
 
         for name in presets:
             if not re.fullmatch(NAME_PATTERN, name):
-                raise ValueError(f"preset name {name!r} must match {NAME_PATTERN} (no commas, stars or spaces)")
+                raise ValueError(
+                    f"preset name {name!r} must match {NAME_PATTERN} (no commas, stars or spaces)"
+                )
         return presets
 
     def validate_against(self, spec: SupernetSpec) -> None:

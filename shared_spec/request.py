@@ -7,22 +7,16 @@ The server reads it from `extra_body={"placement": ...}`, from `vllm_xargs`, or 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PlacementValue = Annotated[
-    str | list[str],
-    Field(
-        description=(
-            "Mixer per decoder layer: a list of mixer names (one per layer, or one per layer with a choice), "
-            "a compact run-length string such as 'attention*2,gdn*' (NAME, NAME*COUNT, or one NAME* that fills "
-            "the remaining layers), or the name of a preset stored with the checkpoint. "
-            "Omitted: the checkpoint's default placement."
-        ),
-        examples=[["attention", "gdn", "gdn", "kda"], "attention,gdn*2,kda", "gdn*", "fast"],
-    ),
-]
+PLACEMENT_DESCRIPTION = (
+    "Mixer per decoder layer: a list of mixer names (one per layer, or one per layer with a choice), "
+    "a compact run-length string such as 'attention*2,gdn*' (NAME, NAME*COUNT, or one NAME* that fills "
+    "the remaining layers), or the name of a preset stored with the checkpoint. "
+    "Omitted: the checkpoint's default placement."
+)
 
 
 class PlacementRequest(BaseModel):
@@ -30,7 +24,11 @@ class PlacementRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    placement: PlacementValue | None = None
+    placement: str | list[str] | None = Field(
+        None,
+        description=PLACEMENT_DESCRIPTION,
+        examples=[["attention", "gdn", "gdn", "kda"], "attention,gdn*2,kda", "gdn*", "fast"],
+    )
 
 
 def placement_request_json_schema() -> dict[str, Any]:

@@ -6,20 +6,20 @@ against it, so the trainer, the PyTorch model and the vLLM plugin accept exactly
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared_spec.apriel2_config import (
-    AttentionMixerConfig,
     Apriel2TextConfig,
+    AttentionMixerConfig,
     GDNMixerConfig,
     KDAMixerConfig,
     StochasticMixerConfig,
 )
 
 
-class MixerKind(str, Enum):
+class MixerKind(StrEnum):
     """What a mixer computes; decides its cache and its kernel."""
 
     ATTENTION = "attention"  # full causal attention: KV cache grows with the context
