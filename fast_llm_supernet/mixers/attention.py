@@ -1,0 +1,275 @@
+"""Causal self-attention with GQA and rotary embeddings: the FA and SWA mixers.
+
+The definition is upstream Fast-LLM's (`fast_llm/layers/attention/attention.py`, `rotary/rotary.py`):
+
+* query head h reads KV group h // (heads / head_groups) (Fast-LLM's query dim is laid out
+  (head_groups, heads_per_group, head_size); K/V are `repeat_interleave`d across each group);
+* softmax scale head_size ** -0.5;
+* rotary in the real "half-split" layout (`rotate_half`): the first half of a head holds the real
+  parts, the second half the imaginary parts; angles are computed in float64 and the cos/sin
+  tables rounded to float32, as upstream does;
+* sliding window w: query i attends keys i-w+1 .. i (upstream's mask `triu(-(w-1))`, flash
+  `window=(w-1, 0)`).
+
+Checkpoint parameter names: `q_proj`, `k_proj`, `v_proj`, `o_proj` (`.weight`, `.bias` if enabled).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_spec import AttentionMixerConfig
+
+# Rotary types this module computes. `mistral_1d` is how Fast-LLM's Apriel2 exporter names its
+# `default` rotary; `llama3` and `yarn` are exported under their Fast-LLM names.
+SUPPORTED_ROTARY_TYPES = ("mistral_1d", "default", "llama3", "yarn", "none")
+
+
+def _extra(node, name: str, default=None):
+    """A field of a config node that shared_spec keeps as an unknown (extra) key."""
+    extra = node.model_extra or {}
+    return extra.get(name, default)
+
+
+def linear_bias_enabled(config: AttentionMixerConfig, layer: str) -> bool:
+    """Whether Fast-LLM gives the `layer` projection (query_layer, key_layer, ...) a bias.
+
+    A per-layer `{layer: {bias: {enabled: ...}}}` override wins over `add_linear_biases`
+    (Qwen2-style models bias q/k/v but not o). Fast-LLM's own default for `add_linear_biases`
+    is True and its Apriel2 exporter writes the key only when it is False, so a config.json
+    without the key means biases.
+    """
+    override = _extra(config, layer)
+    if isinstance(override, dict):
+        enabled = (override.get("bias") or {}).get("enabled")
+        if enabled is not None:
+            return bool(enabled)
+    if "add_linear_biases" in config.model_fields_set:
+        return config.add_linear_biases
+    return True
+
+
+def rotary_angle_scales(config: AttentionMixerConfig) -> torch.Tensor | None:
+    """Per-channel-pair angular frequencies [head_size / 2] in float64; None for no rotary.
+
+    Mirrors Fast-LLM's `DefaultRotary._get_angle_scales` and its llama3 / yarn subclasses.
+    """
+    rotary = config.rotary
+    head_size = config.head_size
+    kind = rotary.type
+    if kind not in SUPPORTED_ROTARY_TYPES:
+        raise ValueError(
+            f"attention rotary type {kind!r} is not supported; valid choices: {', '.join(SUPPORTED_ROTARY_TYPES)}"
+        )
+    if kind == "none":
+        return None
+    if head_size % 2:
+        raise ValueError(f"rotary embeddings need an even head_size, got {head_size}")
+    scales = rotary.theta ** -torch.arange(0, 1, 2 / head_size, dtype=torch.float64)
+    if kind == "llama3":
+        scale_factor = float(_extra(rotary, "scale_factor", 8.0))
+        low_factor = float(_extra(rotary, "low_frequency_factor", 1.0))
+        high_factor = float(_extra(rotary, "high_frequency_factor", 4.0))
+        context = float(_extra(rotary, "original_context_length", 8192))
+        low_wavelength, high_wavelength = context / low_factor, context / high_factor
+        new_scales = []
+        for scale in scales:
+            wavelength = 2 * math.pi / scale
+            if wavelength < high_wavelength:
+                new_scales.append(scale)
+            elif wavelength > low_wavelength:
+                new_scales.append(scale / scale_factor)
+            else:
+                smooth = (context / wavelength - low_factor) / (high_factor - low_factor)
+                new_scales.append((1 - smooth) * scale / scale_factor + smooth * scale)
+        scales = torch.stack(new_scales)
+    elif kind == "yarn":
+        scale_factor = float(_extra(rotary, "scale_factor", 8.0))
+        context = float(_extra(rotary, "original_context_length", 8192))
+
+        def correction(beta: float) -> float:
+            return head_size * math.log(context / (beta * 2 * math.pi)) / (2 * math.log(rotary.theta))
+
+        low = max(math.floor(correction(float(_extra(rotary, "beta_fast", 32.0)))), 0)
+        high = min(math.ceil(correction(float(_extra(rotary, "beta_slow", 1.0)))), head_size - 1)
+        if low == high:
+            high += 0.001  # upstream's guard against a zero-width ramp
+        ramp = torch.clamp((torch.arange(head_size // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        scales = scales / scale_factor * ramp + scales * (1 - ramp)
+    return scales
+
+
+def rotary_attention_factor(config: AttentionMixerConfig) -> float:
+    """Yarn multiplies the cos/sin tables by an attention factor; every other type by 1."""
+    rotary = config.rotary
+    if rotary.type != "yarn":
+        return 1.0
+    factor = _extra(rotary, "attention_factor")
+    if factor is None:
+        factor = 0.1 * math.log(float(_extra(rotary, "scale_factor", 8.0))) + 1.0
+    return float(factor)
+
+
+def rotary_cos_sin(
+    angle_scales: torch.Tensor, start: int, length: int, attention_factor: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [length, head_size / 2] (float32) for positions start .. start+length-1."""
+    positions = torch.arange(start, start + length, dtype=torch.float64)
+    angles = torch.outer(positions, angle_scales)  # [length, head_size/2], float64 like upstream
+    cos = (torch.cos(angles) * attention_factor).to(torch.float32)
+    sin = (torch.sin(angles) * attention_factor).to(torch.float32)
+    return cos.to(device), sin.to(device)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, head_size] in the half-split layout; cos/sin [T, head_size/2].
+
+    Computed in float32 (upstream multiplies by its float32 tables) and cast back to x's dtype.
+    """
+    real, imag = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([real * cos - imag * sin, imag * cos + real * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+@dataclass
+class AttentionCache:
+    """Rotated keys and values seen so far, [B, head_groups, S, head_size] (before GQA expansion).
+
+    `position` counts every token the mixer has seen; for sliding-window attention only the last
+    `window_size - 1` keys are kept, which is all the next query can reach, so memory stays bounded.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    position: int = 0
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.position
+
+
+class Attention(nn.Module):
+    """Full (window_size None) or sliding-window causal self-attention."""
+
+    def __init__(self, config: AttentionMixerConfig, hidden_size: int):
+        super().__init__()
+        if not isinstance(config, AttentionMixerConfig):
+            raise TypeError(f"Attention needs an AttentionMixerConfig, got {type(config).__name__}")
+        causal = _extra(config, "causal", True)
+        if causal is False:
+            raise ValueError("attention `causal: false` is not supported by a causal language model")
+        for unsupported in ("query_norm", "key_norm", "value_norm"):
+            if _extra(config, unsupported) is not None:
+                raise ValueError(f"attention `{unsupported}` is not supported (Apriel2 exports never set it)")
+        self.config = config
+        self.hidden_size = hidden_size
+        self.heads = config.heads
+        self.head_groups = config.head_groups
+        self.head_size = config.head_size
+        self.heads_per_group = config.heads // config.head_groups
+        self.window_size = config.window_size
+        self.scale = self.head_size ** -float(_extra(config, "softmax_scale_power", 0.5))
+
+        self.q_proj = nn.Linear(hidden_size, self.heads * self.head_size, bias=linear_bias_enabled(config, "query_layer"))
+        self.k_proj = nn.Linear(
+            hidden_size, self.head_groups * self.head_size, bias=linear_bias_enabled(config, "key_layer")
+        )
+        self.v_proj = nn.Linear(
+            hidden_size, self.head_groups * self.head_size, bias=linear_bias_enabled(config, "value_layer")
+        )
+        self.o_proj = nn.Linear(self.heads * self.head_size, hidden_size, bias=linear_bias_enabled(config, "dense_layer"))
+
+        # Plain tensors, not buffers: they are derived from the config and never saved.
+        self._angle_scales = rotary_angle_scales(config)
+        self._attention_factor = rotary_attention_factor(config)
+
+        # Fast-LLM's default init: normal(0, hidden_size ** -0.5), zero biases.
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.normal_(linear.weight, std=hidden_size**-0.5)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def new_cache(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (batch_size, self.head_groups, 0, self.head_size)
+        dtype = dtype or self.q_proj.weight.dtype
+        device = device if device is not None else self.q_proj.weight.device
+        return AttentionCache(
+            key=torch.empty(shape, device=device, dtype=dtype), value=torch.empty(shape, device=device, dtype=dtype)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        start = cache.position if cache is not None else 0
+
+        # [B, T, heads * Dh] -> [B, heads, T, Dh]; K and V have head_groups heads.
+        query = self.q_proj(hidden_states).view(batch, length, self.heads, self.head_size).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, length, self.head_groups, self.head_size).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, length, self.head_groups, self.head_size).transpose(1, 2)
+
+        if self._angle_scales is not None:
+            cos, sin = rotary_cos_sin(self._angle_scales, start, length, self._attention_factor, hidden_states.device)
+            query = apply_rotary(query, cos, sin)
+            key = apply_rotary(key, cos, sin)
+
+        if cache is not None:
+            key = torch.cat([cache.key.to(key.dtype), key], dim=2)  # [B, G, S, Dh], S = cached + T
+            value = torch.cat([cache.value.to(value.dtype), value], dim=2)
+            # Keys of every position a future query can still reach; SWA drops the rest.
+            keep = key.shape[2] if self.window_size is None else min(key.shape[2], self.window_size - 1)
+            cache.key = key[:, :, key.shape[2] - keep :].detach()
+            cache.value = value[:, :, value.shape[2] - keep :].detach()
+            cache.position = start + length
+
+        # Absolute positions: queries start .. start+T-1, keys end at the last query.
+        key_positions = torch.arange(start + length - key.shape[2], start + length, device=query.device)
+        query_positions = torch.arange(start, start + length, device=query.device)
+        distance = query_positions[:, None] - key_positions[None, :]  # [T, S]
+        allowed = distance >= 0
+        if self.window_size is not None:
+            allowed &= distance < self.window_size
+
+        # GQA: expand each KV group over its query heads (query head h uses group h // heads_per_group).
+        if self.heads_per_group > 1:
+            key = key.repeat_interleave(self.heads_per_group, dim=1)
+            value = value.repeat_interleave(self.heads_per_group, dim=1)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=self.scale)
+        # [B, heads, T, Dh] -> [B, T, heads * Dh]
+        attended = attended.transpose(1, 2).reshape(batch, length, self.heads * self.head_size)
+        return self.o_proj(attended)
+
+    def extra_repr(self) -> str:
+        window = f", window_size={self.window_size}" if self.window_size is not None else ""
+        return f"heads={self.heads}, head_groups={self.head_groups}, head_size={self.head_size}{window}"
+
+
+def effective_attention_configs(mixers: dict[str, object]) -> dict[str, AttentionMixerConfig]:
+    """What each attention sub-mixer of one stochastic (supernet) block computes in upstream Fast-LLM.
+
+    Fast-LLM preprocesses a stochastic mixer by calling every sub-mixer's `preprocess` on one shared
+    kwargs dict (`StochasticMixer.preprocess`), in the order of `mixers`. Each attention sub-mixer
+    writes its attention mask (causal, windowed when it has `window_size`) and its rotary table
+    into the same keys, so the last attention sub-mixer's mask and rotary table are the ones every
+    attention sub-mixer of the block uses on the dense-SDPA path (CPU, and CUDA without flash-attn).
+    With sub-mixers `fa` (full) and `swa` (window 5) in that order, `fa` therefore attends over a
+    5-token window too; the logits upstream Fast-LLM computes for the fixture in
+    tests/data/apriel2_upstream_small show exactly this (full-causal `fa` is off by about 5).
+
+    Returns, for every attention sub-mixer, its config with `window_size` and `rotary` taken from
+    the last attention sub-mixer (a sub-mixer without rotary keeps none: upstream's NoRotary ignores
+    the table). Projection shapes and biases stay the sub-mixer's own.
+    """
+    attention = {name: mixer for name, mixer in mixers.items() if isinstance(mixer, AttentionMixerConfig)}
+    if not attention:
+        return {}
+    last = list(attention.values())[-1]
+    rotary_sources = [mixer for mixer in attention.values() if mixer.rotary.type != "none"]
+    effective = {}
+    for name, mixer in attention.items():
+        rotary = mixer.rotary if mixer.rotary.type == "none" or not rotary_sources else rotary_sources[-1].rotary
+        effective[name] = mixer.model_copy(update={"window_size": last.window_size, "rotary": rotary})
+    return effective
