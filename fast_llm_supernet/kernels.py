@@ -1,0 +1,219 @@
+"""Pure-PyTorch kernels of the linear-attention mixers (Gated DeltaNet and Kimi Delta Attention).
+
+These are the CPU definitions of the math; on CUDA `fla_kernels` may swap in flash-linear-attention.
+This module imports neither Fast-LLM nor vLLM, so the training model and the vLLM plugin (KDA has no
+CPU kernel in vLLM) share one definition. Every function is a free function on plain tensors.
+
+The gated delta rule, per head, with state S [Dk, Dv], at each token t:
+
+    S   <- diag(exp(g_t)) S                          # decay (g_t: scalar for GDN, per key channel for KDA)
+    S   <- S + beta_t k_t (v_t - S^T k_t)^T          # delta-rule write: move S^T k_t towards v_t
+    o_t  = S^T (scale q_t)                           # read after the write
+
+`recurrent_gated_delta_rule` runs exactly that, token by token (the reference and the decode step).
+`chunk_gated_delta_rule` computes the same thing in chunks of 64 tokens (the WY form that
+flash-linear-attention and Fast-LLM's torch fallback use), with a Python loop over chunks only.
+
+Log-decays `g` are <= 0. Inside a chunk the decay between positions t >= s is exp(G_t - G_s) with
+G the within-chunk cumulative sum. Above the diagonal G_t - G_s is positive and overflows at strong
+decay; we mask *before* the exponential (exp(-inf) = 0), so forward and backward stay finite.
+Fast-LLM's torch KDA exponentiates first and masks after: finite forward, NaN gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_SIZE = 64
+L2NORM_EPS = 1e-6
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrences run in: at least float32 (bf16/fp16 inputs are upcast), float64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim.
+
+    Fast-LLM's form (eps inside the root), which differs from `F.normalize` (eps clamps the norm).
+    """
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight * silu(gate), normalised over the last dim (the head dim).
+
+    x, gate: [..., D]; weight: [D]. Same order of operations as Fast-LLM's torch GatedRMSNormalization.
+    """
+    return torch.rms_norm(x.to(weight.dtype), (x.shape[-1],), weight, eps) * F.silu(gate)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: torch.Tensor | None = None,
+    apply_silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise 1-D convolution over time (no bias), optionally followed by SiLU.
+
+    x:      [B, T, C] channels last (as the projections produce them); any T >= 0, T = 1 is a decode step.
+    weight: [C, 1, K] (the checkpoint's `convolution.weight` / `{q,k,v}_conv.weight` layout).
+    state:  [B, C, K-1], the K-1 inputs that precede x (None: sequence start, zeros).
+    Returns y [B, T, C] (y_t = sum_j weight[:, 0, j] * x_{t-K+1+j}) and the new state [B, C, K-1]:
+    the last K-1 inputs, carried from `state` when T < K-1.
+    """
+    batch_size, seq_len, channels = x.shape
+    kernel_size = weight.shape[-1]
+    x = x.transpose(1, 2)  # [B, C, T]
+    if state is None:
+        state = x.new_zeros(batch_size, channels, kernel_size - 1)
+    padded = torch.cat([state.to(x.dtype), x], dim=-1)  # [B, C, K-1+T]
+    if seq_len == 1:  # decode step: one window per channel; an elementwise sum beats conv1d's setup cost
+        y = (padded * weight.squeeze(1)).sum(-1, keepdim=True)  # [B, C, 1]
+    else:
+        y = F.conv1d(padded, weight, groups=channels)  # [B, C, T]
+    if apply_silu:
+        y = F.silu(y)
+    return y.transpose(1, 2), padded[..., seq_len:].contiguous()
+
+
+def _prepare_decay(g: torch.Tensor) -> torch.Tensor:
+    """Scalar decays [..., H] get a trailing channel dim of 1 so one code path broadcasts over Dk."""
+    return g.unsqueeze(-1) if g.dim() == 3 else g
+
+
+def _decayed_scores(
+    a: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """scores[t, s] = sum_d a[t, d] b[s, d] exp(G[t, d] - G[s, d]) where mask[t, s], else 0.
+
+    a, b: [..., C, Dk]; log_decay G: [..., C, Dk] (per channel) or [..., C, 1] (scalar); mask: [C, C] bool.
+    Returns [..., C, C].
+    """
+    diff = log_decay.unsqueeze(-2) - log_decay.unsqueeze(-3)  # [..., C, C, Dk or 1]: G[t] - G[s]
+    # Mask before exp: where t < s the difference is positive and may overflow; exp(-inf) = 0 keeps
+    # both the values and their gradients finite.
+    decay = diff.masked_fill(~mask.unsqueeze(-1), float("-inf")).exp()
+    if log_decay.shape[-1] == 1:  # scalar decay: one matmul, then the [C, C] decay
+        return (a @ b.transpose(-1, -2)) * decay.squeeze(-1)
+    return (a.unsqueeze(-2) * b.unsqueeze(-3) * decay).sum(-1)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule, for any sequence length (the last chunk is zero-padded).
+
+    q, k:  [B, T, H, Dk], used as given (L2-normalise them first); q is multiplied by `scale`
+           (default Dk ** -0.5).
+    v:     [B, T, H, Dv].
+    g:     log-decays <= 0: [B, T, H] (scalar per head, GDN) or [B, T, H, Dk] (per key channel, KDA).
+    beta:  [B, T, H] write strengths in [0, 1].
+    initial_state: [B, H, Dk, Dv] or None (zeros).
+    Returns o [B, T, H, Dv] in v's dtype and the final state [B, H, Dk, Dv] in `compute_dtype`.
+    """
+    out_dtype = v.dtype
+    dtype = compute_dtype(q.dtype)
+    batch_size, seq_len, num_heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    scale = key_dim**-0.5 if scale is None else scale
+
+    # Head-first, compute dtype, trailing feature dim everywhere: [B, H, T, *].
+    q, k, v, g = (x.transpose(1, 2).to(dtype) for x in (q, k, v, _prepare_decay(g)))
+    beta = beta.transpose(1, 2).to(dtype).unsqueeze(-1)  # [B, H, T, 1]
+
+    # Zero padding is inert: beta = 0 writes nothing, g = 0 does not decay, so the final state is exact.
+    pad = (-seq_len) % chunk_size
+    num_chunks = (seq_len + pad) // chunk_size
+    q, k, v, g, beta = (
+        F.pad(x, (0, 0, 0, pad)).unflatten(2, (num_chunks, chunk_size)) for x in (q, k, v, g, beta)
+    )  # [B, H, N, C, *]
+    q = q * scale
+    g = g.cumsum(dim=-2)  # G[t] = sum_{s <= t} g[s] within the chunk: [B, H, N, C, Dk or 1]
+
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    strictly_causal = causal.tril(-1)
+
+    # Within a chunk, the sequential writes amount to a unit lower-triangular system:
+    # (I + L) U = beta * v and (I + L) W = beta * k * exp(G), with L[t, s] = beta_t k_t.decay(t, s).k_s (s < t).
+    # U are the chunk's values corrected for earlier writes in the chunk; W maps the incoming state onto
+    # the same correction.
+    key_key = _decayed_scores(k * beta, k, g, strictly_causal)  # L: [B, H, N, C, C]
+    identity = torch.eye(chunk_size, dtype=dtype, device=q.device)
+    rhs = torch.cat([v * beta, k * beta * g.exp()], dim=-1)  # [B, H, N, C, Dv + Dk]
+    u, w = torch.linalg.solve_triangular(identity + key_key, rhs, upper=False, unitriangular=True).split(
+        [value_dim, key_dim], dim=-1
+    )
+    query_key = _decayed_scores(q, k, g, causal)  # [B, H, N, C, C], diagonal included (read after write)
+
+    state = (
+        torch.zeros(batch_size, num_heads, key_dim, value_dim, dtype=dtype, device=q.device)
+        if initial_state is None
+        else initial_state.to(dtype)
+    )
+    outputs = []
+    for n in range(num_chunks):
+        g_chunk = g[:, :, n]  # [B, H, C, Dk or 1]
+        new_values = u[:, :, n] - w[:, :, n] @ state  # [B, H, C, Dv]: what the chunk writes
+        outputs.append((q[:, :, n] * g_chunk.exp()) @ state + query_key[:, :, n] @ new_values)
+        g_last = g_chunk[:, :, -1:]  # [B, H, 1, Dk or 1]
+        state = (
+            state * g_last.transpose(-1, -2).exp()
+            + (k[:, :, n] * (g_last - g_chunk).exp()).transpose(-1, -2) @ new_values
+        )
+
+    if num_chunks:
+        o = torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :seq_len]  # [B, H, T, Dv]
+    else:
+        o = v.new_zeros(batch_size, num_heads, 0, value_dim)
+    return o.transpose(1, 2).to(out_dtype), state
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule token by token: the reference for `chunk_gated_delta_rule` and the decode step.
+
+    Same arguments, shapes and return values as `chunk_gated_delta_rule`.
+    """
+    out_dtype = v.dtype
+    dtype = compute_dtype(q.dtype)
+    batch_size, seq_len, num_heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    scale = key_dim**-0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, _prepare_decay(g), beta))
+
+    state = (
+        torch.zeros(batch_size, num_heads, key_dim, value_dim, dtype=dtype, device=q.device)
+        if initial_state is None
+        else initial_state.to(dtype)
+    )
+    outputs = []
+    for t in range(seq_len):
+        state = state * g[:, t].exp().unsqueeze(-1)  # [B, H, Dk, Dv] * [B, H, Dk or 1, 1]
+        k_t = k[:, t].unsqueeze(-1)  # [B, H, Dk, 1]
+        recalled = (k_t * state).sum(-2)  # S^T k_t: [B, H, Dv]
+        delta = (v[:, t] - recalled) * beta[:, t].unsqueeze(-1)  # [B, H, Dv]
+        state = state + k_t * delta.unsqueeze(-2)
+        outputs.append(((q[:, t] * scale).unsqueeze(-1) * state).sum(-2))  # [B, H, Dv]
+
+    if seq_len:
+        o = torch.stack(outputs, dim=1)
+    else:
+        o = v.new_zeros(batch_size, 0, num_heads, value_dim)
+    return o.to(out_dtype), state

@@ -1,0 +1,104 @@
+"""Gated DeltaNet, as upstream Fast-LLM defines it (`fast_llm/layers/ssm/gdn.py`).
+
+x -> in_proj_qkvz -> Q|K|V (flat, all heads of Q, then K, then V) and Z (output gate)
+  -> in_proj_ba  -> beta logits | alpha (one of each per value head)
+Q|K|V -> causal depthwise conv + SiLU -> q, k [key heads], v [value heads]
+q, k repeated to the value heads with repeat_interleave (value head h reads key head h // ratio)
+q, k L2-normalised (eps 1e-6), q scaled by Dk^-0.5 (in the kernel)
+g = -exp(A_log) * softplus(alpha + dt_bias)   (scalar log-decay per value head)
+beta = sigmoid(b)
+o = gated delta rule; out_proj(rmsnorm(o) * norm.weight * silu(Z))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fast_llm_supernet.kernels import compute_dtype
+from fast_llm_supernet.mixers.common import (
+    DEFAULT_NORM_EPSILON,
+    CausalConv1d,
+    GatedRMSNorm,
+    LinearMixerCache,
+    check_upstream_defaults,
+    decay_rate_parameters,
+    run_delta_rule,
+)
+from shared_spec import GDNMixerConfig
+
+
+class GatedDeltaNet(nn.Module):
+    """GDN mixer: parameters `in_proj_qkvz`, `in_proj_ba`, `convolution`, `out_proj`, `A_log`, `dt_bias`, `norm`."""
+
+    def __init__(self, config: GDNMixerConfig, hidden_size: int):
+        super().__init__()
+        check_upstream_defaults(config, "gdn")
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_value_heads = config.value_heads
+        self.num_key_heads = config.key_heads
+        self.key_head_dim = config.key_head_dim
+        self.value_head_dim = config.value_head_dim
+        self.value_heads_per_key = config.value_heads // config.key_heads
+        self.key_dim = self.num_key_heads * self.key_head_dim  # width of Q and of K
+        self.value_dim = self.num_value_heads * self.value_head_dim  # width of V and of Z
+        self.conv_dim = 2 * self.key_dim + self.value_dim  # the convolution runs over Q|K|V
+
+        self.in_proj_qkvz = nn.Linear(hidden_size, self.conv_dim + self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * self.num_value_heads, bias=False)
+        self.convolution = CausalConv1d(self.conv_dim, config.convolution_layer.kernel_size)
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.A_log, self.dt_bias = decay_rate_parameters(
+            self.num_value_heads, self.num_value_heads, a_min=0.0
+        )
+        eps = config.normalization.epsilon if config.normalization is not None else DEFAULT_NORM_EPSILON
+        self.norm = GatedRMSNorm(self.value_head_dim, eps)
+        for linear in (self.in_proj_qkvz, self.in_proj_ba, self.out_proj):
+            nn.init.normal_(linear.weight, std=hidden_size**-0.5)  # Fast-LLM's default
+
+    def new_cache(
+        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
+    ) -> LinearMixerCache:
+        """An empty decode cache: conv state [B, conv_dim, K-1], recurrent state [B, Hv, Dk, Dv]."""
+        return LinearMixerCache(
+            conv_states={"convolution": self.convolution.new_state(batch_size, device, dtype)},
+            recurrent_state=torch.zeros(
+                batch_size,
+                self.num_value_heads,
+                self.key_head_dim,
+                self.value_head_dim,
+                device=device,
+                dtype=compute_dtype(dtype),
+            ),
+        )
+
+    def forward(self, hidden_states: torch.Tensor, cache: LinearMixerCache | None = None) -> torch.Tensor:
+        """hidden_states [B, T, D] (continuing `cache`'s sequences if given; cache updated in place) -> [B, T, D]."""
+        qkv, z = self.in_proj_qkvz(hidden_states).split([self.conv_dim, self.value_dim], dim=-1)
+        # [B, T, Hv] each
+        beta_logits, alpha = self.in_proj_ba(hidden_states).split(self.num_value_heads, dim=-1)
+
+        conv_state = cache.conv_states["convolution"] if cache is not None else None
+        qkv, conv_state = self.convolution(qkv, conv_state)
+        query, key, value = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        query = query.unflatten(-1, (self.num_key_heads, self.key_head_dim))  # [B, T, Hk, Dk]
+        key = key.unflatten(-1, (self.num_key_heads, self.key_head_dim))
+        value = value.unflatten(-1, (self.num_value_heads, self.value_head_dim))  # [B, T, Hv, Dv]
+        if self.value_heads_per_key > 1:
+            # Value head h uses key head h // ratio (Fast-LLM's repeat_interleave, not a tiled repeat).
+            query = query.repeat_interleave(self.value_heads_per_key, dim=2)
+            key = key.repeat_interleave(self.value_heads_per_key, dim=2)
+
+        # Log-decay per value head [B, T, Hv], in float32 for bf16/float32 weights (upstream's .float()).
+        decay_dtype = compute_dtype(alpha.dtype)
+        log_decay = -self.A_log.to(decay_dtype).exp() * F.softplus(alpha.to(decay_dtype) + self.dt_bias)
+        beta = beta_logits.sigmoid()
+        out = run_delta_rule(query, key, value, log_decay, beta, cache)  # [B, T, Hv, Dv]
+        if cache is not None:
+            cache.conv_states["convolution"] = conv_state
+            cache.seen_tokens += hidden_states.shape[1]
+
+        out = self.norm(out, z.unflatten(-1, (self.num_value_heads, self.value_head_dim)))
+        return self.out_proj(out.flatten(-2))

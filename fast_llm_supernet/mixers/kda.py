@@ -1,0 +1,112 @@
+"""Kimi Delta Attention, as upstream Fast-LLM defines it (`fast_llm/layers/ssm/kda.py`).
+
+    q, k, v = {q,k,v}_conv(SiLU causal depthwise conv)({q,k,v}_proj(x))      [H heads of D]
+    q, k L2-normalised (eps 1e-6), q scaled by D^-0.5 (in the kernel)
+    g = -exp(A_log[h]) * softplus(f_b_proj(f_a_proj(x)) + dt_bias)          (log-decay per head and channel)
+    beta = sigmoid(beta_proj(x))
+    o = gated delta rule; o_proj(rmsnorm(o) * norm.weight * silu(g_b_proj(g_a_proj(x))))
+The low-rank gate projections have rank D (f_a/g_a: hidden -> D, f_b/g_b: D -> H*D); the output gate
+is SiLU (Fast-LLM's default, not written to config.json).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fast_llm_supernet.kernels import compute_dtype
+from fast_llm_supernet.mixers.common import (
+    CausalConv1d,
+    GatedRMSNorm,
+    LinearMixerCache,
+    check_upstream_defaults,
+    decay_rate_parameters,
+    run_delta_rule,
+)
+from shared_spec import KDAMixerConfig
+
+CONVOLUTIONS = ("q_conv", "k_conv", "v_conv")
+
+
+class KimiDeltaAttention(nn.Module):
+    """KDA mixer: `{q,k,v,o}_proj`, `{f,g}_{a,b}_proj`, `beta_proj`, `{q,k,v}_conv`, `A_log`, `dt_bias`, `norm`."""
+
+    def __init__(self, config: KDAMixerConfig, hidden_size: int):
+        super().__init__()
+        check_upstream_defaults(config, "kda")
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_heads = config.heads
+        self.head_dim = config.head_dim
+        projection_size = self.num_heads * self.head_dim
+        kernel_size = config.convolution_layer.kernel_size
+
+        self.q_proj = nn.Linear(hidden_size, projection_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, projection_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, projection_size, bias=False)
+        self.q_conv = CausalConv1d(projection_size, kernel_size)
+        self.k_conv = CausalConv1d(projection_size, kernel_size)
+        self.v_conv = CausalConv1d(projection_size, kernel_size)
+        # Low-rank decay gate and output gate, rank = head_dim.
+        self.f_a_proj = nn.Linear(hidden_size, self.head_dim, bias=False)
+        self.f_b_proj = nn.Linear(self.head_dim, projection_size, bias=False)
+        self.g_a_proj = nn.Linear(hidden_size, self.head_dim, bias=False)
+        self.g_b_proj = nn.Linear(self.head_dim, projection_size, bias=False)
+        self.beta_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
+        self.o_proj = nn.Linear(projection_size, hidden_size, bias=False)
+        self.A_log, self.dt_bias = decay_rate_parameters(projection_size, self.num_heads, a_min=1.0)
+        self.norm = GatedRMSNorm(self.head_dim, config.normalization.epsilon)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=hidden_size**-0.5)  # Fast-LLM's default for all of them
+
+    def new_cache(
+        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
+    ) -> LinearMixerCache:
+        """An empty decode cache: three conv states [B, H*D, K-1], recurrent state [B, H, D, D]."""
+        return LinearMixerCache(
+            conv_states={
+                name: getattr(self, name).new_state(batch_size, device, dtype) for name in CONVOLUTIONS
+            },
+            recurrent_state=torch.zeros(
+                batch_size,
+                self.num_heads,
+                self.head_dim,
+                self.head_dim,
+                device=device,
+                dtype=compute_dtype(dtype),
+            ),
+        )
+
+    def forward(self, hidden_states: torch.Tensor, cache: LinearMixerCache | None = None) -> torch.Tensor:
+        """hidden_states [B, T, D] (continuing `cache`'s sequences if given; cache updated in place) -> [B, T, D]."""
+        heads = (self.num_heads, self.head_dim)
+        query, key, value = (
+            self._convolve(name, projection(hidden_states), cache).unflatten(-1, heads)  # [B, T, H, D]
+            for name, projection in zip(CONVOLUTIONS, (self.q_proj, self.k_proj, self.v_proj), strict=True)
+        )
+
+        # Log-decay per head and key channel [B, T, H, D], float32 for bf16/float32 weights (upstream's .float()).
+        decay_dtype = compute_dtype(hidden_states.dtype)
+        gate_logits = self.f_b_proj(self.f_a_proj(hidden_states)).unflatten(-1, heads).to(decay_dtype)
+        log_decay = -self.A_log.to(decay_dtype).exp().unsqueeze(-1) * F.softplus(
+            gate_logits + self.dt_bias.view(heads)
+        )
+        beta = self.beta_proj(hidden_states).to(decay_dtype).sigmoid()  # [B, T, H]
+        out = run_delta_rule(query, key, value, log_decay, beta, cache)  # [B, T, H, D]
+        out = out.to(hidden_states.dtype)
+        if cache is not None:
+            cache.seen_tokens += hidden_states.shape[1]
+
+        output_gate = self.g_b_proj(self.g_a_proj(hidden_states)).unflatten(-1, heads)
+        out = self.norm(out, output_gate)
+        return self.o_proj(out.flatten(-2))
+
+    def _convolve(self, name: str, x: torch.Tensor, cache: LinearMixerCache | None) -> torch.Tensor:
+        """Run convolution `name` over x [B, T, H*D], carrying its state in the cache."""
+        conv_state = cache.conv_states[name] if cache is not None else None
+        y, conv_state = getattr(self, name)(x, conv_state)
+        if cache is not None:
+            cache.conv_states[name] = conv_state
+        return y
