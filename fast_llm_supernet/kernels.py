@@ -101,6 +101,16 @@ def _decayed_scores(
     return (a.unsqueeze(-2) * b.unsqueeze(-3) * decay).sum(-1)
 
 
+def _start_state(
+    initial_state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The recurrent state [B, H, Dk, Dv] to start from (zeros: sequence start), in the compute dtype."""
+    if initial_state is not None:
+        return initial_state.to(dtype)
+    batch_size, _, num_heads, key_dim = k.shape
+    return torch.zeros(batch_size, num_heads, key_dim, v.shape[-1], dtype=dtype, device=k.device)
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,6 +136,7 @@ def chunk_gated_delta_rule(
     batch_size, seq_len, num_heads, key_dim = k.shape
     value_dim = v.shape[-1]
     scale = key_dim**-0.5 if scale is None else scale
+    state = _start_state(initial_state, k, v, dtype)
 
     # Head-first, compute dtype, trailing feature dim everywhere: [B, H, T, *].
     q, k, v, g = (x.transpose(1, 2).to(dtype) for x in (q, k, v, _prepare_decay(g)))
@@ -155,11 +166,6 @@ def chunk_gated_delta_rule(
     )
     query_key = _decayed_scores(q, k, g, causal)  # [B, H, N, C, C], diagonal included (read after write)
 
-    state = (
-        torch.zeros(batch_size, num_heads, key_dim, value_dim, dtype=dtype, device=q.device)
-        if initial_state is None
-        else initial_state.to(dtype)
-    )
     outputs = []
     for n in range(num_chunks):
         g_chunk = g[:, :, n]  # [B, H, C, Dk or 1]
@@ -198,11 +204,7 @@ def recurrent_gated_delta_rule(
     scale = key_dim**-0.5 if scale is None else scale
     q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, _prepare_decay(g), beta))
 
-    state = (
-        torch.zeros(batch_size, num_heads, key_dim, value_dim, dtype=dtype, device=q.device)
-        if initial_state is None
-        else initial_state.to(dtype)
-    )
+    state = _start_state(initial_state, k, v, dtype)
     outputs = []
     for t in range(seq_len):
         state = state * g[:, t].exp().unsqueeze(-1)  # [B, H, Dk, Dv] * [B, H, Dk or 1, 1]

@@ -31,6 +31,25 @@ class LinearMixerCache:
     def batch_size(self) -> int:
         return self.recurrent_state.shape[0]
 
+    @classmethod
+    def empty(
+        cls,
+        convolutions: dict[str, CausalConv1d],
+        state_shape: tuple[int, int, int],
+        batch_size: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+    ) -> LinearMixerCache:
+        """Zero states for `batch_size` new sequences; state_shape = (H, Dk, Dv) of the recurrent state."""
+        return cls(
+            conv_states={
+                name: conv.new_state(batch_size, device, dtype) for name, conv in convolutions.items()
+            },
+            recurrent_state=torch.zeros(
+                batch_size, *state_shape, device=device, dtype=kernels.compute_dtype(dtype)
+            ),
+        )
+
 
 class CausalConv1d(nn.Module):
     """Depthwise causal convolution followed by SiLU; holds `weight` [C, 1, K] as the checkpoint names it."""

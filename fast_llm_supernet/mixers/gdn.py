@@ -62,16 +62,9 @@ class GatedDeltaNet(nn.Module):
         self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
     ) -> LinearMixerCache:
         """An empty decode cache: conv state [B, conv_dim, K-1], recurrent state [B, Hv, Dk, Dv]."""
-        return LinearMixerCache(
-            conv_states={"convolution": self.convolution.new_state(batch_size, device, dtype)},
-            recurrent_state=torch.zeros(
-                batch_size,
-                self.num_value_heads,
-                self.key_head_dim,
-                self.value_head_dim,
-                device=device,
-                dtype=compute_dtype(dtype),
-            ),
+        state_shape = (self.num_value_heads, self.key_head_dim, self.value_head_dim)
+        return LinearMixerCache.empty(
+            {"convolution": self.convolution}, state_shape, batch_size, device, dtype
         )
 
     def forward(self, hidden_states: torch.Tensor, cache: LinearMixerCache | None = None) -> torch.Tensor:

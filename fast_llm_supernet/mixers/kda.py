@@ -65,19 +65,9 @@ class KimiDeltaAttention(nn.Module):
         self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
     ) -> LinearMixerCache:
         """An empty decode cache: three conv states [B, H*D, K-1], recurrent state [B, H, D, D]."""
-        return LinearMixerCache(
-            conv_states={
-                name: getattr(self, name).new_state(batch_size, device, dtype) for name in CONVOLUTIONS
-            },
-            recurrent_state=torch.zeros(
-                batch_size,
-                self.num_heads,
-                self.head_dim,
-                self.head_dim,
-                device=device,
-                dtype=compute_dtype(dtype),
-            ),
-        )
+        convolutions = {name: getattr(self, name) for name in CONVOLUTIONS}
+        state_shape = (self.num_heads, self.head_dim, self.head_dim)
+        return LinearMixerCache.empty(convolutions, state_shape, batch_size, device, dtype)
 
     def forward(self, hidden_states: torch.Tensor, cache: LinearMixerCache | None = None) -> torch.Tensor:
         """hidden_states [B, T, D] (continuing `cache`'s sequences if given; cache updated in place) -> [B, T, D]."""
