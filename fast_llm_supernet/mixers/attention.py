@@ -187,6 +187,7 @@ class Attention(nn.Module):
         # Plain tensors, not buffers: they are derived from the config and never saved.
         self._angle_scales = rotary_angle_scales(config)
         self._attention_factor = rotary_attention_factor(config)
+        self._cos_sin_table: tuple[torch.Tensor, torch.Tensor] | None = None  # positions 0 .. N-1, grown on demand
 
         # Fast-LLM's default init: normal(0, hidden_size ** -0.5), zero biases.
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
@@ -212,7 +213,7 @@ class Attention(nn.Module):
         value = self.v_proj(hidden_states).view(batch, length, self.head_groups, self.head_size).transpose(1, 2)
 
         if self._angle_scales is not None:
-            cos, sin = rotary_cos_sin(self._angle_scales, start, length, self._attention_factor, hidden_states.device)
+            cos, sin = self._rotary_tables(start, length, hidden_states.device)
             query = apply_rotary(query, cos, sin)
             key = apply_rotary(key, cos, sin)
 
@@ -225,22 +226,42 @@ class Attention(nn.Module):
             cache.value = value[:, :, value.shape[2] - keep :].detach()
             cache.position = start + length
 
-        # Absolute positions: queries start .. start+T-1, keys end at the last query.
-        key_positions = torch.arange(start + length - key.shape[2], start + length, device=query.device)
-        query_positions = torch.arange(start, start + length, device=query.device)
-        distance = query_positions[:, None] - key_positions[None, :]  # [T, S]
-        allowed = distance >= 0
-        if self.window_size is not None:
-            allowed &= distance < self.window_size
-
         # GQA: expand each KV group over its query heads (query head h uses group h // heads_per_group).
         if self.heads_per_group > 1:
             key = key.repeat_interleave(self.heads_per_group, dim=1)
             value = value.repeat_interleave(self.heads_per_group, dim=1)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=self.scale)
+        if self.window_size is None and key.shape[2] == length:
+            # Plain causal attention over the whole sequence: no mask to build, fused kernels allowed.
+            attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scale)
+        else:
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=self._allowed(start, length, key.shape[2], query.device), scale=self.scale
+            )
         # [B, heads, T, Dh] -> [B, T, heads * Dh]
         attended = attended.transpose(1, 2).reshape(batch, length, self.heads * self.head_size)
         return self.o_proj(attended)
+
+    def _rotary_tables(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, head_size/2] for positions start .. start+T-1, sliced from a cached table."""
+        table = self._cos_sin_table
+        if table is None or table[0].shape[0] < start + length or table[0].device != device:
+            size = max(start + length, 2 * table[0].shape[0] if table is not None else 256)
+            table = rotary_cos_sin(self._angle_scales, 0, size, self._attention_factor, device)
+            self._cos_sin_table = table
+        return table[0][start : start + length], table[1][start : start + length]
+
+    def _allowed(self, start: int, length: int, num_keys: int, device: torch.device) -> torch.Tensor:
+        """Boolean mask [T, S]: which keys each query may attend.
+
+        Queries sit at absolute positions start .. start+T-1; the S keys end at the last query.
+        """
+        query_positions = torch.arange(start, start + length, device=device)
+        key_positions = torch.arange(start + length - num_keys, start + length, device=device)
+        distance = query_positions[:, None] - key_positions[None, :]
+        allowed = distance >= 0
+        if self.window_size is not None:
+            allowed &= distance < self.window_size  # query i reaches keys i-w+1 .. i
+        return allowed
 
     def extra_repr(self) -> str:
         window = f", window_size={self.window_size}" if self.window_size is not None else ""
