@@ -85,20 +85,25 @@ def _prepare_decay(g: torch.Tensor) -> torch.Tensor:
 
 
 def _decayed_scores(
-    a: torch.Tensor, b: torch.Tensor, log_decay: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """scores[t, s] = sum_d a[t, d] b[s, d] exp(G[t, d] - G[s, d]) where mask[t, s], else 0.
+    queries: tuple[torch.Tensor, ...], keys: torch.Tensor, log_decay: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """For each a in `queries`: scores[t, s] = sum_d a[t, d] keys[s, d] exp(G[t, d] - G[s, d]) for s <= t, else 0.
 
-    a, b: [..., C, Dk]; log_decay G: [..., C, Dk] (per channel) or [..., C, 1] (scalar); mask: [C, C] bool.
-    Returns [..., C, C].
+    queries, keys: [..., C, Dk]; log_decay G: [..., C, Dk] (per channel) or [..., C, 1] (scalar).
+    Returns one [..., C, C] tensor per query tensor (the decay matrix is built once for all).
     """
+    chunk_size = keys.shape[-2]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=keys.device).tril()
     diff = log_decay.unsqueeze(-2) - log_decay.unsqueeze(-3)  # [..., C, C, Dk or 1]: G[t] - G[s]
     # Mask before exp: where t < s the difference is positive and may overflow; exp(-inf) = 0 keeps
     # both the values and their gradients finite.
-    decay = diff.masked_fill(~mask.unsqueeze(-1), float("-inf")).exp()
-    if log_decay.shape[-1] == 1:  # scalar decay: one matmul, then the [C, C] decay
-        return (a @ b.transpose(-1, -2)) * decay.squeeze(-1)
-    return (a.unsqueeze(-2) * b.unsqueeze(-3) * decay).sum(-1)
+    decay = diff.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
+    if log_decay.shape[-1] == 1:  # scalar decay: a plain matmul, then the [C, C] decay
+        decay = decay.squeeze(-1)
+        return tuple((a @ keys.transpose(-1, -2)) * decay for a in queries)
+    decayed_keys = decay * keys.unsqueeze(-3)  # [..., t, s, d] = exp(G[t, d] - G[s, d]) keys[s, d]
+    scores = decayed_keys @ torch.stack(queries, dim=-1)  # [..., t, s, len(queries)]
+    return scores.unbind(-1)
 
 
 def _start_state(
@@ -151,20 +156,17 @@ def chunk_gated_delta_rule(
     q = q * scale
     g = g.cumsum(dim=-2)  # G[t] = sum_{s <= t} g[s] within the chunk: [B, H, N, C, Dk or 1]
 
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    strictly_causal = causal.tril(-1)
-
     # Within a chunk, the sequential writes amount to a unit lower-triangular system:
     # (I + L) U = beta * v and (I + L) W = beta * k * exp(G), with L[t, s] = beta_t k_t.decay(t, s).k_s (s < t).
     # U are the chunk's values corrected for earlier writes in the chunk; W maps the incoming state onto
     # the same correction.
-    key_key = _decayed_scores(k * beta, k, g, strictly_causal)  # L: [B, H, N, C, C]
-    identity = torch.eye(chunk_size, dtype=dtype, device=q.device)
+    # query_key keeps its diagonal (a token reads its own write); key_key's diagonal is never read, as
+    # `unitriangular=True` takes the diagonal of I + L to be ones.
+    query_key, key_key = _decayed_scores((q, k * beta), k, g)  # [B, H, N, C, C] each
     rhs = torch.cat([v * beta, k * beta * g.exp()], dim=-1)  # [B, H, N, C, Dv + Dk]
-    u, w = torch.linalg.solve_triangular(identity + key_key, rhs, upper=False, unitriangular=True).split(
+    u, w = torch.linalg.solve_triangular(key_key, rhs, upper=False, unitriangular=True).split(
         [value_dim, key_dim], dim=-1
     )
-    query_key = _decayed_scores(q, k, g, causal)  # [B, H, N, C, C], diagonal included (read after write)
 
     outputs = []
     for n in range(num_chunks):

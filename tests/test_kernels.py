@@ -120,3 +120,16 @@ def test_l2norm_and_gated_rms_norm():
     gate, weight = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-5) * weight * gate * torch.sigmoid(gate)
     torch.testing.assert_close(kernels.gated_rms_norm(x, gate, weight, 1e-5), expected)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn_scalar_decay", "kda_per_channel_decay"])
+def test_chunked_gradients_equal_recurrent_gradients(per_channel):
+    inputs = _delta_rule_inputs(70, per_channel)
+    gradients = []
+    for kernel in (kernels.chunk_gated_delta_rule, kernels.recurrent_gated_delta_rule):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out, final = kernel(*leaves[:5], initial_state=leaves[5])
+        (out.sin().sum() + final.cos().sum()).backward()
+        gradients.append([leaf.grad for leaf in leaves])
+    for chunked, recurrent in zip(*gradients, strict=True):
+        torch.testing.assert_close(chunked, recurrent, atol=1e-11, rtol=1e-9)
