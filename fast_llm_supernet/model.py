@@ -27,7 +27,7 @@ from torch import nn
 
 from fast_llm_supernet.checkpoint import CheckpointError, check_keys, load_state_dict, save_checkpoint
 from fast_llm_supernet.mixers import build_mixer
-from fast_llm_supernet.mixers.attention import effective_attention_configs
+from fast_llm_supernet.mixers.attention import effective_attention_configs, linear_bias_enabled
 from shared_spec import (
     PRESETS_FILENAME,
     Apriel2TextConfig,
@@ -42,13 +42,17 @@ from shared_spec import (
 
 PlacementLike = Placement | str | Sequence[str] | None
 
-# Fast-LLM's activations (fast_llm/functional/config.py); `gelu` is the tanh approximation there.
+# Fast-LLM's activations by the names its Apriel2 exporter writes (`ActivationType.hf_name`, plus
+# the Fast-LLM spellings); Fast-LLM's gelu is the tanh approximation.
 _ACTIVATIONS = {
     "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: torch.pow(F.relu(x), 2),
     "squared_relu": lambda x: torch.pow(F.relu(x), 2),
     "identity": lambda x: x,
+    "sigmoid": torch.sigmoid,
 }
 
 
@@ -84,11 +88,12 @@ class MLP(nn.Module):
             )
         self.activation = _ACTIVATIONS[config.activation]
         self.gated = config.gated
-        bias = config.add_linear_biases
+        # Fast-LLM's layer_1 is gate|up (split on export), layer_2 is down.
+        in_bias, out_bias = linear_bias_enabled(config, "layer_1"), linear_bias_enabled(config, "layer_2")
         if self.gated:
-            self.gate_proj = nn.Linear(hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, hidden_size, bias=bias)
+            self.gate_proj = nn.Linear(hidden_size, config.intermediate_size, bias=in_bias)
+        self.up_proj = nn.Linear(hidden_size, config.intermediate_size, bias=in_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden_size, bias=out_bias)
         for linear in self.children():
             nn.init.normal_(linear.weight, std=hidden_size**-0.5)
             if linear.bias is not None:

@@ -248,3 +248,29 @@ def test_loading_is_strict_about_keys(tmp_path):
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="only safetensors"):
         SupernetForCausalLM.from_pretrained(path)
+
+
+def test_mlp_biases_and_activation_names_follow_the_export():
+    config = small_config()
+    block = config.decoder.blocks["plain"]
+    block.mlp = block.mlp.model_copy(update={"activation": "gelu_pytorch_tanh", "add_linear_biases": True,
+                                             "layer_2": {"bias": {"enabled": False}}})
+    model = SupernetForCausalLM(config)
+    mlp = model.model.decoder.blocks[3].mlp
+    assert mlp.gate_proj.bias is not None and mlp.up_proj.bias is not None and mlp.down_proj.bias is None
+    block.mlp = block.mlp.model_copy(update={"activation": "swish_squared"})
+    with pytest.raises(ValueError, match="activation 'swish_squared'.*silu"):
+        SupernetForCausalLM(config)
+
+
+@pytest.mark.parametrize("placement", ["gdn,kda,sliding_window", "kda,gdn,attention"])
+def test_chunked_prefill_across_kernel_chunks_matches_full_forward(model, placement):
+    """Prefill in pieces longer than the linear mixers' 64-token chunks, then decode."""
+    input_ids = tokens(1, 80, seed=8)
+    with torch.no_grad():
+        full = model(input_ids, placement=placement)
+        caches = model.new_caches(placement, batch_size=1)
+        pieces = [model(input_ids[:, :70], caches=caches), model(input_ids[:, 70:77], caches=caches)]
+        pieces += [model(input_ids[:, t : t + 1], caches=caches) for t in range(77, 80)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-5)
+    assert caches.seen_tokens == 80

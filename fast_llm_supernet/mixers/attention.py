@@ -36,20 +36,21 @@ def _extra(node, name: str, default=None):
     return extra.get(name, default)
 
 
-def linear_bias_enabled(config: AttentionMixerConfig, layer: str) -> bool:
-    """Whether Fast-LLM gives the `layer` projection (query_layer, key_layer, ...) a bias.
+def linear_bias_enabled(config, layer: str) -> bool:
+    """Whether Fast-LLM gives the `layer` projection a bias (attention: query_layer, key_layer,
+    value_layer, dense_layer; MLP: layer_1, layer_2).
 
     A per-layer `{layer: {bias: {enabled: ...}}}` override wins over `add_linear_biases`
     (Qwen2-style models bias q/k/v but not o). Fast-LLM's own default for `add_linear_biases`
-    is True and its Apriel2 exporter writes the key only when it is False, so a config.json
-    without the key means biases.
+    is True and its Apriel2 exporter writes the attention key only when it is False, so an
+    attention config without the key means biases. (The exporter always writes the MLP key.)
     """
     override = _extra(config, layer)
     if isinstance(override, dict):
         enabled = (override.get("bias") or {}).get("enabled")
         if enabled is not None:
             return bool(enabled)
-    if "add_linear_biases" in config.model_fields_set:
+    if "add_linear_biases" in config.model_fields_set or not isinstance(config, AttentionMixerConfig):
         return config.add_linear_biases
     return True
 
