@@ -162,3 +162,15 @@ def test_unsupported_upstream_options_are_rejected(config, field):
     mixer_class = GatedDeltaNet if config.type == "gdn" else KimiDeltaAttention
     with pytest.raises(ValueError, match=field):
         mixer_class(config, HIDDEN)
+
+
+def test_cpu_path_never_imports_fla():
+    import sys
+
+    from fast_llm_supernet import fla_kernels
+
+    mixer = make_kda(torch.float32)
+    with torch.no_grad():
+        mixer(torch.randn(1, 5, HIDDEN))
+    assert not fla_kernels.uses_fla(torch.device("cpu"))
+    assert "fla" not in sys.modules
