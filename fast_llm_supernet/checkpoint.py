@@ -19,6 +19,9 @@ from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# This project's note on how the checkpoint's attention sub-mixers mask (upstream readers ignore it).
+MODEL_NOTES_FILE = "supernet_model.json"
+MASKS_SHARED, MASKS_PER_MIXER = "upstream_shared", "per_mixer"
 
 
 class CheckpointError(ValueError):
@@ -124,3 +127,26 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], 
     if wrong_shape:
         problems.append(f"shape mismatches ({len(wrong_shape)}): {listed(wrong_shape)}")
     raise CheckpointError(f"checkpoint {source} does not match its config.json: " + "; ".join(problems))
+
+
+def read_upstream_mask_sharing(directory: str | Path) -> bool:
+    """Whether a checkpoint's supernet attention sub-mixers share one mask, as upstream Fast-LLM computes.
+
+    Checkpoints this project writes say so in `supernet_model.json`; a checkpoint without that file
+    is an upstream Fast-LLM export and is computed as upstream does (shared masks, see
+    `fast_llm_supernet.mixers.attention.effective_attention_configs`).
+    """
+    path = Path(directory) / MODEL_NOTES_FILE
+    if not path.exists():
+        return True
+    value = json.loads(path.read_text()).get("stochastic_attention_masks")
+    if value not in (MASKS_SHARED, MASKS_PER_MIXER):
+        raise CheckpointError(
+            f"{path}: stochastic_attention_masks is {value!r}; valid choices: {MASKS_SHARED}, {MASKS_PER_MIXER}"
+        )
+    return value == MASKS_SHARED
+
+
+def model_notes_json(upstream_mask_sharing: bool) -> str:
+    notes = {"format_version": 1, "stochastic_attention_masks": MASKS_SHARED if upstream_mask_sharing else MASKS_PER_MIXER}
+    return json.dumps(notes, indent=2) + "\n"

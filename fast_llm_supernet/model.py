@@ -25,9 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fast_llm_supernet.checkpoint import CheckpointError, check_keys, load_state_dict, save_checkpoint
+from fast_llm_supernet.checkpoint import (
+    MODEL_NOTES_FILE,
+    CheckpointError,
+    check_keys,
+    load_state_dict,
+    model_notes_json,
+    read_upstream_mask_sharing,
+    save_checkpoint,
+)
 from fast_llm_supernet.mixers import build_mixer
-from fast_llm_supernet.mixers.attention import effective_attention_configs, linear_bias_enabled
+from fast_llm_supernet.mixers.attention import linear_bias_enabled, stochastic_sub_mixer_configs
 from shared_spec import (
     PRESETS_FILENAME,
     Apriel2TextConfig,
@@ -108,19 +116,17 @@ class MLP(nn.Module):
 class StochasticMixer(nn.Module):
     """A supernet layer's mixers by their checkpoint names; the placement picks which one runs.
 
-    With `upstream_mask_sharing` (the default) the attention sub-mixers use the window and rotary
-    of the block's last attention sub-mixer, as upstream Fast-LLM computes them (see
-    `effective_attention_configs`); without it each uses its own config.
+    With `upstream_mask_sharing` the attention sub-mixers use the window and rotary of the block's
+    last attention sub-mixer, as upstream Fast-LLM computes them (see `effective_attention_configs`);
+    without it (the default) each uses its own config.
     """
 
-    def __init__(self, config: StochasticMixerConfig, hidden_size: int, upstream_mask_sharing: bool = True):
+    def __init__(self, config: StochasticMixerConfig, hidden_size: int, upstream_mask_sharing: bool = False):
         super().__init__()
         for name in config.mixers:
             if "." in name or not name:
                 raise ValueError(f"mixer name {name!r} cannot be a module name (no dots, not empty)")
-        mixer_configs = dict(config.mixers)
-        if upstream_mask_sharing:
-            mixer_configs.update(effective_attention_configs(config.mixers))
+        mixer_configs = stochastic_sub_mixer_configs(config, upstream_mask_sharing)
         self.mixers = nn.ModuleDict({name: build_mixer(sub, hidden_size) for name, sub in mixer_configs.items()})
         self.main_mixer_name = config.main_mixer_name
 
@@ -128,7 +134,7 @@ class StochasticMixer(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: BlockConfig, hidden_size: int, upstream_mask_sharing: bool = True):
+    def __init__(self, config: BlockConfig, hidden_size: int, upstream_mask_sharing: bool = False):
         super().__init__()
         self.input_layernorm = _norm(config.normalization, hidden_size)
         if isinstance(config.mixer, StochasticMixerConfig):
@@ -155,7 +161,7 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: Apriel2TextConfig, upstream_mask_sharing: bool = True):
+    def __init__(self, config: Apriel2TextConfig, upstream_mask_sharing: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(
             DecoderBlock(block, config.hidden_size, upstream_mask_sharing) for block in config.blocks_in_order()
@@ -165,7 +171,7 @@ class Decoder(nn.Module):
 class SupernetModel(nn.Module):
     """The `model.` prefix of the checkpoint: embeddings, decoder, final norm."""
 
-    def __init__(self, config: Apriel2TextConfig, upstream_mask_sharing: bool = True):
+    def __init__(self, config: Apriel2TextConfig, upstream_mask_sharing: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.decoder = Decoder(config, upstream_mask_sharing)
@@ -196,14 +202,17 @@ class SupernetOutput:
 class SupernetForCausalLM(nn.Module):
     """Apriel2 text supernet: shared embeddings, norms, MLPs and head; several mixers per layer.
 
-    `upstream_mask_sharing=True` (default) computes what upstream Fast-LLM computes for a
-    checkpoint: inside a supernet block every attention sub-mixer uses the attention mask (window)
-    and rotary of the block's last attention sub-mixer (`effective_attention_configs`). False gives
-    each attention sub-mixer its own window, as its config alone describes.
+    Attention masks inside a supernet block: upstream Fast-LLM (dense-SDPA path: CPU, and CUDA
+    without flash-attn) gives every attention sub-mixer of a block the mask (window) and rotary of
+    the block's last attention sub-mixer (`effective_attention_configs`), so its FA sub-mixer is
+    windowed when an SWA sibling comes after it. `upstream_mask_sharing=True` computes exactly
+    that; False (the default for new models) gives each attention sub-mixer its own window.
+    `from_pretrained` reads the choice from `supernet_model.json`, which `save_pretrained` writes;
+    a checkpoint without it is an upstream export and gets upstream's computation.
     """
 
     def __init__(
-        self, config: Apriel2TextConfig, presets: PresetsFile | None = None, *, upstream_mask_sharing: bool = True
+        self, config: Apriel2TextConfig, presets: PresetsFile | None = None, *, upstream_mask_sharing: bool = False
     ):
         super().__init__()
         self.config = config
@@ -346,13 +355,19 @@ class SupernetForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         *,
-        upstream_mask_sharing: bool = True,
+        upstream_mask_sharing: bool | None = None,
     ) -> SupernetForCausalLM:
-        """Load config.json, the safetensors weights (cast to `dtype`) and supernet_presets.json if present."""
+        """Load config.json, the safetensors weights (cast to `dtype`) and supernet_presets.json if present.
+
+        `upstream_mask_sharing` None: as the checkpoint's `supernet_model.json` says (upstream
+        exports, which lack it, are computed as upstream Fast-LLM computes them).
+        """
         path = Path(path)
         if not (path / "config.json").exists():
             raise CheckpointError(f"no config.json in {path}")
         config = Apriel2TextConfig.from_file(path)
+        if upstream_mask_sharing is None:
+            upstream_mask_sharing = read_upstream_mask_sharing(path)
         presets = PresetsFile.load(path)
         state = load_state_dict(path, dtype=dtype)
         model = cls(config, presets=presets, upstream_mask_sharing=upstream_mask_sharing)
@@ -369,9 +384,9 @@ class SupernetForCausalLM(nn.Module):
         return model
 
     def save_pretrained(self, path: str | Path, presets: PresetsFile | None = None) -> Path:
-        """Write config.json, model.safetensors and (if any) supernet_presets.json, atomically."""
+        """Write config.json, model.safetensors, supernet_model.json and (if any) supernet_presets.json, atomically."""
         presets = presets if presets is not None else self.presets
-        extra_files = {}
+        extra_files = {MODEL_NOTES_FILE: model_notes_json(self.upstream_mask_sharing)}
         if presets is not None:
             presets.validate_against(self.spec)
             extra_files[PRESETS_FILENAME] = presets.model_dump_json(indent=2) + "\n"

@@ -274,3 +274,16 @@ def test_chunked_prefill_across_kernel_chunks_matches_full_forward(model, placem
         pieces += [model(input_ids[:, t : t + 1], caches=caches) for t in range(77, 80)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-5)
     assert caches.seen_tokens == 80
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_mask_semantics_survive_save_and_load(tmp_path, sharing):
+    model = randomised(SupernetForCausalLM(small_config(), upstream_mask_sharing=sharing))
+    loaded = SupernetForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert loaded.upstream_mask_sharing == sharing
+    # Shared masks: the `attention` sub-mixer runs with its last attention sibling's window (3).
+    assert loaded.model.decoder.blocks[0].mixer.mixers["attention"].window_size == (3 if sharing else None)
+    assert loaded.model.decoder.blocks[3].mixer.window_size is None  # a plain block has no siblings
+    input_ids = tokens(1, 9)  # longer than the window
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids, placement="attention*"), model(input_ids, placement="attention*"))

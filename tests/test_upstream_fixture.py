@@ -78,3 +78,12 @@ def test_fa_is_windowed_upstream_and_full_without_mask_sharing(reference_logits)
     window = 5
     assert diff[:window].max() < ATOL  # inside the window both masks agree
     assert diff[window:].min() > 0.1
+
+
+def test_resaved_upstream_checkpoint_keeps_upstream_masks(model, reference_logits, tmp_path):
+    assert model.upstream_mask_sharing  # no supernet_model.json: an upstream export
+    resaved = SupernetForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "resaved"))
+    assert resaved.upstream_mask_sharing
+    with torch.no_grad():
+        logits = resaved(torch.tensor(REFERENCE["input_ids"]), placement=REFERENCE["placements"][0])
+    assert (logits - reference_logits["0"]).abs().max().item() <= ATOL

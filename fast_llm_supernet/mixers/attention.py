@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared_spec import AttentionMixerConfig
+from shared_spec import AttentionMixerConfig, StochasticMixerConfig
 
 # Rotary types this module computes. `mistral_1d` is how Fast-LLM's Apriel2 exporter names its
 # `default` rotary; `llama3` and `yarn` are exported under their Fast-LLM names.
@@ -295,3 +295,16 @@ def effective_attention_configs(mixers: dict[str, object]) -> dict[str, Attentio
         rotary = mixer.rotary if mixer.rotary.type == "none" or not rotary_sources else rotary_sources[-1].rotary
         effective[name] = mixer.model_copy(update={"window_size": last.window_size, "rotary": rotary})
     return effective
+
+
+def stochastic_sub_mixer_configs(config: StochasticMixerConfig, upstream_mask_sharing: bool) -> dict[str, object]:
+    """The config each sub-mixer of a supernet block computes with, by name, in `mixers` order.
+
+    With `upstream_mask_sharing` the attention sub-mixers get `effective_attention_configs`;
+    without it every sub-mixer keeps its own config. The PyTorch model and the vLLM plugin both
+    build their sub-mixers from this.
+    """
+    configs = dict(config.mixers)
+    if upstream_mask_sharing:
+        configs.update(effective_attention_configs(config.mixers))
+    return configs
