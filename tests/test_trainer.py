@@ -1,0 +1,297 @@
+"""The single-machine trainer: config validation, data, resume == uninterrupted, distillation lowers KL."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fast_llm_supernet.data import (
+    IGNORE_INDEX,
+    batch_indices,
+    load_tokenizer,
+    pack_conversations,
+    pack_documents,
+    tokenize_conversation,
+)
+from fast_llm_supernet.model import SupernetForCausalLM
+from fast_llm_supernet.train_config import ConfigError, load_config, parse_config
+from fast_llm_supernet.trainer import Trainer, main
+from shared_spec import Apriel2TextConfig, PresetsFile
+
+ATTENTION = {"type": "attention", "heads": 2, "head_groups": 1, "head_size": 16, "rotary": {"type": "mistral_1d", "theta": 10000.0}}
+TINY_SUPERNET = {
+    "hidden_size": 32,
+    "vocab_size": 320,
+    "decoder": {
+        "type": "fixed",
+        "num_blocks": 2,
+        "block": {
+            "mixer": {
+                "type": "stochastic",
+                "main_mixer_name": "attention",
+                "mixers": {
+                    "attention": ATTENTION,
+                    "sliding_window": {**ATTENTION, "window_size": 4},
+                    "gdn": {"type": "gdn", "value_heads": 2, "key_heads": 1, "key_head_dim": 16, "value_head_dim": 16},
+                    "kda": {"type": "kda", "heads": 2, "head_dim": 16},
+                },
+            },
+            "mlp": {"type": "mlp", "intermediate_size": 64},
+        },
+    },
+}
+
+
+def stdlib_paragraphs() -> list[str]:
+    """Paragraphs of a few stdlib modules' docstrings: English text that ships with Python."""
+    import argparse
+    import collections
+    import difflib
+    import json as json_module
+    import logging
+    import pathlib
+    import random
+    import string
+    import textwrap
+    import typing
+
+    modules = (argparse, collections, difflib, json_module, logging, pathlib, random, string, textwrap, typing)
+    paragraphs = []
+    for module in modules:
+        for value in [module, *vars(module).values()]:
+            doc = getattr(value, "__doc__", None)
+            if isinstance(doc, str) and getattr(value, "__module__", module.__name__) == module.__name__:
+                paragraphs += [p.strip() for p in doc.split("\n\n") if len(p.strip()) > 40]
+    return list(dict.fromkeys(paragraphs))
+
+
+def train_tiny_tokenizer(documents: list[str], vocab_size: int):
+    """Byte-level BPE with <pad>=0, <s>=1 (prepended), </s>=2, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A random tiny supernet with a byte-level BPE tokenizer, and text + chat data from stdlib docstrings."""
+    root = tmp_path_factory.mktemp("tiny")
+    documents = stdlib_paragraphs()
+    tokenizer = train_tiny_tokenizer(documents, vocab_size=320)
+    checkpoint = root / "supernet"
+    torch.manual_seed(0)
+    model = SupernetForCausalLM(Apriel2TextConfig.model_validate(TINY_SUPERNET))
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    with (root / "text.jsonl").open("w") as handle:
+        for document in documents[:120]:
+            handle.write(json.dumps({"text": document}) + "\n")
+    with (root / "chat.jsonl").open("w") as handle:
+        for document in documents[:60]:
+            question, _, answer = document.partition("\n")
+            messages = [{"role": "user", "content": f"Explain: {question[:80]}"}, {"role": "assistant", "content": answer[:200] or question}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return root
+
+
+def base_config(root: Path, output: str, **overrides) -> dict:
+    config = {
+        "output_dir": str(root / output),
+        "steps": 4,
+        "seed": 1,
+        "device": "cpu",
+        "threads": 1,
+        "progress_bar": False,
+        "tensorboard": False,
+        "model": {"checkpoint": str(root / "supernet")},
+        "data": {"train": {"paths": [str(root / "text.jsonl")]}, "sequence_length": 24, "batch_size": 2, "eval_fraction": 0.1},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 1},
+        "eval": {"max_batches": 1},
+        "checkpoint": {"every": 2},
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
+    return config
+
+
+# ---- config validation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value, field",
+    [
+        ("optimizer.lr", -1.0, "optimizer.lr"),
+        ("optimizer.lrr", 1.0, "optimizer.lrr"),
+        ("loss.temperature", 0, "loss.temperature"),
+        ("sampling.strategy", "random", "sampling.strategy"),
+        ("data.train.paths", ["/does/not/exist.jsonl"], "data.train.paths"),
+        ("data.train.format", "parquet", "data.train.format"),
+        ("model.checkpoint", "/nowhere", "model.checkpoint"),
+        ("steps", 0, "steps"),
+        ("eval.placements", ["attention*", "mamba*"], "eval.placements.1"),
+        ("teacher.placement", "gdn,bogus", "teacher.placement"),
+        ("sampling.predefined", ["kda*"], "sampling"),
+        ("export.presets", {"fast": "gdn*", "bad name": "kda*"}, "export.presets"),
+    ],
+)
+def test_bad_config_fails_naming_the_field(tiny_run, key, value, field):
+    with pytest.raises(ConfigError) as error:
+        parse_config(base_config(tiny_run, "bad", **{key: value}))
+    assert field in str(error.value)
+
+
+def test_yaml_loading_overrides_and_cli_rejects_before_work(tiny_run, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base_config(tiny_run, "yaml")))
+    config = load_config(path, ["optimizer.lr=0.01", "sampling.strategy=full_layout"])
+    assert config.optimizer.lr == 0.01 and config.sampling.strategy.value == "full_layout"
+    assert main(["--config", str(path), "--check"]) == 0
+    assert main(["--config", str(path), "--set", "optimizer.betas=[0.9, 1.5]"]) == 2
+    assert "optimizer.betas" in capsys.readouterr().err
+    assert not (tiny_run / "yaml").exists()  # nothing was started
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+
+def test_text_packing_and_batches_are_a_function_of_the_step(tiny_run):
+    tokenizer = load_tokenizer(tiny_run / "supernet")
+    data = pack_documents(tokenizer, ["one two three four five six"] * 20, sequence_length=8)
+    assert data.tokens.shape[1] == 9
+    batch = data.rows(torch.tensor([0, 1]))
+    assert torch.equal(batch["labels"], data.tokens[[0, 1], 1:])
+    assert batch["loss_mask"].all()
+    # Every row once per epoch; the same step gives the same rows.
+    epoch = torch.cat([batch_indices(step, 3, 12, seed=5) for step in range(4)])
+    assert sorted(epoch.tolist()) == list(range(12))
+    assert torch.equal(batch_indices(7, 3, 12, seed=5), batch_indices(7, 3, 12, seed=5))
+    assert not torch.equal(batch_indices(4, 3, 12, seed=5), epoch[:3])  # the next epoch reshuffles
+
+
+def test_chat_loss_only_on_assistant_turns(tiny_run):
+    tokenizer = load_tokenizer(tiny_run / "supernet")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "And three?"},
+        {"role": "assistant", "content": "Six."},
+    ]
+    ids, is_assistant = tokenize_conversation(tokenizer, messages)
+    assistant_text = tokenizer.decode([i for i, keep in zip(ids, is_assistant, strict=True) if keep])
+    assert assistant_text == f"Four.{tokenizer.eos_token}Six.{tokenizer.eos_token}"
+    # Three conversations packed two to a row: the targets are exactly the assistant replies.
+    data = pack_conversations(tokenizer, [messages] * 3, sequence_length=2 * len(ids))
+    assert data.num_rows == 2
+    batch = data.rows(torch.arange(data.num_rows))
+    assert (batch["labels"][~batch["loss_mask"]] == IGNORE_INDEX).all()
+    targets = tokenizer.decode(batch["labels"][batch["loss_mask"]].tolist())
+    assert targets == f"Four.{tokenizer.eos_token}Six.{tokenizer.eos_token}" * 3
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+
+def trained_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.trainable}
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_run):
+    uninterrupted = Trainer(parse_config(base_config(tiny_run, "straight")), log=lambda *_: None)
+    straight = uninterrupted.run()
+
+    config = parse_config(base_config(tiny_run, "killed"))
+    first = Trainer(config, log=lambda *_: None)
+    stopped = first.run(stop_after_steps=3)  # "killed" after step 3; the last checkpoint is step 2
+    assert stopped.stopped_early and stopped.step == 3
+    resumed_trainer = Trainer(config, log=lambda *_: None)  # a fresh process would build everything again
+    resumed = resumed_trainer.run()
+
+    assert resumed.final_eval == straight.final_eval
+    assert resumed.initial_eval == straight.initial_eval
+    for name, tensor in trained_state(uninterrupted).items():
+        assert torch.equal(tensor, dict(resumed_trainer.trainable)[name]), name
+    # The metrics log of the resumed run is the uninterrupted one (the replayed step 3 is not duplicated).
+    def lines(run):
+        return [json.loads(line) for line in (tiny_run / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines("killed") == lines("straight")
+    checkpoints = sorted(p.name for p in (tiny_run / "killed" / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_00000002", "step_00000004"]  # keep: 2
+
+
+def test_only_non_attention_mixers_train_and_export_loads(tiny_run):
+    config = base_config(tiny_run, "export", steps=2, sampling={"predefined": ["gdn*"], "predefined_probabilities": [1.0]})
+    trainer = Trainer(parse_config(config), log=lambda *_: None)
+    names = [name for name, _ in trainer.trainable]
+    assert names and all(".mixer.mixers." in name for name in names)
+    assert not any(".mixers.attention." in name for name in names)
+    assert any(".mixers.gdn." in name for name in names) and any(".mixers.kda." in name for name in names)
+    before = SupernetForCausalLM.from_pretrained(tiny_run / "supernet")
+    result = trainer.run()
+    exported = SupernetForCausalLM.from_pretrained(result.export_path)
+    presets = PresetsFile.load(result.export_path)
+    assert set(presets.presets) == {"all_attention", "all_sliding_window", "all_gdn", "all_kda"}
+    assert presets.presets["all_gdn"].metrics["kl_to_teacher"] == result.final_eval["eval/gdn*2/kl"]
+    assert (result.export_path / "tokenizer.json").exists()
+    x = torch.randint(0, 320, (1, 10))
+    # Frozen parts are unchanged: all-attention is still the teacher.
+    torch.testing.assert_close(exported(x, placement="attention*"), before(x, placement="attention*"))
+    assert not torch.equal(exported(x, placement="gdn*"), before(x, placement="gdn*"))
+    assert result.final_eval["eval/attention*2/kl"] < 1e-8
+
+
+def test_sft_on_chat_data_runs(tiny_run):
+    config = base_config(
+        tiny_run,
+        "sft",
+        steps=2,
+        **{
+            "data.train": {"paths": [str(tiny_run / "chat.jsonl")], "format": "chat"},
+            "data.sequence_length": 64,
+            "loss": {"cross_entropy": 1.0, "forward_kl": 0.0, "reverse_kl": 0.0, "activation": 0.0},
+            "model.train": "all",
+            "sampling": {"predefined": ["gdn*", "attention,kda"], "predefined_probabilities": [0.5, 0.25]},
+        },
+    )
+    result = Trainer(parse_config(config), log=lambda *_: None).run()
+    records = [json.loads(line) for line in (tiny_run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["cross_entropy"]) for r in train)
+    assert "forward_kl" not in train[0]
+    assert math.isfinite(result.final_eval["eval/kda*2/ppl"])
+
+
+@pytest.mark.slow
+def test_short_distillation_lowers_kl_of_every_uniform_placement(tiny_run):
+    config = base_config(
+        tiny_run,
+        "distill",
+        steps=60,
+        **{"optimizer.lr": 1e-2, "optimizer.warmup_steps": 5, "data.batch_size": 4, "checkpoint.every": 100},
+    )
+    result = Trainer(parse_config(config), log=lambda *_: None).run()
+    for placement in ["sliding_window*2", "gdn*2", "kda*2"]:
+        before = result.initial_eval[f"eval/{placement}/kl"]
+        after = result.final_eval[f"eval/{placement}/kl"]
+        assert after < 0.7 * before, (placement, before, after)
+    assert result.final_eval["eval/attention*2/kl"] < 1e-8
