@@ -18,7 +18,7 @@ _LAZY = {
     "CheckpointError": "fast_llm_supernet.checkpoint",
 }
 
-__all__ = list(_LAZY)
+__all__ = ["CheckpointError", "SupernetCaches", "SupernetForCausalLM", "SupernetOutput"]
 
 
 def __getattr__(name: str) -> Any:

@@ -99,7 +99,7 @@ def test_incremental_decode_matches_full_forward(model):
             pieces = [model(input_ids[:, :6], caches=caches)]  # prefill, then one token per step
             pieces += [model(input_ids[:, t : t + 1], caches=caches) for t in range(6, 13)]
             stepped = torch.cat(pieces, dim=1)
-            torch.testing.assert_close(stepped, full, atol=2e-5, rtol=1e-5, msg=lambda m: f"{placement}: {m}")
+            torch.testing.assert_close(stepped, full, atol=2e-5, rtol=1e-5, msg=lambda m, p=placement: f"{p}: {m}")
 
 
 def test_placements_change_the_logits(model):
