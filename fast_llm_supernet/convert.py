@@ -44,10 +44,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from fast_llm_supernet.checkpoint import MODEL_NOTES_FILE, model_notes_json, save_checkpoint
 from shared_spec import (
     DEFAULT_MIXER_NAMES,
+    PRESETS_FILENAME,
     Apriel2TextConfig,
     AttentionMixerConfig,
     BlockConfig,
@@ -190,7 +191,9 @@ def read_teacher_config(teacher_dir: str | Path, allow_teacher_window: bool = Fa
     num_heads = int(hf["num_attention_heads"])
     num_kv_heads = int(hf.get("num_key_value_heads") or num_heads)
     if num_heads % num_kv_heads:
-        raise ConversionError(f"teacher num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+        raise ConversionError(
+            f"teacher num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}"
+        )
     head_dim = hf.get("head_dim") or hidden_size // num_heads
     # Qwen2 always has q/k/v biases (no flag in its config); Llama/Mistral say so with attention_bias.
     attention_bias = True if model_type == "qwen2" else bool(hf.get("attention_bias", False))
@@ -284,7 +287,9 @@ def build_supernet_config(
     """The Apriel2 `config.json`: a fixed decoder whose block holds one stochastic mixer."""
     names = [DEFAULT_MIXER_NAMES[kind] for kind in mixer_kinds]
     if main_mixer not in names:
-        raise ConversionError(f"--main-mixer {main_mixer!r} is not one of the converted mixers: {', '.join(names)}")
+        raise ConversionError(
+            f"--main-mixer {main_mixer!r} is not one of the converted mixers: {', '.join(names)}"
+        )
     if window_size < 1:
         raise ConversionError(f"--window-size must be at least 1, got {window_size}")
 
@@ -487,7 +492,9 @@ def default_presets(spec: SupernetSpec) -> PresetsFile:
 def _target_dtype(name: str, teacher: TeacherConfig, weights: TeacherWeights) -> torch.dtype:
     if name != "auto":
         if name not in DTYPES:
-            raise ConversionError(f"--dtype {name!r} is not supported; valid choices: auto, {', '.join(DTYPES)}")
+            raise ConversionError(
+                f"--dtype {name!r} is not supported; valid choices: auto, {', '.join(DTYPES)}"
+            )
         return DTYPES[name]
     if teacher.torch_dtype in DTYPES:
         return DTYPES[teacher.torch_dtype]
@@ -545,7 +552,8 @@ def convert(
     conv_kernel_size: int = DEFAULT_CONV_KERNEL_SIZE,
     allow_teacher_window: bool = False,
 ) -> Apriel2TextConfig:
-    """Write the supernet checkpoint (config.json, model.safetensors, presets, tokenizer) to `output_dir`."""
+    """Write the supernet checkpoint to `output_dir`: config.json, model.safetensors, supernet_presets.json,
+    supernet_model.json (per-mixer attention masks) and the teacher's tokenizer files."""
     teacher_dir, output_dir = Path(teacher_dir), Path(output_dir)
     if teacher_dir.resolve() == output_dir.resolve():
         raise ConversionError("--output must differ from --teacher")
@@ -555,13 +563,16 @@ def convert(
     weights = TeacherWeights(teacher_dir)
     target_dtype = _target_dtype(dtype, teacher, weights)
     state = convert_state_dict(teacher, weights, mixer_kinds, conv_kernel_size, seed)
-    # copy=True: each mixer owns its tensors (safetensors refuses shared storage).
-    state = {name: tensor.to(target_dtype, copy=True).contiguous() for name, tensor in state.items()}
+    state = {name: tensor.to(target_dtype) for name, tensor in state.items()}
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir)
-    save_file(state, output_dir / "model.safetensors", metadata={"format": "pt"})
-    default_presets(SupernetSpec.from_config(config)).save(output_dir)
+    presets = default_presets(SupernetSpec.from_config(config))
+    extra_files = {
+        PRESETS_FILENAME: presets.model_dump_json(indent=2) + "\n",
+        # Each attention sub-mixer keeps its own window (upstream's dense path would share one).
+        MODEL_NOTES_FILE: model_notes_json(upstream_mask_sharing=False),
+    }
+    # Atomic: an existing output directory is replaced only once the new checkpoint is complete.
+    save_checkpoint(output_dir, state, config.to_json_dict(), extra_files)
     for name in TOKENIZER_FILES:
         if (teacher_dir / name).is_file():
             shutil.copy2(teacher_dir / name, output_dir / name)
@@ -572,29 +583,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Convert a HF Llama / Mistral / Qwen2 checkpoint into an Apriel2 supernet checkpoint."
     )
-    parser.add_argument("--teacher", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    parser.add_argument(
+        "--teacher", required=True, help="HF checkpoint directory (config.json + safetensors)"
+    )
     parser.add_argument("--output", required=True, help="directory for the supernet checkpoint")
     parser.add_argument(
-        "--window-size", type=int, default=DEFAULT_WINDOW_SIZE,
+        "--window-size",
+        type=int,
+        default=DEFAULT_WINDOW_SIZE,
         help=f"tokens the sliding_window mixer attends to, itself included (default {DEFAULT_WINDOW_SIZE})",
     )
     parser.add_argument(
-        "--mixers", default=",".join(DEFAULT_MIXER_NAMES.values()),
+        "--mixers",
+        default=",".join(DEFAULT_MIXER_NAMES.values()),
         help="comma-separated mixers per layer (default: all four)",
     )
-    parser.add_argument("--main-mixer", default="attention", help="each layer's default mixer (main_mixer_name)")
+    parser.add_argument(
+        "--main-mixer", default="attention", help="each layer's default mixer (main_mixer_name)"
+    )
     parser.add_argument("--dtype", default="auto", help="auto (the teacher's), float32, bfloat16 or float16")
     parser.add_argument("--seed", type=int, default=0, help="seed of the small random KDA gate weights")
     parser.add_argument("--conv-kernel-size", type=int, default=DEFAULT_CONV_KERNEL_SIZE)
     parser.add_argument(
-        "--allow-teacher-window", action="store_true",
+        "--allow-teacher-window",
+        action="store_true",
         help="convert a teacher that uses sliding-window attention (its `attention` copy will attend fully)",
     )
     args = parser.parse_args(argv)
     try:
         config = convert(
-            args.teacher, args.output, args.mixers, args.main_mixer, args.window_size, args.dtype, args.seed,
-            args.conv_kernel_size, args.allow_teacher_window,
+            args.teacher,
+            args.output,
+            args.mixers,
+            args.main_mixer,
+            args.window_size,
+            args.dtype,
+            args.seed,
+            args.conv_kernel_size,
+            args.allow_teacher_window,
         )
     except ConversionError as error:
         parser.exit(2, f"supernet-convert: error: {error}\n")

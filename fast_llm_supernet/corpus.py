@@ -90,7 +90,9 @@ def _docstrings(source: str) -> list[str]:
     """Module, class and function docstrings of one source file, in source order."""
     tree = ast.parse(source)
     nodes = [tree] + [
-        node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
     ]
     nodes.sort(key=lambda node: getattr(node, "lineno", 0))
     texts = []

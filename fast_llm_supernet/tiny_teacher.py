@@ -128,9 +128,13 @@ def pretrain(model, stream: torch.Tensor, config: TinyTeacherConfig, log=_print)
     if config.steps <= 0:
         return []
     if stream.numel() <= config.sequence_length + 1:
-        raise ValueError(f"corpus has {stream.numel()} tokens; need more than sequence_length={config.sequence_length}")
+        raise ValueError(
+            f"corpus has {stream.numel()} tokens; need more than sequence_length={config.sequence_length}"
+        )
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=0.01, betas=(0.9, 0.95)
+    )
     warmup = max(1, config.steps // 10)
 
     def learning_rate_factor(step: int) -> float:
@@ -144,7 +148,9 @@ def pretrain(model, stream: torch.Tensor, config: TinyTeacherConfig, log=_print)
     losses = []
     model.train()
     for step in range(config.steps):
-        starts = torch.randint(0, stream.numel() - config.sequence_length, (config.batch_size,), generator=generator)
+        starts = torch.randint(
+            0, stream.numel() - config.sequence_length, (config.batch_size,), generator=generator
+        )
         batch = stream[starts[:, None] + offsets]  # [B, T]
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -214,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TinyTeacherConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory for the HF checkpoint and tokenizer")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="pre-training steps (0: random weights)")
+    parser.add_argument(
+        "--steps", type=int, default=defaults.steps, help="pre-training steps (0: random weights)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
@@ -227,7 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequence-length", type=int, default=defaults.sequence_length)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--corpus-files",
+        type=int,
+        default=None,
+        help="use only the first N stdlib files of the corpus (default: all; fewer is faster)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads (default: torch's choice); 1 is much faster on a machine already busy",
     )
     args = parser.parse_args(argv)
@@ -246,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         sequence_length=args.sequence_length,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        corpus_files=args.corpus_files,
     )
     print(f"making tiny teacher in {args.output} ({config.steps} pre-training steps)", flush=True)
     summary = make_tiny_teacher(args.output, config)
