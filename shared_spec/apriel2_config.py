@@ -58,7 +58,8 @@ class AttentionMixerConfig(_Typed):
     heads: int = Field(ge=1)
     head_groups: int = Field(ge=1)
     head_size: int = Field(ge=1)
-    add_linear_biases: bool = False
+    # Fast-LLM's default; its exporter writes the key only when it is False.
+    add_linear_biases: bool = True
     rotary: RotaryConfig = Field(default_factory=RotaryConfig)
     window_size: int | None = Field(None, ge=1)
 
@@ -133,7 +134,8 @@ class MLPConfig(_Node):
     intermediate_size: int = Field(ge=1)
     activation: str = "silu"
     gated: bool = True
-    add_linear_biases: bool = False
+    # Fast-LLM's default, as for attention.
+    add_linear_biases: bool = True
 
 
 class BlockConfig(_Node):
