@@ -31,6 +31,13 @@ def fast_llm_available() -> bool:
 
 
 def register() -> None:
-    """Register the `supernet` trainer into Fast-LLM's registries. Idempotent; needs Fast-LLM."""
+    """Register the `supernet` trainer into Fast-LLM's registries. Idempotent; needs Fast-LLM.
+
+    Also imports the modules through which Fast-LLM's CLI fills its own registries (datasets, models),
+    so a library user can build a `SupernetTrainerConfig` from a dict right after this call.
+    """
+    import fast_llm.data.auto  # noqa: F401
+    import fast_llm.models.auto  # noqa: F401
+
     # Defining the config classes registers them (`config_class(dynamic_type=...)`).
     from fast_llm_supernet.fast_llm_adapter import config  # noqa: F401

@@ -141,7 +141,7 @@ class SupernetDistillationConfig(Config):
                 temperature=self.temperature,
             )
         except pydantic.ValidationError as error:
-            raise ValueError(f"supernet: {error.errors()[0]['msg']}") from None
+            raise ValueError(f"supernet: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         for placement, probability in self.placements.items():
             if not 0 <= probability <= 1:
                 raise ValueError(
