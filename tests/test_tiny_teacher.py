@@ -84,6 +84,11 @@ def test_checkpoint_loads_with_transformers(teacher_dir):
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 8)
 
+    # The portable class name (transformers 4 and 5 both know it).
+    assert (
+        json.loads((output / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
     tokenizer = AutoTokenizer.from_pretrained(output)
     model = LlamaForCausalLM.from_pretrained(output).eval()
     assert model.config.vocab_size == len(tokenizer) == 320
