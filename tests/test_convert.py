@@ -4,6 +4,9 @@ the teacher's as `transformers` computes them."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -519,3 +522,74 @@ def test_missing_safetensors_is_an_error(llama, tmp_path):
     (tmp_path / "config.json").write_text((teacher_dir / "config.json").read_text())
     with pytest.raises(ConversionError, match="only safetensors"):
         convert(tmp_path, tmp_path / "out")
+
+
+# ---- upstream Fast-LLM reads the converted checkpoint ---------------------------------------------
+
+UPSTREAM_FORWARD = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from fast_llm.engine.checkpoint.config import CheckpointLoadConfig
+from fast_llm.engine.multi_stage.config import StageMode
+from fast_llm.models.gpt.conversion.config import Apriel2TextCheckpointFormat
+from fast_llm.models.gpt.huggingface import HuggingfaceGPTModelForCausalLM
+
+checkpoint, inputs, output = sys.argv[1:4]
+placements = [name.split("+") for name in sys.argv[4:]]
+model = HuggingfaceGPTModelForCausalLM.from_pretrained(
+    CheckpointLoadConfig(path=checkpoint, format=Apriel2TextCheckpointFormat, load_config="model"),
+    {"distributed": {"backend": "gloo", "use_cuda": False, "compute_dtype": "float32"}},
+    mode=StageMode.inference,
+)
+blocks = list(model.fast_llm_base_model.decoder)
+ids = load_file(inputs)["ids"]
+logits = {}
+for placement in placements:
+    # In eval, Fast-LLM's stochastic mixer runs its config's main mixer.
+    for block, name in zip(blocks, placement, strict=True):
+        block.mixer._config = block.mixer._config.to_copy({"main_mixer_name": name})
+    with torch.no_grad():
+        logits["+".join(placement)] = model(input_ids=ids).logits.float().contiguous()
+save_file(logits, output)
+"""
+
+
+@pytest.mark.fast_llm
+def test_upstream_fast_llm_imports_the_conversion_and_agrees(llama, tmp_path):
+    """Upstream Fast-LLM (where installed: Python >= 3.12, source) imports the converted checkpoint with
+    its own config and computes the same logits as SupernetForCausalLM for every mixer."""
+    pytest.importorskip("fast_llm", reason="upstream Fast-LLM is not installed here (see docs/fast_llm.md)")
+    from safetensors.torch import save_file
+
+    teacher, teacher_dir, _ = llama
+    # A window covering the sequence: upstream's dense path gives all attention sub-mixers of a block
+    # the last one's window, which would window `attention` too (see SupernetForCausalLM).
+    convert(teacher_dir, tmp_path / "supernet", window_size=SEQ)
+    ids = input_ids()
+    save_file({"ids": ids}, tmp_path / "ids.safetensors")
+    placements = [[name] * LAYERS for name in ("attention", "sliding_window", "gdn", "kda")]
+    placements.append(["gdn", "kda", "sliding_window"])
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            UPSTREAM_FORWARD,
+            str(tmp_path / "supernet"),
+            str(tmp_path / "ids.safetensors"),
+            str(tmp_path / "upstream.safetensors"),
+            *("+".join(p) for p in placements),
+        ],
+        check=True,
+        env={**os.environ, "TORCH_COMPILE_DISABLE": "1"},  # eager: compiling takes minutes
+        timeout=600,
+    )
+    upstream = load_file(tmp_path / "upstream.safetensors")
+    model = SupernetForCausalLM.from_pretrained(tmp_path / "supernet")
+    with torch.no_grad():
+        for placement in placements:
+            torch.testing.assert_close(
+                upstream["+".join(placement)], model(ids, placement=placement), atol=1e-5, rtol=1e-5
+            )
+        torch.testing.assert_close(
+            upstream["+".join(placements[0])], teacher_logits(teacher, ids), atol=1e-4, rtol=1e-4
+        )
