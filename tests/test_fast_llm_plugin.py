@@ -96,7 +96,8 @@ def trainer_config(experiment_dir: Path | None = None, train_iters: int = 3, **s
             "maximum_document_length": 48,
             "datasets": {"training": {"type": "random"}},
         },
-        "optimizer": {"learning_rate": {"base": 3e-3}},
+        # No weight decay: a mixer that no step selected then keeps its weights exactly.
+        "optimizer": {"learning_rate": {"base": 3e-3}, "weight_decay": 0.0},
         "model": {"distributed": {"use_cuda": False, "seed": 3}, "base_model": _base_model(SUPERNET_MIXER)},
         "reference_models": {"teacher": {"model": {"base_model": _base_model(_attention())}}},
         "supernet": supernet,
@@ -149,6 +150,13 @@ def test_section_becomes_fast_llm_losses_sampling_and_frozen_weights():
     assert block.mlp.lr_scale == 0 and block.normalization.lr_scale == 0
     assert base_model.embeddings.lr_scale == 0 and base_model.head.lr_scale == 0
     assert mixer.lr_scale is None and block.lr_scale is None
+    # Full attention (the teacher's copy) stays frozen by default, the other mixers train.
+    assert {name: sub.lr_scale for name, sub in mixer.mixers.items()} == {
+        "attention": 0.0,
+        "sliding_window": None,
+        "gdn": None,
+        "kda": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -180,6 +188,12 @@ def test_non_supernet_decoder_is_rejected():
     config = trainer_config()
     config["model"]["base_model"] = _base_model(_attention())
     with pytest.raises(Exception, match="no block has a stochastic mixer"):
+        validated(config)
+    gdn = {"type": "gdn", "value_heads": 4, "key_heads": 1, "key_head_dim": 8, "value_head_dim": 8}
+    config["model"]["base_model"] = _base_model({**SUPERNET_MIXER, "mixers": {"gdn": gdn}})
+    with pytest.raises(
+        Exception, match="mixers.gdn: Fast-LLM cannot build GDN with key_heads 1 and value_heads 4"
+    ):
         validated(config)
     config["model"]["base_model"] = _base_model({**SUPERNET_MIXER, "mixers": {"m": {"type": "mamba"}}})
     with pytest.raises(Exception, match="model.base_model.decoder.block.mixer.mixers.m: mixer type 'mamba'"):
@@ -298,3 +312,31 @@ def test_train_supernet_cli_trains_only_mixers_and_exports_a_loadable_checkpoint
         output = model(input_ids, placement=placement)
         logits = getattr(output, "logits", output)
         assert logits.shape == (2, 16, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_paper_15b_example_is_a_48_layer_four_mixer_supernet():
+    """examples/fast_llm/paper_15b.yaml validates (checkpoints replaced by its own architecture) and has
+    the paper's shape: 48 layers of attention / sliding_window (4096) / gdn / kda."""
+    import copy
+
+    import yaml
+
+    from fast_llm_supernet.fast_llm_adapter.config import decoder_layers, supernet_spec
+
+    example = yaml.safe_load((Path(__file__).parents[1] / "examples/fast_llm/paper_15b.yaml").read_text())
+    del example["pretrained"]  # no 15B checkpoint here: the architecture is spelled out in the file
+    teacher = copy.deepcopy(example["model"]["base_model"])
+    teacher["decoder"]["block"]["mixer"] = teacher["decoder"]["block"]["mixer"]["mixers"]["attention"]
+    example["reference_models"]["teacher"] = {"model": {"base_model": teacher}}
+    example["model"]["distributed"]["use_cuda"] = False
+    config = validated(example)
+
+    spec = supernet_spec(decoder_layers(config.model.base_model))
+    assert spec.num_layers == 48
+    assert all(
+        layer.mixers
+        == {"attention": "attention", "sliding_window": "sliding_window", "gdn": "gdn", "kda": "kda"}
+        for layer in spec.layers
+    )
+    assert config.model.base_model.decoder.block.mixer.mixers["sliding_window"].window_size == 4096
+    assert config.model.base_model.decoder.block.distillation_model == "teacher"

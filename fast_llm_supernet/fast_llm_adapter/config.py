@@ -10,7 +10,7 @@ Fast-LLM's own config objects:
 | `cross_entropy` | head loss `type: label` (loss masks from the data: SFT) |
 | `activation` | `distillation_model` + `distillation_loss_weight` of every stochastic decoder block |
 | `sampling_strategy`, `sampling_weights`, `placements` | the `StochasticMixer`'s `sampling_strategy`, `sampling_weights`, `predefined_layouts` (+ probabilities) |
-| `train_only_mixers` | `lr_scale: 0` on embeddings, head, MLPs, norms and non-stochastic blocks |
+| `train_only_mixers`, `frozen_mixer_kinds` | `lr_scale: 0` on embeddings, head, MLPs, norms, non-stochastic blocks and the sub-mixers of the frozen kinds (default: full attention, the teacher's copy) |
 
 The loss has the definition of `fast_llm_supernet.distill_loss` (the single-machine trainer's), term for
 term, with Fast-LLM's fused kernels computing it:
@@ -109,6 +109,12 @@ class SupernetDistillationConfig(Config):
         desc="Freeze (lr_scale 0) everything but the mixers of the stochastic blocks.",
         hint=FieldHint.feature,
     )
+    frozen_mixer_kinds: list[MixerKind] = Field(
+        default_factory=lambda: [MixerKind.ATTENTION],
+        desc="Mixer kinds that stay frozen even when the mixers train (with train_only_mixers). Full attention is"
+        " the teacher's own attention copied in by the conversion: training it would only let it drift.",
+        hint=FieldHint.feature,
+    )
     sampling_strategy: StochasticMixerSamplingStrategy | None = Field(
         default=None,
         desc="How each step draws its placement: uniform (per layer), weighted (per layer, by"
@@ -160,6 +166,13 @@ def mixer_kind(mixer: Config, where: str) -> MixerKind:
     if type(mixer) is AttentionConfig:
         return MixerKind.ATTENTION if mixer.window_size is None else MixerKind.SLIDING_WINDOW
     if type(mixer) is GatedDeltaNetConfig:
+        if (mixer.key_heads == 1) != (mixer.value_heads == 1):
+            # Upstream GatedDeltaNet gives a single-head dim no tensor-parallel dim and then cannot
+            # concatenate it with the multi-head ones (an assertion deep in model construction).
+            raise ValueError(
+                f"{where}: Fast-LLM cannot build GDN with key_heads {mixer.key_heads} and value_heads"
+                f" {mixer.value_heads} (one of them 1, not both); convert a teacher with at least 2 KV heads"
+            )
         return MixerKind.GDN
     if type(mixer) is KimiDeltaAttentionConfig:
         return MixerKind.KDA
@@ -284,6 +297,9 @@ def apply_supernet_section(config: "SupernetTrainerConfig") -> None:
             mixer.predefined_layouts = predefined_layouts
             mixer.predefined_layout_probabilities = list(section.placements.values())
         if section.train_only_mixers:
+            for name, sub_mixer in mixer.mixers.items():
+                if mixer_kind(sub_mixer, f"{path}.mixer.mixers.{name}") in section.frozen_mixer_kinds:
+                    sub_mixer.lr_scale = 0.0
             block.mlp.lr_scale = 0.0
             for norm in (
                 block.normalization,
