@@ -27,9 +27,15 @@ Super Apriel paper does, following upstream Fast-LLM's own converter
   (`f_a/f_b/g_a/g_b`) small random (N(0, 0.02)), `beta_proj` zero (beta = 0.5), scaled-identity
   convolutions, `A_log = log(0.1)`, `dt_bias = 0`, norm weight 1.
 
-Upstream tiles heads with `h % kv_heads`; we use the head the teacher's own GQA grouping pairs
-(`h // (heads / kv_heads)`), which is the same when there is no grouping. The teacher's q/k/v
-biases have no place in GDN/KDA (no bias parameters there) and are dropped for those two.
+Where we differ from upstream's converter, on purpose: upstream pairs heads by `h % kv_heads`
+(and GDN key head g with query head g); we use the heads the teacher's own GQA grouping pairs
+(`h // (heads / kv_heads)`; the first query head of group g), identical without grouping.
+Upstream draws KDA's gates and `beta_proj` from a Kaiming uniform; we follow the paper (small
+low-rank gates) and give KDA the same beta = 0.5 start as GDN. The teacher's q/k/v biases have
+no place in GDN/KDA (no bias parameters there) and are dropped for those two.
+
+The output is held in memory before it is written (one `model.safetensors`): fine for small and
+mid-size teachers, not for converting a 70B model on a small machine.
 
 Tokenizer files are copied along, and `supernet_presets.json` names uniform and hybrid placements.
 """
