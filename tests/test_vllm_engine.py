@@ -1,0 +1,168 @@
+"""The vLLM plugin against the PyTorch reference model, in one real (offline) vLLM engine.
+
+One engine serves the upstream fixture in float32 (its README: upcast, compute in float32, 1e-5).
+Checked: upstream's own logits for four placements in one mixed batch; greedy tokens and logprobs
+of the PyTorch reference for uniform and mixed batches; a request's output alone equals its output
+in a mixed batch; chunked prefill and prefix caching across placements; invalid placements rejected
+with the engine still serving.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from tests.vllm_helpers import FIXTURE, FIXTURE_CHECKPOINT, fixture_placements, run_engine  # noqa: E402
+
+pytestmark = pytest.mark.engine
+
+LOGPROB_ATOL = 2e-5
+NEW_TOKENS = 8
+GENERATE_PLACEMENTS = [
+    ["fa", "fa"],
+    ["swa", "gdn"],
+    ["kda", "swa"],
+    ["gdn", "kda"],
+    ["gdn", "gdn"],
+    ["kda", "kda"],
+    "swa*",
+    None,  # the checkpoint's default (main_mixer_name: swa)
+]
+LONG_PROMPT_TOKENS = 600
+
+
+def _fixture_prompts() -> list[list[int]]:
+    return json.loads((FIXTURE / "reference.json").read_text())["input_ids"]
+
+
+def _long_prompt() -> list[int]:
+    generator = torch.Generator().manual_seed(7)
+    return [1] + torch.randint(3, 320, (LONG_PROMPT_TOKENS - 1,), generator=generator).tolist()
+
+
+def _request(prompt, placement, **fields) -> dict:
+    request = {"prompt_token_ids": prompt, **fields}
+    if placement is not None:
+        request["placement"] = placement
+    return request
+
+
+def _generate_requests() -> list[dict]:
+    prompts = _fixture_prompts()
+    return [
+        _request(prompts[i % len(prompts)][: 12 + i], placement, max_tokens=NEW_TOKENS, logprobs=0)
+        for i, placement in enumerate(GENERATE_PLACEMENTS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory):
+    prompts = _fixture_prompts()
+    generate = _generate_requests()
+    long_prompt = _long_prompt()
+    scenario = {
+        "model": str(FIXTURE_CHECKPOINT),
+        "engine": {
+            "dtype": "float32",
+            "gpu_memory_utilization": 0.3,
+            "max_model_len": 1024,
+            "max_num_seqs": 16,
+            # Small steps: the long prompt is prefilled in chunks (states and KV carried across them).
+            "max_num_batched_tokens": 256,
+            "enforce_eager": True,
+        },
+        "batches": [
+            {
+                "name": "fixture_mixed",
+                "requests": [
+                    _request(prompt, placement, max_tokens=1, prompt_logprobs=0)
+                    for placement in fixture_placements()
+                    for prompt in prompts
+                ],
+            },
+            {"name": "generate_mixed", "requests": generate},
+            *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(generate)),
+            # Same long prompt: placement A, A again (prefix cache hit), then B (must not reuse A's cache).
+            {"name": "long_a", "requests": [_request(long_prompt, ["gdn", "kda"], max_tokens=4, logprobs=0)]},
+            {"name": "long_a_again", "requests": [_request(long_prompt, ["gdn", "kda"], max_tokens=4, logprobs=0)]},
+            {"name": "long_b", "requests": [_request(long_prompt, ["fa", "swa"], max_tokens=4, logprobs=0)]},
+        ],
+        "invalid": [["fa", "bogus"], "not_a_preset", ["fa"] * 5, "fa**"],
+    }
+    return run_engine(scenario, tmp_path_factory.mktemp("vllm_engine"))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from fast_llm_supernet.model import SupernetForCausalLM
+
+    return SupernetForCausalLM.from_pretrained(FIXTURE_CHECKPOINT, dtype=torch.float32)
+
+
+def _reference_greedy(model, prompt: list[int], placement, new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation of the reference model and each chosen token's logprob."""
+    with torch.no_grad():
+        sequence = model.generate(torch.tensor([prompt]), placement=placement, max_new_tokens=new_tokens)[0]
+        logprobs = torch.log_softmax(model(sequence[None], placement=placement)[0].double(), dim=-1)
+    generated = sequence[len(prompt) :].tolist()
+    chosen = [logprobs[len(prompt) - 1 + i, token].item() for i, token in enumerate(generated)]
+    return generated, chosen
+
+
+def test_mixed_batch_matches_upstream_fixture_logits(engine_results):
+    """Four placements, three prompts each, in one batch: prompt logprobs equal upstream Fast-LLM's."""
+    logits = load_file(FIXTURE / "reference.safetensors")
+    prompts = _fixture_prompts()
+    outputs = engine_results["batches"]["fixture_mixed"]
+    worst = 0.0
+    for index, output in enumerate(outputs):
+        placement_index, prompt_index = divmod(index, len(prompts))
+        expected = torch.log_softmax(logits[str(placement_index)][prompt_index].double(), dim=-1)
+        prompt = prompts[prompt_index]
+        for t in range(1, len(prompt)):
+            worst = max(worst, abs(output["prompt_logprobs"][t] - expected[t - 1, prompt[t]].item()))
+        assert output["token_ids"] == [int(expected[-1].argmax())]
+    assert worst < LOGPROB_ATOL
+
+
+def test_mixed_batch_greedy_equals_reference(engine_results, reference):
+    for request, output in zip(_generate_requests(), engine_results["batches"]["generate_mixed"], strict=True):
+        tokens, logprobs = _reference_greedy(reference, request["prompt_token_ids"], request.get("placement"), NEW_TOKENS)
+        assert output["token_ids"] == tokens, request.get("placement")
+        assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs)) < LOGPROB_ATOL
+
+
+def test_output_does_not_depend_on_batch(engine_results):
+    mixed = engine_results["batches"]["generate_mixed"]
+    for i, in_batch in enumerate(mixed):
+        alone = engine_results["batches"][f"alone_{i}"][0]
+        assert alone["token_ids"] == in_batch["token_ids"]
+        assert max(abs(a - b) for a, b in zip(alone["logprobs"], in_batch["logprobs"])) < 1e-5
+
+
+def test_chunked_prefill_and_prefix_cache_per_placement(engine_results, reference):
+    prompt = _long_prompt()
+    batches = engine_results["batches"]
+    for name, placement in (("long_a", ["gdn", "kda"]), ("long_a_again", ["gdn", "kda"]), ("long_b", ["fa", "swa"])):
+        tokens, logprobs = _reference_greedy(reference, prompt, placement, 4)
+        output = batches[name][0]
+        assert output["token_ids"] == tokens, name
+        assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs)) < 1e-4, name
+    # The placement is part of the prefix-cache key: the other placement shares no cached block.
+    assert batches["long_b"][0]["num_cached_tokens"] == 0
+    assert batches["long_a_again"][0]["num_cached_tokens"] > 0
+
+
+def test_invalid_placements_are_rejected_and_engine_keeps_serving(engine_results):
+    errors = {json.dumps(item["value"]): item["error"] for item in engine_results["invalid"]}
+    assert all(error is not None for error in errors.values()), errors
+    assert "bogus" in errors['["fa", "bogus"]'] and "valid choices" in errors['["fa", "bogus"]']
+    assert "not_a_preset" in errors['"not_a_preset"']
+    assert "5 entries" in errors['["fa", "fa", "fa", "fa", "fa"]']
+    assert len(engine_results["after_invalid"][0]["token_ids"]) == 2

@@ -1,0 +1,116 @@
+"""Helpers for the vLLM plugin tests: test checkpoints and an offline engine run in a subprocess.
+
+The engine runs in its own process (`python tests/vllm_helpers.py SCENARIO.json`), as vLLM's
+offline `LLM` needs an `if __name__ == "__main__":` guard, and writes what it generated to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "data" / "apriel2_upstream_small"
+FIXTURE_CHECKPOINT = FIXTURE / "checkpoint"
+PYTHON = sys.executable
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def fixture_placements() -> list[list[str]]:
+    return json.loads((FIXTURE / "reference.json").read_text())["placements"]
+
+
+def copy_fixture(dest: Path, tokenizer: bool = False, presets: dict | None = None) -> Path:
+    """A copy of the upstream fixture checkpoint, optionally with a tiny tokenizer and presets."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(FIXTURE_CHECKPOINT / name, dest / name)
+    if tokenizer:
+        from fast_llm_supernet.corpus import stdlib_documents
+        from fast_llm_supernet.tiny_teacher import save_tokenizer, train_tokenizer
+
+        # Vocabulary <= the model's 320 rows; ids 0/1/2 = pad/bos/eos as in the fixture's config.
+        save_tokenizer(train_tokenizer(stdlib_documents(max_files=3), vocab_size=300), dest)
+        (dest / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    if presets is not None:
+        from shared_spec import PresetsFile
+
+        PresetsFile.model_validate(presets).save(dest)
+    return dest
+
+
+def run_engine(scenario: dict, workdir: Path, timeout: float = 1200) -> dict:
+    """Run `scenario` (see `_main`) in a fresh process; returns its JSON results."""
+    scenario_path = workdir / "scenario.json"
+    result_path = workdir / "result.json"
+    scenario_path.write_text(json.dumps({**scenario, "result": str(result_path)}))
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.run(
+        [PYTHON, __file__, str(scenario_path)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if process.returncode != 0 or not result_path.exists():
+        raise RuntimeError(f"engine run failed (rc {process.returncode}):\n{process.stdout[-4000:]}\n{process.stderr[-8000:]}")
+    return json.loads(result_path.read_text())
+
+
+def _main(scenario_path: str) -> None:
+    """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
+    placement?, max_tokens, prompt_logprobs?, logprobs?}]}], invalid: [placement values]}."""
+    from vllm import LLM, SamplingParams
+
+    scenario = json.loads(Path(scenario_path).read_text())
+    llm = LLM(model=scenario["model"], skip_tokenizer_init=True, **scenario["engine"])
+    results: dict = {"batches": {}, "invalid": []}
+
+    def params(request: dict) -> SamplingParams:
+        extra = {"placement": request["placement"]} if "placement" in request else None
+        return SamplingParams(
+            max_tokens=request["max_tokens"],
+            temperature=0.0,
+            detokenize=False,
+            prompt_logprobs=request.get("prompt_logprobs"),
+            logprobs=request.get("logprobs"),
+            extra_args=extra,
+        )
+
+    def generate(requests: list[dict]) -> list[dict]:
+        outputs = llm.generate(
+            [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests],
+            [params(r) for r in requests],
+            use_tqdm=False,
+        )
+        found = []
+        for request, output in zip(requests, outputs, strict=True):
+            completion = output.outputs[0]
+            item = {"token_ids": list(completion.token_ids), "num_cached_tokens": output.num_cached_tokens or 0}
+            if completion.logprobs is not None:
+                item["logprobs"] = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+            if output.prompt_logprobs is not None:
+                ids = request["prompt_token_ids"]
+                item["prompt_logprobs"] = [None] + [output.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
+            found.append(item)
+        return found
+
+    for batch in scenario.get("batches", []):
+        results["batches"][batch["name"]] = generate(batch["requests"])
+    for value in scenario.get("invalid", []):
+        try:
+            llm.generate([{"prompt_token_ids": [1, 5, 6]}], params({"placement": value, "max_tokens": 1}), use_tqdm=False)
+            results["invalid"].append({"value": value, "error": None})
+        except Exception as error:  # VLLMValidationError (a client error, not a ValueError)
+            results["invalid"].append({"value": value, "error": f"{type(error).__name__}: {error}"})
+    # After the rejections the engine still serves.
+    results["after_invalid"] = generate([{"prompt_token_ids": [1, 5, 6], "max_tokens": 2}])
+    Path(scenario["result"]).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
