@@ -39,6 +39,10 @@ EAGER_ENV = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONHASHSEED": "0"}
 VOCAB = 96
 
 
+# The same for code these tests run in-process (`torch.compile`d blocks in Fast-LLM's layers).
+torch._dynamo.config.disable = True
+
+
 def _eager(function):
     return getattr(function, "_torchdynamo_orig_callable", function)
 
@@ -340,3 +344,53 @@ def test_paper_15b_example_is_a_48_layer_four_mixer_supernet():
     )
     assert config.model.base_model.decoder.block.mixer.mixers["sliding_window"].window_size == 4096
     assert config.model.base_model.decoder.block.distillation_model == "teacher"
+
+
+FIXTURE = Path(__file__).parent / "data" / "apriel2_upstream_small"
+
+
+@pytest.mark.slow
+def test_own_attention_masks_make_fast_llm_compute_the_per_mixer_checkpoint():
+    """On the upstream fixture (sub-mixers fa, gdn, kda, swa: swa's window is the block's shared mask),
+    Fast-LLM as is computes `SupernetForCausalLM` with upstream mask sharing, and with the supernet
+    trainer's per-sub-mixer masks it computes the per-mixer semantics that its exports declare."""
+    from fast_llm.engine.checkpoint.config import CheckpointLoadConfig
+    from fast_llm.engine.multi_stage.config import StageMode
+    from fast_llm.functional.config import TritonConfig
+    from fast_llm.models.gpt.conversion.config import Apriel2TextCheckpointFormat
+    from fast_llm.models.gpt.huggingface import HuggingfaceGPTModelForCausalLM
+
+    from fast_llm_supernet import SupernetForCausalLM
+    from fast_llm_supernet.fast_llm_adapter.trainer import give_attention_sub_mixers_their_own_masks
+
+    TritonConfig.TRITON_ENABLED = False
+    reference = json.loads((FIXTURE / "reference.json").read_text())
+    input_ids = torch.tensor(reference["input_ids"], dtype=torch.int64)
+    fast_llm_model = HuggingfaceGPTModelForCausalLM.from_pretrained(
+        CheckpointLoadConfig(
+            path=FIXTURE / "checkpoint", format=Apriel2TextCheckpointFormat, load_config="model"
+        ),
+        {"distributed": {"backend": "gloo", "use_cuda": False, "compute_dtype": "float32"}},
+        mode=StageMode.inference,
+    )
+    decoder = list(fast_llm_model.fast_llm_base_model.decoder)
+    for block in decoder[:2]:  # placement [fa, fa]: eval mode runs each block's main mixer
+        block.mixer._config = block.mixer._config.to_copy({"main_mixer_name": "fa"})
+
+    def fast_llm_logits():
+        with torch.no_grad():
+            return fast_llm_model(input_ids=input_ids).logits
+
+    def ours(upstream_mask_sharing: bool):
+        model = SupernetForCausalLM.from_pretrained(
+            FIXTURE / "checkpoint", upstream_mask_sharing=upstream_mask_sharing
+        )
+        with torch.no_grad():
+            output = model(input_ids, placement=["fa", "fa", "attention"])
+        return getattr(output, "logits", output)
+
+    shared, per_mixer = ours(True), ours(False)
+    assert (shared - per_mixer).abs().max() > 1e-2  # the two semantics differ on this input
+    torch.testing.assert_close(fast_llm_logits(), shared, rtol=1e-5, atol=1e-5)
+    assert give_attention_sub_mixers_their_own_masks(fast_llm_model.fast_llm_base_model) == 4
+    torch.testing.assert_close(fast_llm_logits(), per_mixer, rtol=1e-5, atol=1e-5)
