@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from fast_llm_supernet.data import (
 from fast_llm_supernet.model import SupernetForCausalLM
 from fast_llm_supernet.train_config import ConfigError, load_config, parse_config
 from fast_llm_supernet.trainer import Trainer, main
-from shared_spec import Apriel2TextConfig, PresetsFile
+from shared_spec import Apriel2TextConfig, Preset, PresetsFile
 
 ATTENTION = {"type": "attention", "heads": 2, "head_groups": 1, "head_size": 16, "rotary": {"type": "mistral_1d", "theta": 10000.0}}
 TINY_SUPERNET = {
@@ -60,11 +61,13 @@ def stdlib_paragraphs() -> list[str]:
 
     modules = (argparse, collections, difflib, json_module, logging, pathlib, random, string, textwrap, typing)
     paragraphs = []
-    for module in modules:
-        for value in [module, *vars(module).values()]:
-            doc = getattr(value, "__doc__", None)
-            if isinstance(doc, str) and getattr(value, "__module__", module.__name__) == module.__name__:
-                paragraphs += [p.strip() for p in doc.split("\n\n") if len(p.strip()) > 40]
+    with warnings.catch_warnings():  # some modules re-export deprecated names (typing.io)
+        warnings.simplefilter("ignore")
+        for module in modules:
+            for value in [module, *(v for v in vars(module).values() if callable(v))]:
+                doc = getattr(value, "__doc__", None)
+                if isinstance(doc, str) and getattr(value, "__module__", module.__name__) == module.__name__:
+                    paragraphs += [p.strip() for p in doc.split("\n\n") if len(p.strip()) > 40]
     return list(dict.fromkeys(paragraphs))
 
 
@@ -96,15 +99,19 @@ def tiny_run(tmp_path_factory) -> Path:
     checkpoint = root / "supernet"
     torch.manual_seed(0)
     model = SupernetForCausalLM(Apriel2TextConfig.model_validate(TINY_SUPERNET))
-    model.save_pretrained(checkpoint)
+    uniform = {f"all_{name}": Preset(placement=f"{name}*") for name in ("attention", "sliding_window", "gdn", "kda")}
+    model.save_pretrained(checkpoint, presets=PresetsFile(presets=uniform))
     tokenizer.save_pretrained(checkpoint)
     with (root / "text.jsonl").open("w") as handle:
         for document in documents[:120]:
             handle.write(json.dumps({"text": document}) + "\n")
     with (root / "chat.jsonl").open("w") as handle:
         for document in documents[:60]:
-            question, _, answer = document.partition("\n")
-            messages = [{"role": "user", "content": f"Explain: {question[:80]}"}, {"role": "assistant", "content": answer[:200] or question}]
+            words = document.split()
+            messages = [
+                {"role": "user", "content": "Explain: " + " ".join(words[:4])},
+                {"role": "assistant", "content": " ".join(words[4:20])},
+            ]
             handle.write(json.dumps({"messages": messages}) + "\n")
     return root
 
@@ -168,6 +175,18 @@ def test_yaml_loading_overrides_and_cli_rejects_before_work(tiny_run, tmp_path, 
     assert main(["--config", str(path), "--set", "optimizer.betas=[0.9, 1.5]"]) == 2
     assert "optimizer.betas" in capsys.readouterr().err
     assert not (tiny_run / "yaml").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("example", ["tiny_distill.yaml", "tiny_sft.yaml"])
+def test_example_configs_validate(tiny_run, example):
+    path = Path(__file__).parent.parent / "examples" / example
+    overrides = [
+        f"output_dir={tiny_run / 'example'}",
+        f"model.checkpoint={tiny_run / 'supernet'}",
+        f"data.train.paths={tiny_run / ('chat.jsonl' if 'sft' in example else 'text.jsonl')}",
+    ]
+    config = load_config(path, overrides)
+    assert config.steps > 0
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -267,7 +286,7 @@ def test_sft_on_chat_data_runs(tiny_run):
         steps=2,
         **{
             "data.train": {"paths": [str(tiny_run / "chat.jsonl")], "format": "chat"},
-            "data.sequence_length": 64,
+            "data.sequence_length": 128,
             "loss": {"cross_entropy": 1.0, "forward_kl": 0.0, "reverse_kl": 0.0, "activation": 0.0},
             "model.train": "all",
             "sampling": {"predefined": ["gdn*", "attention,kda"], "predefined_probabilities": [0.5, 0.25]},
@@ -281,17 +300,84 @@ def test_sft_on_chat_data_runs(tiny_run):
     assert math.isfinite(result.final_eval["eval/kda*2/ppl"])
 
 
+@pytest.fixture(scope="module")
+def converted_tiny_teacher(tmp_path_factory) -> Path:
+    """A small pre-trained Llama teacher (stdlib docstrings) converted into a four-mixer supernet."""
+    from fast_llm_supernet.convert import convert
+    from fast_llm_supernet.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("converted")
+    teacher_config = TinyTeacherConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+        head_dim=32, steps=80, batch_size=8, sequence_length=64, corpus_files=12,
+    )
+    make_tiny_teacher(root / "teacher", teacher_config, log=None)
+    convert(root / "teacher", root / "supernet", window_size=4)
+    return root
+
+
 @pytest.mark.slow
-def test_short_distillation_lowers_kl_of_every_uniform_placement(tiny_run):
+def test_short_distillation_lowers_kl_of_every_uniform_placement(tiny_run, converted_tiny_teacher):
+    root = converted_tiny_teacher
     config = base_config(
         tiny_run,
         "distill",
         steps=60,
-        **{"optimizer.lr": 1e-2, "optimizer.warmup_steps": 5, "data.batch_size": 4, "checkpoint.every": 100},
+        **{
+            "output_dir": str(root / "distill"),
+            "model.checkpoint": str(root / "supernet"),
+            "data.sequence_length": 64,
+            "data.batch_size": 4,
+            "optimizer": {"lr": 1e-3, "warmup_steps": 5},
+            "loss": {"activation": 0.1},
+            "eval.max_batches": 4,
+            "checkpoint.every": 100,
+        },
     )
     result = Trainer(parse_config(config), log=lambda *_: None).run()
     for placement in ["sliding_window*2", "gdn*2", "kda*2"]:
         before = result.initial_eval[f"eval/{placement}/kl"]
         after = result.final_eval[f"eval/{placement}/kl"]
         assert after < 0.7 * before, (placement, before, after)
-    assert result.final_eval["eval/attention*2/kl"] < 1e-8
+    # Full attention is the teacher's own (frozen): it stays exactly on the teacher.
+    assert result.final_eval["eval/attention*2/kl"] < 1e-6
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_run, tmp_path):
+    """A real kill (SIGKILL of the CLI process, possibly mid-checkpoint), then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def config_file(name: str) -> Path:
+        config = base_config(tiny_run, name, steps=8, **{"checkpoint.every": 1})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    command = [sys.executable, "-m", "fast_llm_supernet.trainer", "--config"]
+    subprocess.run([*command, str(config_file("sigkill_straight"))], check=True, capture_output=True)
+
+    killed_config = config_file("sigkill")
+    process = subprocess.Popen([*command, str(killed_config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tiny_run / "sigkill" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_00000003":
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tiny_run / "sigkill" / "summary.json").exists(), "the run finished before it could be killed"
+
+    subprocess.run([*command, str(killed_config)], check=True, capture_output=True)
+    straight = json.loads((tiny_run / "sigkill_straight" / "summary.json").read_text())
+    resumed = json.loads((tiny_run / "sigkill" / "summary.json").read_text())
+    assert resumed["final_eval"] == straight["final_eval"]
+    assert resumed["initial_eval"] == straight["initial_eval"]
+    exported = [SupernetForCausalLM.from_pretrained(tiny_run / run / "export") for run in ("sigkill", "sigkill_straight")]
+    for (name, a), (_, b) in zip(exported[0].state_dict().items(), exported[1].state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
