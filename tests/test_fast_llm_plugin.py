@@ -177,6 +177,8 @@ def test_section_becomes_fast_llm_losses_sampling_and_frozen_weights():
         ),
         ({"reverse_kl": 0, "forward_kl": 0, "activation": 0, "cross_entropy": 0}, {}, "every loss weight"),
         ({"temperature": 0}, None, "temperature"),
+        ({"activation_target": "nearest"}, None, "supernet.activation_target: 'nearest' is not one of"),
+        ({"frozen_mixer_kinds": []}, None, "supernet.activation_target: student_input takes the targets"),
     ],
 )
 def test_bad_config_fails_naming_the_field(supernet, reference_models, expected):
@@ -394,3 +396,37 @@ def test_own_attention_masks_make_fast_llm_compute_the_per_mixer_checkpoint():
     torch.testing.assert_close(fast_llm_logits(), shared, rtol=1e-5, atol=1e-5)
     assert give_attention_sub_mixers_their_own_masks(fast_llm_model.fast_llm_base_model) == 4
     torch.testing.assert_close(fast_llm_logits(), per_mixer, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation_target", ["student_input", "teacher_forward"])
+def test_activation_target(tmp_path, activation_target):
+    """On the all-attention placement the selected mixer is the frozen attention itself: with targets on the
+    student's input the activation distance is exactly 0; against the (here unrelated) teacher's own forward
+    pass it is not."""
+    import re
+
+    import yaml
+
+    config = trainer_config(
+        None, train_iters=1, placements={"attention*": 1.0}, activation_target=activation_target
+    )
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [*_fast_llm_command(), "train", "supernet", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        env=EAGER_ENV,
+        timeout=900,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    distances = [
+        float(value) for value in re.findall(r"decoder\.\d+/activation_distillation_loss: ([0-9.e+-]+)", log)
+    ]
+    assert len(distances) == 2
+    if activation_target == "student_input":
+        assert distances == [0.0, 0.0]
+    else:
+        assert min(distances) > 0

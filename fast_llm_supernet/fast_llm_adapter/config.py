@@ -20,7 +20,11 @@ term, with Fast-LLM's fused kernels computing it:
   1/T (which scales the student's logits and the teacher's), its `temperature` to 1 and its weight to
   w * T^2: the same loss and gradient.
 * Activation matching: Fast-LLM adds, per stochastic block, the token mean of the L2 distance between the
-  block's mixer output and the teacher's attention output (`l2` in `distill_loss`). `distill_loss`
+  block's mixer output and a target (`l2` in `distill_loss`). Upstream's target is the teacher's attention
+  output in the teacher's own forward pass; `distill_loss` (the single-machine trainer) defines it as the teacher's
+  attention applied to the *student's* layer input. With `activation_target: student_input` (default) the
+  trainer computes that target with the block's frozen full-attention sub-mixer, the teacher's copy, and
+  hands it to Fast-LLM's activation loss in place of the teacher's (see `trainer.py`). `distill_loss`
   averages over layers, so each block gets weight `activation / number of stochastic layers`. Only `l2`
   exists upstream; Fast-LLM logs the distance per block and per selected mixer
   (`<block>/activation_distillation_loss/<mixer>`), so lagging mixers show.
@@ -62,6 +66,9 @@ if typing.TYPE_CHECKING:
     from fast_llm_supernet.fast_llm_adapter.trainer import SupernetTrainer
 
 
+ACTIVATION_TARGETS = ("student_input", "teacher_forward")
+
+
 @config_class()
 class SupernetDistillationConfig(Config):
     """The `supernet:` section: stochastic distillation of a supernet from a frozen teacher."""
@@ -91,6 +98,14 @@ class SupernetDistillationConfig(Config):
         " output and the teacher's attention output, averaged over tokens and layers.",
         hint=FieldHint.core,
         valid=check_field(Assert.geq, 0),
+    )
+    activation_target: str = Field(
+        default="student_input",
+        desc="What the activation term compares each stochastic layer's mixer output with. `student_input`: the"
+        " teacher's attention applied to the input of the student's layer (the frozen full-attention sub-mixer,"
+        " which is the teacher's copy), as `fast_llm_supernet.distill_loss` defines it. `teacher_forward`:"
+        " the teacher's attention output in the teacher's own forward pass (upstream Fast-LLM's definition).",
+        hint=FieldHint.feature,
     )
     cross_entropy: float = Field(
         default=0.0,
@@ -148,6 +163,10 @@ class SupernetDistillationConfig(Config):
             )
         except pydantic.ValidationError as error:
             raise ValueError(f"supernet: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        if self.activation_target not in ACTIVATION_TARGETS:
+            raise ValueError(
+                f"supernet.activation_target: {self.activation_target!r} is not one of: {', '.join(ACTIVATION_TARGETS)}"
+            )
         for placement, probability in self.placements.items():
             if not 0 <= probability <= 1:
                 raise ValueError(
@@ -179,6 +198,18 @@ def mixer_kind(mixer: Config, where: str) -> MixerKind:
     raise ValueError(
         f"{where}: mixer type {mixer.dynamic_type_name or type(mixer).__name__!r} is not one of the supernet's"
         f" kinds: attention (window_size unset), sliding_window (attention with window_size), gdn, kda"
+    )
+
+
+def attention_target_name(mixer: StochasticMixerConfig) -> str | None:
+    """The name of a stochastic mixer's full-attention sub-mixer: the teacher's attention, copied by the conversion."""
+    return next(
+        (
+            name
+            for name, sub in mixer.mixers.items()
+            if type(sub) is AttentionConfig and sub.window_size is None
+        ),
+        None,
     )
 
 
@@ -280,6 +311,17 @@ def apply_supernet_section(config: "SupernetTrainerConfig") -> None:
         )
     for path, block in distinct_blocks.values():
         mixer = block.mixer
+        if section.activation > 0 and section.activation_target == "student_input":
+            if attention_target_name(mixer) is None:
+                raise ValueError(
+                    f"supernet.activation_target: student_input needs a full-attention sub-mixer (the teacher's"
+                    f" copy) in every stochastic block; {path}.mixer has none (or use teacher_forward)"
+                )
+            if not section.train_only_mixers or MixerKind.ATTENTION not in section.frozen_mixer_kinds:
+                raise ValueError(
+                    "supernet.activation_target: student_input takes the targets from the frozen full-attention"
+                    " sub-mixer: keep train_only_mixers true and attention in frozen_mixer_kinds (or use teacher_forward)"
+                )
         if section.activation > 0:
             block.distillation_model = section.teacher
             block.distillation_loss_weight = section.activation / len(stochastic)
