@@ -197,9 +197,13 @@ def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 def placement_label(placement: Placement, spec) -> str:
-    """A preset-safe name: `all_gdn` for a uniform placement, else `placement_<hash>`."""
+    """A preset-safe name: `all-gdn` for a uniform placement, else `placement-<hash>`."""
     kinds = {kind for layer, kind in zip(spec.layers, placement.kinds(spec), strict=True) if not layer.fixed}
-    return f"all_{next(iter(kinds)).value}" if len(kinds) == 1 else f"placement_{placement.hash}"
+    short = {MixerKind.SLIDING_WINDOW: "swa"}
+    if len(kinds) == 1:
+        kind = next(iter(kinds))
+        return f"all-{short.get(kind, kind.value)}"
+    return f"placement-{placement.hash}"
 
 
 # ---- the trainer ----------------------------------------------------------------------------------------
@@ -481,18 +485,19 @@ class Trainer:
         """The trained supernet as an Apriel2 checkpoint, with presets (and their measured metrics) and tokenizer."""
         config = self.config
         presets = self.student.presets.model_copy(deep=True) if self.student.presets else PresetsFile()
+        existing = {placement: name for name, placement in presets.resolved(self.spec).items()}
         if config.export.presets is None:
-            chosen = {placement_label(p, self.spec): p for p in self.placements.eval}
+            # Every evaluated placement, under the name the checkpoint already gives it if any.
+            chosen = {existing.get(p) or placement_label(p, self.spec): p for p in self.placements.eval}
         else:
             chosen = {name: self.student.resolve_placement(value) for name, value in config.export.presets.items()}
         for name, placement in chosen.items():
-            metrics = {}
+            metrics = dict(presets.presets[name].metrics) if name in presets.presets else {}
             if f"eval/{placement.canonical}/kl" in final_eval:
-                metrics = {
-                    "kl_to_teacher": final_eval[f"eval/{placement.canonical}/kl"],
-                    "perplexity": final_eval[f"eval/{placement.canonical}/ppl"],
-                }
-            presets.presets[name] = Preset(placement=placement.canonical, metrics=metrics)
+                metrics["kl_to_teacher"] = final_eval[f"eval/{placement.canonical}/kl"]
+                metrics["perplexity"] = final_eval[f"eval/{placement.canonical}/ppl"]
+            description = presets.presets[name].description if name in presets.presets else ""
+            presets.presets[name] = Preset(placement=placement.canonical, description=description, metrics=metrics)
         if self.placements.presets.default is not None:
             presets.default = self.placements.presets.default
         path = config.export_path

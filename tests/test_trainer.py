@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from fast_llm_supernet.convert import default_presets
 from fast_llm_supernet.data import (
     IGNORE_INDEX,
     batch_indices,
@@ -19,8 +20,8 @@ from fast_llm_supernet.data import (
 )
 from fast_llm_supernet.model import SupernetForCausalLM
 from fast_llm_supernet.train_config import ConfigError, load_config, parse_config
-from fast_llm_supernet.trainer import Trainer, main
-from shared_spec import Apriel2TextConfig, Preset, PresetsFile
+from fast_llm_supernet.trainer import Trainer, main, placement_label
+from shared_spec import Apriel2TextConfig, PresetsFile
 
 ATTENTION = {"type": "attention", "heads": 2, "head_groups": 1, "head_size": 16, "rotary": {"type": "mistral_1d", "theta": 10000.0}}
 TINY_SUPERNET = {
@@ -99,8 +100,8 @@ def tiny_run(tmp_path_factory) -> Path:
     checkpoint = root / "supernet"
     torch.manual_seed(0)
     model = SupernetForCausalLM(Apriel2TextConfig.model_validate(TINY_SUPERNET))
-    uniform = {f"all_{name}": Preset(placement=f"{name}*") for name in ("attention", "sliding_window", "gdn", "kda")}
-    model.save_pretrained(checkpoint, presets=PresetsFile(presets=uniform))
+    # Presets as `supernet-convert` writes them (all-attention, all-swa, ...).
+    model.save_pretrained(checkpoint, presets=default_presets(model.spec))
     tokenizer.save_pretrained(checkpoint)
     with (root / "text.jsonl").open("w") as handle:
         for document in documents[:120]:
@@ -269,8 +270,13 @@ def test_only_non_attention_mixers_train_and_export_loads(tiny_run):
     result = trainer.run()
     exported = SupernetForCausalLM.from_pretrained(result.export_path)
     presets = PresetsFile.load(result.export_path)
-    assert set(presets.presets) == {"all_attention", "all_sliding_window", "all_gdn", "all_kda"}
-    assert presets.presets["all_gdn"].metrics["kl_to_teacher"] == result.final_eval["eval/gdn*2/kl"]
+    assert {"all-attention", "all-swa", "all-gdn", "all-kda"} <= set(presets.presets)
+    assert presets.presets["all-gdn"].metrics["kl_to_teacher"] == result.final_eval["eval/gdn*2/kl"]
+    assert presets.presets["all-kda"].metrics["perplexity"] == result.final_eval["eval/kda*2/ppl"]
+    assert presets.presets["all-gdn"].description  # kept from the input checkpoint
+    assert placement_label(exported.resolve_placement("sliding_window*"), exported.spec) == "all-swa"
+    mixed = exported.resolve_placement("gdn,kda")
+    assert placement_label(mixed, exported.spec) == f"placement-{mixed.hash}"
     assert (result.export_path / "tokenizer.json").exists()
     x = torch.randint(0, 320, (1, 10))
     # Frozen parts are unchanged: all-attention is still the teacher.
