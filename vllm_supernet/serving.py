@@ -27,7 +27,8 @@ from shared_spec import PlacementError
 from vllm_supernet.config import MODEL_TYPE
 from vllm_supernet.placements import EXTRA_ARGS_KEY, ServingPlacements
 
-logger = logging.getLogger("vllm_supernet")
+# Under vLLM's logger tree so vLLM's logging config (level, format) applies.
+logger = logging.getLogger("vllm.supernet")
 _installed = False
 PRESETS_ROUTE = "/v1/supernet/presets"
 

@@ -1,0 +1,194 @@
+"""The OpenAI-compatible vLLM server with the plugin, on loopback, through the `openai` client.
+
+The server (`python -m vllm.entrypoints.openai.api_server`, the plugin installed and nothing else)
+serves a copy of the upstream fixture with a tiny tokenizer and a presets file, thinned to three
+presets with `--hf-overrides '{"supernet_placements": [...]}'`. Placement by list, compact string,
+preset name, `vllm_xargs` and absence must give the PyTorch reference's greedy text; invalid
+placements get HTTP 400 naming the problem, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from tests.vllm_helpers import REPO, copy_fixture  # noqa: E402
+
+pytestmark = pytest.mark.engine
+
+PRESETS = {
+    "default": "fast",
+    "presets": {
+        "fast": {"placement": ["gdn", "kda"], "description": "linear mixers only"},
+        "quality": {"placement": "fa*", "description": "full attention"},
+        "local": {"placement": "swa*", "description": "sliding window"},
+    },
+}
+ALLOWED = ["fast", "quality", "local"]
+PROMPT = "def main():"
+MAX_TOKENS = 6
+STARTUP_SECONDS = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return copy_fixture(tmp_path_factory.mktemp("served") / "checkpoint", tokenizer=True, presets=PRESETS)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server_log") / "server.log"
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(checkpoint), "--served-model-name", "supernet",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
+        "--max-num-seqs", "8", "--enforce-eager",
+        "--chat-template", str(checkpoint / "chat_template.jinja"),
+        "--hf-overrides", json.dumps({"supernet_placements": ALLOWED}),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_SECONDS
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-6000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not start in {STARTUP_SECONDS}s:\n{log_path.read_text()[-6000:]}")
+            time.sleep(2)
+        yield base, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(checkpoint):
+    """Greedy continuation of PROMPT (token ids) by the PyTorch reference, per placement."""
+    from transformers import AutoTokenizer
+
+    from fast_llm_supernet.model import SupernetForCausalLM
+
+    model = SupernetForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    cache = {}
+
+    def text(placement) -> str:
+        key = json.dumps(placement)
+        if key not in cache:
+            with torch.no_grad():
+                sequence = model.generate(prompt, placement=placement, max_new_tokens=MAX_TOKENS, eos_token_id=2)[0]
+            generated = sequence[prompt.shape[1] :].tolist()
+            cache[key] = generated[: generated.index(2) + 1] if 2 in generated else generated
+        return cache[key]
+
+    return text
+
+
+def _complete(client, extra_body=None) -> list[int]:
+    """The generated token ids (the text of partial UTF-8 tokens is held back by the detokenizer)."""
+    response = client.completions.create(
+        model="supernet",
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={**(extra_body or {}), "return_token_ids": True},
+    )
+    return response.choices[0].token_ids
+
+
+def test_presets_are_discoverable(server):
+    with urllib.request.urlopen(f"{server[0]}/v1/supernet/presets") as response:
+        listing = json.loads(response.read())
+    assert set(listing["presets"]) == set(ALLOWED)
+    assert listing["presets"]["fast"]["placement"] == "gdn,kda,attention"
+    assert listing["default"]["placement"] == "gdn,kda,attention"
+    assert len(listing["allowed"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected_placement"),
+    [
+        ({"placement": ["fa", "fa"]}, ["fa", "fa"]),  # list
+        ({"placement": "swa*"}, ["swa", "swa"]),  # compact string
+        ({"placement": "gdn,kda"}, ["gdn", "kda"]),  # compact string, choice layers
+        ({"placement": "quality"}, ["fa", "fa"]),  # preset
+        ({"vllm_xargs": {"placement": "local"}}, ["swa", "swa"]),  # vllm_xargs
+        ({}, ["gdn", "kda"]),  # absent: the presets file's default
+    ],
+)
+def test_completion_placements_match_reference(client, reference_tokens, extra, expected_placement):
+    assert _complete(client, extra) == reference_tokens(expected_placement)
+
+
+def test_chat_completion_with_placement(client, reference_tokens):
+    response = client.chat.completions.create(
+        model="supernet",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"placement": "quality"},
+    )
+    assert isinstance(response.choices[0].message.content, str)
+
+
+@pytest.mark.parametrize(
+    ("placement", "message_parts"),
+    [
+        (["fa", "bogus"], ["layer 1", "'bogus'", "valid choices"]),  # unknown mixer
+        ("fa**", ["bad run"]),  # malformed compact string
+        (["fa", "fa", "fa", "fa", "fa"], ["5 entries", "3 layers"]),  # wrong length
+        (["kda", "kda"], ["not served by this deployment", "allowed"]),  # thinned away
+        (7, ["placement"]),  # wrong type
+    ],
+)
+def test_invalid_placement_is_400_and_server_keeps_serving(client, reference_tokens, placement, message_parts):
+    with pytest.raises(openai.BadRequestError) as raised:
+        _complete(client, {"placement": placement})
+    assert raised.value.status_code == 400
+    message = str(raised.value)
+    for part in message_parts:
+        assert part in message, message
+    assert _complete(client, {"placement": "fast"}) == reference_tokens(["gdn", "kda"])
+
+
+def test_placement_is_logged(server, client):
+    _complete(client, {"placement": "quality"})
+    time.sleep(0.5)
+    assert "placement fa*2,attention" in server[1].read_text()
