@@ -90,7 +90,10 @@ def engine_results(tmp_path_factory):
             *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(generate)),
             # Same long prompt: placement A, A again (prefix cache hit), then B (must not reuse A's cache).
             {"name": "long_a", "requests": [_request(long_prompt, ["gdn", "kda"], max_tokens=4, logprobs=0)]},
-            {"name": "long_a_again", "requests": [_request(long_prompt, ["gdn", "kda"], max_tokens=4, logprobs=0)]},
+            {
+                "name": "long_a_again",
+                "requests": [_request(long_prompt, ["gdn", "kda"], max_tokens=4, logprobs=0)],
+            },
             {"name": "long_b", "requests": [_request(long_prompt, ["fa", "swa"], max_tokens=4, logprobs=0)]},
         ],
         "invalid": [["fa", "bogus"], "not_a_preset", ["fa"] * 5, "fa**"],
@@ -132,10 +135,14 @@ def test_mixed_batch_matches_upstream_fixture_logits(engine_results):
 
 
 def test_mixed_batch_greedy_equals_reference(engine_results, reference):
-    for request, output in zip(_generate_requests(), engine_results["batches"]["generate_mixed"], strict=True):
-        tokens, logprobs = _reference_greedy(reference, request["prompt_token_ids"], request.get("placement"), NEW_TOKENS)
+    for request, output in zip(
+        _generate_requests(), engine_results["batches"]["generate_mixed"], strict=True
+    ):
+        tokens, logprobs = _reference_greedy(
+            reference, request["prompt_token_ids"], request.get("placement"), NEW_TOKENS
+        )
         assert output["token_ids"] == tokens, request.get("placement")
-        assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs)) < LOGPROB_ATOL
+        assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs, strict=True)) < LOGPROB_ATOL
 
 
 def test_output_does_not_depend_on_batch(engine_results):
@@ -143,17 +150,21 @@ def test_output_does_not_depend_on_batch(engine_results):
     for i, in_batch in enumerate(mixed):
         alone = engine_results["batches"][f"alone_{i}"][0]
         assert alone["token_ids"] == in_batch["token_ids"]
-        assert max(abs(a - b) for a, b in zip(alone["logprobs"], in_batch["logprobs"])) < 1e-5
+        assert max(abs(a - b) for a, b in zip(alone["logprobs"], in_batch["logprobs"], strict=True)) < 1e-5
 
 
 def test_chunked_prefill_and_prefix_cache_per_placement(engine_results, reference):
     prompt = _long_prompt()
     batches = engine_results["batches"]
-    for name, placement in (("long_a", ["gdn", "kda"]), ("long_a_again", ["gdn", "kda"]), ("long_b", ["fa", "swa"])):
+    for name, placement in (
+        ("long_a", ["gdn", "kda"]),
+        ("long_a_again", ["gdn", "kda"]),
+        ("long_b", ["fa", "swa"]),
+    ):
         tokens, logprobs = _reference_greedy(reference, prompt, placement, 4)
         output = batches[name][0]
         assert output["token_ids"] == tokens, name
-        assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs)) < 1e-4, name
+        assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs, strict=True)) < 1e-4, name
     # The placement is part of the prefix-cache key: the other placement shares no cached block.
     assert batches["long_b"][0]["num_cached_tokens"] == 0
     assert batches["long_a_again"][0]["num_cached_tokens"] > 0

@@ -57,7 +57,9 @@ def run_engine(scenario: dict, workdir: Path, timeout: float = 1200) -> dict:
         [PYTHON, __file__, str(scenario_path)], capture_output=True, text=True, timeout=timeout, env=env
     )
     if process.returncode != 0 or not result_path.exists():
-        raise RuntimeError(f"engine run failed (rc {process.returncode}):\n{process.stdout[-4000:]}\n{process.stderr[-8000:]}")
+        raise RuntimeError(
+            f"engine run failed (rc {process.returncode}):\n{process.stdout[-4000:]}\n{process.stderr[-8000:]}"
+        )
     return json.loads(result_path.read_text())
 
 
@@ -90,12 +92,20 @@ def _main(scenario_path: str) -> None:
         found = []
         for request, output in zip(requests, outputs, strict=True):
             completion = output.outputs[0]
-            item = {"token_ids": list(completion.token_ids), "num_cached_tokens": output.num_cached_tokens or 0}
+            item = {
+                "token_ids": list(completion.token_ids),
+                "num_cached_tokens": output.num_cached_tokens or 0,
+            }
             if completion.logprobs is not None:
-                item["logprobs"] = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+                item["logprobs"] = [
+                    step[token].logprob
+                    for step, token in zip(completion.logprobs, completion.token_ids, strict=True)
+                ]
             if output.prompt_logprobs is not None:
                 ids = request["prompt_token_ids"]
-                item["prompt_logprobs"] = [None] + [output.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
+                item["prompt_logprobs"] = [None] + [
+                    output.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))
+                ]
             found.append(item)
         return found
 
@@ -103,7 +113,11 @@ def _main(scenario_path: str) -> None:
         results["batches"][batch["name"]] = generate(batch["requests"])
     for value in scenario.get("invalid", []):
         try:
-            llm.generate([{"prompt_token_ids": [1, 5, 6]}], params({"placement": value, "max_tokens": 1}), use_tqdm=False)
+            llm.generate(
+                [{"prompt_token_ids": [1, 5, 6]}],
+                params({"placement": value, "max_tokens": 1}),
+                use_tqdm=False,
+            )
             results["invalid"].append({"value": value, "error": None})
         except Exception as error:  # VLLMValidationError (a client error, not a ValueError)
             results["invalid"].append({"value": value, "error": f"{type(error).__name__}: {error}"})

@@ -23,7 +23,9 @@ MODEL_TYPE = "apriel2_text"
 def _attention_mixers(config: Apriel2TextConfig) -> list[AttentionMixerConfig]:
     found = []
     for block in config.blocks_in_order():
-        mixers = block.mixer.mixers.values() if isinstance(block.mixer, StochasticMixerConfig) else [block.mixer]
+        mixers = (
+            block.mixer.mixers.values() if isinstance(block.mixer, StochasticMixerConfig) else [block.mixer]
+        )
         found.extend(m for m in mixers if isinstance(m, AttentionMixerConfig))
     return found
 

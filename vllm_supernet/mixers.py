@@ -22,8 +22,6 @@ several cache layers of one decoder layer share that index
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
@@ -39,26 +37,9 @@ from fast_llm_supernet.mixers.gdn import GatedDeltaNet
 from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from shared_spec import AttentionMixerConfig, GDNMixerConfig, KDAMixerConfig
-from vllm_supernet.torch_attention import TorchAttentionBackend, paged_attention
-
-
-@dataclass
-class StepRequests:
-    """Which requests of the current step a mixer runs on, and where their tokens are.
-
-    requests: batch indices (the runner's `input_batch` order), ascending.
-    token_index: [N] positions of their tokens in the step's flat token tensor (None: all tokens
-    of all requests, i.e. the mixer runs on the whole batch).
-    query_start_loc / num_computed: for the whole batch (lists, length R + 1 and R).
-    """
-
-    requests: list[int]
-    token_index: torch.Tensor | None
-    query_start_loc: list[int]
-    num_computed: list[int]
-
-    def query_len(self, request: int) -> int:
-        return self.query_start_loc[request + 1] - self.query_start_loc[request]
+from vllm_supernet.attention_backend import TorchAttentionBackend
+from vllm_supernet.placements import StepRequests
+from vllm_supernet.torch_attention import paged_attention
 
 
 def _layer_metadata(layer_name: str):
@@ -93,7 +74,9 @@ class VllmAttention(ReferenceAttention):
         self._cos, self._sin = (None, None)
         if self._angle_scales is not None:
             # The reference's own tables (float64 angles rounded to float32), for every position served.
-            self._cos, self._sin = rotary_cos_sin(self._angle_scales, 0, max_positions, self._attention_factor, "cpu")
+            self._cos, self._sin = rotary_cos_sin(
+                self._angle_scales, 0, max_positions, self._attention_factor, "cpu"
+            )
 
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
@@ -160,7 +143,9 @@ class _LinearMixerLayer(MambaBase):
 
     # ---- a step ----------------------------------------------------------------------------------
 
-    def _load_cache(self, slots: torch.Tensor, has_state: torch.Tensor, dtype: torch.dtype) -> LinearMixerCache:
+    def _load_cache(
+        self, slots: torch.Tensor, has_state: torch.Tensor, dtype: torch.dtype
+    ) -> LinearMixerCache:
         """Copy the states of `slots` out of the pages; zeros where a request starts from scratch."""
         conv_pages, recurrent_pages = self.kv_cache
         conv = conv_pages[slots].to(dtype)  # [B, C_total, K-1]
@@ -169,7 +154,9 @@ class _LinearMixerLayer(MambaBase):
         if bool(fresh.any()):
             conv[fresh] = 0
             recurrent[fresh] = 0
-        conv_states = dict(zip(self.conv_channels, conv.split(list(self.conv_channels.values()), dim=1), strict=True))
+        conv_states = dict(
+            zip(self.conv_channels, conv.split(list(self.conv_channels.values()), dim=1), strict=True)
+        )
         return LinearMixerCache(conv_states=conv_states, recurrent_state=recurrent)
 
     def _store_cache(self, slots: torch.Tensor, cache: LinearMixerCache) -> None:
@@ -243,7 +230,9 @@ def build_vllm_mixer(config, hidden_size: int, vllm_config: VllmConfig, prefix: 
     raise TypeError(f"no vLLM mixer for {type(config).__name__}; valid mixer types: attention, gdn, kda")
 
 
-def state_specs(config, vllm_config: VllmConfig) -> tuple[tuple[tuple[int, ...], ...], tuple[torch.dtype, ...]]:
+def state_specs(
+    config, vllm_config: VllmConfig
+) -> tuple[tuple[tuple[int, ...], ...], tuple[torch.dtype, ...]]:
     """(shapes, dtypes) of a linear mixer's state page, without building the module (for page sizing)."""
     kernel = config.convolution_layer.kernel_size
     if isinstance(config, GDNMixerConfig):

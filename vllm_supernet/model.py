@@ -62,13 +62,22 @@ class SupernetStochasticMixer(nn.Module):
         # Fast-LLM gives every attention sub-mixer of a block one shared window/rotary).
         configs = stochastic_sub_mixer_configs(config, upstream_mask_sharing)
         self.mixers = nn.ModuleDict(
-            {name: build_vllm_mixer(configs[name], hidden_size, vllm_config, f"{prefix}.mixers.{name}") for name in names}
+            {
+                name: build_vllm_mixer(configs[name], hidden_size, vllm_config, f"{prefix}.mixers.{name}")
+                for name in names
+            }
         )
 
 
 class SupernetDecoderBlock(nn.Module):
     def __init__(
-        self, config: BlockConfig, names: list[str], hidden_size: int, vllm_config, prefix: str, upstream_mask_sharing: bool
+        self,
+        config: BlockConfig,
+        names: list[str],
+        hidden_size: int,
+        vllm_config,
+        prefix: str,
+        upstream_mask_sharing: bool,
     ):
         super().__init__()
         self.input_layernorm = _rms_norm(config.normalization, hidden_size)
@@ -100,7 +109,9 @@ class SupernetDecoderBlock(nn.Module):
             mixer_output = torch.zeros_like(normed)
             for name, step in groups:
                 rows = step.token_index
-                mixer_output.index_copy_(0, rows, self.get_mixer(name).run(normed[rows], positions[rows], step))
+                mixer_output.index_copy_(
+                    0, rows, self.get_mixer(name).run(normed[rows], positions[rows], step)
+                )
         hidden_states = hidden_states + mixer_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -124,9 +135,13 @@ class SupernetDecoder(nn.Module):
 
 
 class SupernetModel(nn.Module):
-    def __init__(self, config: Apriel2TextConfig, serving: ServingPlacements, vllm_config, prefix: str = "model"):
+    def __init__(
+        self, config: Apriel2TextConfig, serving: ServingPlacements, vllm_config, prefix: str = "model"
+    ):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
+        )
         self.decoder = SupernetDecoder(config, serving, vllm_config, f"{prefix}.decoder")
         self.norm = _rms_norm(config.head.normalization, config.hidden_size)
 
@@ -166,7 +181,9 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         supernet_batch: SupernetBatch | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)  # [N, D]
+        hidden_states = (
+            inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        )  # [N, D]
         if supernet_batch is None:
             supernet_batch = SupernetBatch.empty()
         layer_groups = supernet_batch.layer_groups(self.serving, hidden_states.device)
@@ -210,7 +227,11 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         serving = ServingPlacements.from_vllm_config(vllm_config)
         specs = {}
         for block, names in zip(config.blocks_in_order(), serving.layer_mixers, strict=True):
-            mixers = block.mixer.mixers if isinstance(block.mixer, StochasticMixerConfig) else {names[0]: block.mixer}
+            mixers = (
+                block.mixer.mixers
+                if isinstance(block.mixer, StochasticMixerConfig)
+                else {names[0]: block.mixer}
+            )
             for name in names:
                 mixer = mixers[name]
                 if isinstance(mixer, AttentionMixerConfig):

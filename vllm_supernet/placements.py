@@ -49,7 +49,9 @@ class ServingPlacements:
                 try:
                     resolved.append(Placement.parse(value, spec, presets))
                 except PlacementError as error:
-                    raise PlacementError(f"{HF_OVERRIDE_KEY} / {ENV_ALLOWED} entry {value!r}: {error}") from None
+                    raise PlacementError(
+                        f"{HF_OVERRIDE_KEY} / {ENV_ALLOWED} entry {value!r}: {error}"
+                    ) from None
             self.allowed = list(dict.fromkeys(resolved))
         default = Placement.parse(None, spec, presets)
         if self.allowed is not None and default not in self.allowed:
@@ -77,9 +79,11 @@ class ServingPlacements:
             allowed = [entry.strip() for entry in os.environ[ENV_ALLOWED].split(";") if entry.strip()]
         if isinstance(allowed, str):
             allowed = [allowed]
-        return _cached(str(model_config.model), model_config.hf_config.apriel2().model_dump_json(), tuple(
-            value if isinstance(value, str) else tuple(value) for value in (allowed or ())
-        ))
+        return _cached(
+            str(model_config.model),
+            model_config.hf_config.apriel2().model_dump_json(),
+            tuple(value if isinstance(value, str) else tuple(value) for value in (allowed or ())),
+        )
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -115,7 +119,10 @@ class ServingPlacements:
             "presets": presets,
             "allowed": None if self.allowed is None else [p.canonical for p in self.allowed],
             "layers": [
-                {"mixers": {name: kind.value for name, kind in layer.mixers.items()}, "default": layer.default}
+                {
+                    "mixers": {name: kind.value for name, kind in layer.mixers.items()},
+                    "default": layer.default,
+                }
                 for layer in self.spec.layers
             ],
         }
@@ -130,7 +137,11 @@ class ServingPlacements:
         if match is None:
             return False
         layer, name = int(match.group(1)), match.group(2)
-        return layer < len(self._built) and name in self.spec.layers[layer].mixers and name not in self._built[layer]
+        return (
+            layer < len(self._built)
+            and name in self.spec.layers[layer].mixers
+            and name not in self._built[layer]
+        )
 
 
 @lru_cache(maxsize=8)
@@ -144,6 +155,25 @@ def _cached(model_path: str, config_json: str, allowed: tuple) -> ServingPlaceme
 
 
 # ---- a step's batch ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StepRequests:
+    """Which requests of the current step a mixer runs on, and where their tokens are.
+
+    requests: batch indices (the runner's `input_batch` order), ascending.
+    token_index: [N] positions of their tokens in the step's flat token tensor (None: all tokens
+    of all requests, i.e. the mixer runs on the whole batch).
+    query_start_loc / num_computed: for the whole batch (lists, length R + 1 and R).
+    """
+
+    requests: list[int]
+    token_index: torch.Tensor | None
+    query_start_loc: list[int]
+    num_computed: list[int]
+
+    def query_len(self, request: int) -> int:
+        return self.query_start_loc[request + 1] - self.query_start_loc[request]
 
 
 @dataclass
@@ -161,13 +191,13 @@ class SupernetBatch:
 
     def layer_groups(self, serving: ServingPlacements, device: torch.device):
         """Per layer: [(mixer name, StepRequests)], one entry per mixer some request of the step uses."""
-        from vllm_supernet.mixers import StepRequests
-
         everyone = list(range(len(self.placements)))
         result = []
         for layer in range(serving.spec.num_layers):
             if not self.placements:
-                result.append([(serving.default.mixers[layer], StepRequests([], None, self.query_start_loc, []))])
+                result.append(
+                    [(serving.default.mixers[layer], StepRequests([], None, self.query_start_loc, []))]
+                )
                 continue
             by_name: dict[str, list[int]] = {}
             for request, placement in enumerate(self.placements):
@@ -178,7 +208,17 @@ class SupernetBatch:
                 continue
             groups = []
             for name, requests in by_name.items():
-                groups.append((name, StepRequests(requests, self.token_index(requests, device), self.query_start_loc, self.num_computed)))
+                groups.append(
+                    (
+                        name,
+                        StepRequests(
+                            requests,
+                            self.token_index(requests, device),
+                            self.query_start_loc,
+                            self.num_computed,
+                        ),
+                    )
+                )
             result.append(groups)
         return result
 

@@ -80,7 +80,9 @@ def _patch_input_processor() -> None:
         try:
             placement = serving.resolve(value)
         except PlacementError as error:
-            raise VLLMValidationError(f"invalid placement: {error}", parameter=EXTRA_ARGS_KEY, value=value) from None
+            raise VLLMValidationError(
+                f"invalid placement: {error}", parameter=EXTRA_ARGS_KEY, value=value
+            ) from None
         params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: placement.canonical}
         request = original(self, request_id, prompt, params, *args, **kwargs)
         salt = f"supernet-placement:{placement.hash}"
