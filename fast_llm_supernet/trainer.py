@@ -221,13 +221,16 @@ class TrainResult:
 class MetricsWriter:
     """metrics.jsonl (one record per line) and TensorBoard where it is installed."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool, resume_step: int | None):
+    def __init__(self, output_dir: Path, tensorboard: bool, resume: tuple[int, int] | None):
+        """`resume`: (step, number of records) of the checkpoint resumed from; None starts a new log."""
         self.path = output_dir / METRICS_FILE
-        if resume_step is not None and self.path.exists():
+        self.records = 0
+        if resume is not None and self.path.exists():
             # Drop what the killed run logged after its last checkpoint: those steps run again.
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()][: resume[1]]
             self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
+            self.records = len(kept)
+        elif resume is None and self.path.exists():
             self.path.unlink()
         self.handle = self.path.open("a")
         self.tensorboard = None
@@ -235,13 +238,16 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step)
+                self.tensorboard = SummaryWriter(
+                    str(output_dir / "tensorboard"), purge_step=resume[0] + 1 if resume else None
+                )
             except (ImportError, ModuleNotFoundError):
                 pass
 
     def write(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
         self.handle.write(json.dumps({"kind": kind, "step": step, **metrics}, sort_keys=False) + "\n")
         self.handle.flush()
+        self.records += 1
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 if isinstance(value, int | float):
@@ -300,6 +306,7 @@ class Trainer:
             self.optimizer, cosine_schedule(optimizer.warmup_steps, config.steps, optimizer.min_lr_ratio)
         )
         self.sampler = MixerSampler(self.spec, config.sampling, self.student.presets)
+        self.log_window: dict[str, list[float]] = defaultdict(list)
         self.train_data, self.eval_data = self._load_data()
 
     # ---- data -------------------------------------------------------------------------------------------
@@ -382,7 +389,7 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
-    def _trainer_state(self, step: int, initial_eval: dict) -> dict:
+    def _trainer_state(self, step: int, initial_eval: dict, metrics_records: int) -> dict:
         state = {
             "format_version": 1,
             "step": step,
@@ -403,11 +410,13 @@ class Trainer:
                 "train_rows": self.train_data.num_rows,
             },
             "initial_eval": initial_eval,
+            "metrics_records": metrics_records,  # metrics.jsonl lines written up to this checkpoint
+            "log_window": {name: list(values) for name, values in self.log_window.items()},  # not yet logged
             "config": self.config.model_dump(mode="json"),
         }
         return state
 
-    def save_checkpoint(self, step: int, initial_eval: dict) -> Path:
+    def save_checkpoint(self, step: int, initial_eval: dict, metrics_records: int = 0) -> Path:
         """Write checkpoints/step_N atomically, point `latest` at it, prune old ones."""
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints_dir / f"step_{step:08d}"
@@ -416,7 +425,7 @@ class Trainer:
         temporary.mkdir()
         path = temporary / STATE_FILE
         with path.open("wb") as handle:
-            torch.save(self._trainer_state(step, initial_eval), handle)
+            torch.save(self._trainer_state(step, initial_eval, metrics_records), handle)
             handle.flush()
             os.fsync(handle.fileno())
         if final.exists():  # left by a run that was resumed from an earlier checkpoint
@@ -439,7 +448,8 @@ class Trainer:
         complete = sorted(path for path in self.checkpoints_dir.glob("step_*") if (path / STATE_FILE).exists())
         return complete[-1] if complete else None
 
-    def load_checkpoint(self, directory: Path) -> tuple[int, dict]:
+    def load_checkpoint(self, directory: Path) -> tuple[int, dict, int]:
+        """Restore the run; returns (step, initial eval, metrics records written by then)."""
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
         names = dict(self.trainable)
         if set(state["trainable"]) != set(names):
@@ -462,7 +472,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["step"], state["initial_eval"]
+        self.log_window = defaultdict(list, state["log_window"])
+        return state["step"], state["initial_eval"], state["metrics_records"]
 
     # ---- evaluation and export ---------------------------------------------------------------------------
 
@@ -515,15 +526,16 @@ class Trainer:
         saving, as if the process were killed then (tests)."""
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        start_step, initial_eval = 0, {}
+        start_step, initial_eval, metrics_records = 0, {}, 0
         checkpoint = self.latest_checkpoint()
         if checkpoint is not None:
             if config.resume == "never":
                 raise ConfigError(f"resume: 'never', but {self.output_dir} already holds checkpoint {checkpoint.name}")
-            start_step, initial_eval = self.load_checkpoint(checkpoint)
+            start_step, initial_eval, metrics_records = self.load_checkpoint(checkpoint)
             self.log(f"resumed from {checkpoint} at step {start_step}")
         (self.output_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-        metrics_writer = MetricsWriter(self.output_dir, config.tensorboard, start_step if checkpoint else None)
+        resume = (start_step, metrics_records) if checkpoint else None
+        metrics_writer = MetricsWriter(self.output_dir, config.tensorboard, resume)
         try:
             if checkpoint is None:
                 initial_eval = self.evaluate()
@@ -531,7 +543,7 @@ class Trainer:
                     metrics_writer.write("eval", 0, initial_eval)
                     self.log(format_eval(initial_eval, title="held-out eval at initialisation"))
             progress = _progress(config.progress_bar, config.steps, start_step)
-            window: dict[str, list[float]] = defaultdict(list)
+            window = self.log_window  # per-step metrics averaged into the next `train` record
             step = start_step
             while step < config.steps:
                 metrics, placement = self.train_step(step)
@@ -551,7 +563,7 @@ class Trainer:
                 if config.eval.every and step % config.eval.every == 0 and step < config.steps:
                     metrics_writer.write("eval", step, self.evaluate())
                 if step % config.checkpoint.every == 0 or step == config.steps:
-                    self.save_checkpoint(step, initial_eval)
+                    self.save_checkpoint(step, initial_eval, metrics_writer.records)
             if progress is not None:
                 progress.close()
             final_eval = self.evaluate()

@@ -236,10 +236,12 @@ def trained_state(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tiny_run):
-    uninterrupted = Trainer(parse_config(base_config(tiny_run, "straight")), log=lambda *_: None)
+    # log_every 3 and checkpoints every 2: the resumed run must carry a half-filled logging window.
+    settings = {"log_every": 3, "eval.every": 2}
+    uninterrupted = Trainer(parse_config(base_config(tiny_run, "straight", **settings)), log=lambda *_: None)
     straight = uninterrupted.run()
 
-    config = parse_config(base_config(tiny_run, "killed"))
+    config = parse_config(base_config(tiny_run, "killed", **settings))
     first = Trainer(config, log=lambda *_: None)
     stopped = first.run(stop_after_steps=3)  # "killed" after step 3; the last checkpoint is step 2
     assert stopped.stopped_early and stopped.step == 3
