@@ -154,6 +154,17 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        if (
+            vllm_config.parallel_config.tensor_parallel_size != 1
+            or vllm_config.parallel_config.pipeline_parallel_size != 1
+        ):
+            raise NotImplementedError(
+                "Apriel2ForCausalLM (supernet) serves with tensor/pipeline parallel size 1 only"
+            )
+        if vllm_config.speculative_config is not None:
+            # vLLM 0.32's draft_model method hands the drafter the target's KV group 0 (DESIGN.md), and the
+            # GDN/KDA state pages here hold one state per request (no per-draft-token slots).
+            raise NotImplementedError("speculative decoding is not supported by the supernet plugin yet")
         hf_config = vllm_config.model_config.hf_config
         self.config = hf_config.apriel2()
         self.serving = ServingPlacements.from_vllm_config(vllm_config)

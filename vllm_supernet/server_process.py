@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Small enough for a 2-core, 24 GB machine: on CPU `gpu_memory_utilization` is the share of RAM for the KV cache.
-CPU_DEFAULT_ARGS = ("--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "8", "--enforce-eager")
+CPU_DEFAULT_ARGS = (
+    "--max-model-len",
+    "512",
+    "--gpu-memory-utilization",
+    "0.3",
+    "--max-num-seqs",
+    "8",
+    "--enforce-eager",
+)
 
 
 @dataclass
@@ -59,7 +67,9 @@ def openai_server(
         command += ["--served-model-name", served_model_name]
     log_path = Path(log_path)
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     server = RunningServer(base_url=f"http://127.0.0.1:{port}", log_path=log_path, process=process)
     try:
         _wait_until_healthy(server, startup_timeout)
@@ -77,7 +87,9 @@ def _wait_until_healthy(server: RunningServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if server.process.poll() is not None:
-            raise RuntimeError(f"vLLM server exited with {server.process.returncode}:\n{server.log_text()[-6000:]}")
+            raise RuntimeError(
+                f"vLLM server exited with {server.process.returncode}:\n{server.log_text()[-6000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{server.base_url}/health", timeout=2) as response:
                 if response.status == 200:
