@@ -10,10 +10,12 @@ rather than random weights, which makes distilling from it meaningful. Everythin
 the same Python version, seed, step count and torch thread count give the same files.
 Pre-training the default size for 200 steps takes about one CPU-minute (single thread).
 
-Default size: hidden 128, 4 layers, 2 query heads sharing 1 KV head (GQA), head dim 64, MLP 384,
-vocab 1024 (about 0.9M parameters). Head dim 64 rather than 32 because vLLM's CPU GDN kernel
-accepts head dims 64 and 128 only, and the converted supernet takes its GDN/KDA head dims from
-the teacher.
+Default size: hidden 128, 4 layers, 4 query heads in 2 KV groups (GQA), head dim 64 (so the
+attention width, 256, is not the hidden size, as in Qwen3), MLP 384, vocab 1024 (about 1.2M
+parameters). Head dim 64 because vLLM's CPU GDN kernel accepts head dims 64 and 128 only and the
+converted supernet takes its GDN/KDA head dims from the teacher; 2 KV heads because upstream
+Fast-LLM cannot build a GDN with one key head and several value heads (GDN key heads = teacher
+KV heads).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class TinyTeacherConfig:
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
-    num_heads: int = 2
-    num_kv_heads: int = 1
+    num_heads: int = 4
+    num_kv_heads: int = 2
     head_dim: int = 64
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
