@@ -389,3 +389,18 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_run, tmp_path):
     exported = [SupernetForCausalLM.from_pretrained(tiny_run / run / "export") for run in ("sigkill", "sigkill_straight")]
     for (name, a), (_, b) in zip(exported[0].state_dict().items(), exported[1].state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_run):
+    def one_step(output: str, **settings) -> dict[str, torch.Tensor]:
+        """The gradients of step 0 (the first Adam update is about lr * sign(grad): too weak a check)."""
+        config = base_config(tiny_run, output, steps=1, **{"optimizer.grad_clip": 0.0, **settings})
+        trainer = Trainer(parse_config(config), log=lambda *_: None)
+        trainer.train_step(0)
+        return {name: p.grad.clone() for name, p in trainer.trainable if p.grad is not None}
+
+    full = one_step("accumulate_full", **{"data.batch_size": 2})
+    accumulated = one_step("accumulate_two", **{"data.batch_size": 1, "data.gradient_accumulation": 2})
+    assert full and set(full) == set(accumulated)
+    for name, tensor in full.items():
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
