@@ -35,6 +35,14 @@ import torch
 from fast_llm_supernet.distill_loss import IGNORE_INDEX
 
 ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+# The same rendering as `tokenize_conversation`, as a Hugging Face chat template, so that a served
+# model (vLLM's /v1/chat/completions) sees conversations exactly as SFT showed them.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
 
 
 class DataError(ValueError):

@@ -92,7 +92,11 @@ def train_tokenizer(documents: list[str], vocab_size: int):
 
 
 def save_tokenizer(tokenizer, output: Path) -> None:
-    """tokenizer.json + tokenizer_config.json, loadable by `AutoTokenizer` in transformers 4 and 5."""
+    """tokenizer.json + tokenizer_config.json (+ the SFT chat template), loadable by `AutoTokenizer`
+    in transformers 4 and 5."""
+    from fast_llm_supernet.data import CHAT_TEMPLATE
+
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(output)
     # transformers 5 writes its own class name (`TokenizersBackend`), which transformers 4 (vLLM on
     # other stacks) does not know; `PreTrainedTokenizerFast` means the same in both.
