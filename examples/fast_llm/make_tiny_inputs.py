@@ -32,8 +32,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
 
     if not (root / "teacher" / "config.json").exists():
-        # 2 KV heads (the default tiny teacher has 1): upstream Fast-LLM cannot build a GDN mixer with a
-        # single key head and several value heads.
+        # At least 2 KV heads, stated here because it matters: upstream Fast-LLM cannot build a GDN mixer
+        # with a single key head and several value heads.
         teacher = TinyTeacherConfig(num_heads=4, num_kv_heads=2, steps=args.teacher_steps)
         summary = make_tiny_teacher(root / "teacher", teacher)
         print(f"teacher: {summary['parameters']:,} parameters, held-out loss {summary['held_out_loss']:.3f}")
