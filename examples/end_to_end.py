@@ -100,7 +100,7 @@ def compare_placements(checkpoint: Path, teacher_dir: Path, held_out: str) -> No
     print(f"{'placement':<44} {'hash':<12} {'KL to teacher':>13}")
     for name in PLACEMENTS:
         placement = model.resolve_placement(name)
-        kl = forward_kl(model(held_out_ids, placement=placement), teacher_logits).mean().item()
+        kl = max(0.0, forward_kl(model(held_out_ids, placement=placement), teacher_logits).mean().item())
         print(f"{name + ' = ' + placement.canonical:<44} {placement.hash:<12} {kl:13.4f}")
         for prompt in PROMPTS[:2]:
             prompt_ids = torch.tensor([tokenizer(prompt)["input_ids"]])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import one_thread  # noqa: F401  (autouse fixture)
 
 from fast_llm_supernet.mixers import build_mixer
 from fast_llm_supernet.mixers.attention import (

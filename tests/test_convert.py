@@ -22,15 +22,6 @@ GROUP = HEADS // KV_HEADS
 SEQ = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra intra-op threads only contend with other work on a small machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_teacher(path, kind: str = "llama", tied: bool = False, **overrides):
     """A random tiny HF teacher saved to `path`; Qwen2 gets non-zero q/k/v biases."""
     import transformers

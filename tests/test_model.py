@@ -22,15 +22,6 @@ from shared_spec import (
 VOCAB, HIDDEN, LAYERS = 64, 32, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only contend with other work on a small machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def small_config(tied: bool = False, plain_last: bool = True) -> Apriel2TextConfig:
     """Three four-mixer supernet layers and (optionally) one plain attention layer."""
     attention = {"type": "attention", "heads": 4, "head_groups": 2, "head_size": 8, "add_linear_biases": False,

@@ -13,15 +13,6 @@ from fast_llm_supernet.tiny_teacher import TinyTeacherConfig, main, make_tiny_te
 CORPUS_FILES = 6  # the Zen of Python and five stdlib modules: enough text, quick to read
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra intra-op threads only contend with other work on a small machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(**overrides) -> TinyTeacherConfig:
     values = dict(
         vocab_size=320,

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_model import one_thread  # noqa: F401  (autouse fixture)
 
 from fast_llm_supernet.model import SupernetForCausalLM
 from shared_spec import Apriel2TextConfig, PlacementError
