@@ -1,0 +1,566 @@
+"""Decode throughput and cache memory of the vLLM supernet plugin, against vLLM's own models.
+
+    .venv/bin/python benchmarks/bench_vllm.py            # full run (~20 min on 2 cores)
+    .venv/bin/python benchmarks/bench_vllm.py --quick    # ~5 min: short contexts, one repetition
+
+What it measures (CPU build of vLLM, bf16 weights, eager mode, greedy, ignore_eos), in one run so
+that ratios share the machine's state:
+
+1. decode tokens/s (batch `--batch`, every request the same placement) of all-attention, all-SWA,
+   all-GDN, all-KDA and two hybrids at each context length;
+2. each single-mixer placement against vLLM's own model of that mixer at equal sizes: Llama
+   (attention), Mistral with `sliding_window` (SWA), dense Qwen3.5 with GDN in every layer;
+3. a batch of four requests with four different placements against the uniform batches' average;
+4. KV/state cache bytes per request of thinned deployments against the unthinned one, from vLLM's
+   own start-up report (KV cache size, max concurrency) at the same cache budget.
+
+Decode tokens/s is timed on the engine's own steps: the clock starts once every request of the
+batch has its first token (prefill done) and stops when the last one finishes, so prefill never
+counts. Each engine runs in its own process (one `vllm.LLM` each); the supernet engine stays up
+for the whole run (placements are per request) and each native engine is up only while it is
+compared, and the two are timed alternately, repetition by repetition; tables give medians.
+All checkpoints are written here with random weights (no downloads, no tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Model size shared by every checkpoint (supernet and native), so mixers compare at equal sizes.
+HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 512, 4, 8, 4, 64
+INTERMEDIATE, VOCAB, ROPE_THETA, EPS = 1536, 4096, 10000.0, 1e-5
+CONV_KERNEL = 4
+
+PLACEMENTS = {
+    "all-FA": "attention*",
+    "all-SWA": "sliding_window*",
+    "all-GDN": "gdn*",
+    "all-KDA": "kda*",
+    "FA+GDN (1:1)": "attention,gdn,attention,gdn",
+    "SWA+KDA+GDN+FA": "sliding_window,kda,gdn,attention",
+}
+MIXED = ["all-FA", "all-SWA", "all-GDN", "all-KDA"]  # the mixed batch: one request of each
+NATIVE_FOR = {"all-FA": "llama", "all-SWA": "mistral_swa", "all-GDN": "qwen3_5_gdn"}
+# Thinned deployments whose cache memory per request is compared with the unthinned one.
+THINNED = {
+    "thinned: all-GDN only": ["gdn*"],
+    "thinned: FA+GDN hybrid and all-GDN": [PLACEMENTS["FA+GDN (1:1)"], "gdn*"],
+}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def make_supernet(directory: Path, window: int) -> None:
+    import torch
+
+    from fast_llm_supernet.model import SupernetForCausalLM
+    from shared_spec import Apriel2TextConfig
+
+    attention = {"type": "attention", "heads": HEADS, "head_groups": KV_HEADS, "head_size": HEAD_DIM,
+                 "add_linear_biases": False, "rotary": {"type": "mistral_1d", "theta": ROPE_THETA}}  # fmt: skip
+    mixers = {
+        "attention": attention,
+        "sliding_window": {**attention, "window_size": window},
+        "gdn": {
+            "type": "gdn",
+            "value_heads": HEADS,
+            "key_heads": KV_HEADS,
+            "key_head_dim": HEAD_DIM,
+            "value_head_dim": HEAD_DIM,
+            "convolution_layer": {"kernel_size": CONV_KERNEL},
+        },  # fmt: skip
+        "kda": {
+            "type": "kda",
+            "heads": HEADS,
+            "head_dim": HEAD_DIM,
+            "convolution_layer": {"kernel_size": CONV_KERNEL},
+            "normalization": {"epsilon": EPS},
+        },  # fmt: skip
+    }
+    block = {
+        "mixer": {"type": "stochastic", "main_mixer_name": "attention", "mixers": mixers},
+        "mlp": {
+            "type": "mlp",
+            "intermediate_size": INTERMEDIATE,
+            "activation": "silu",
+            "gated": True,
+            "add_linear_biases": False,
+        },  # fmt: skip
+        "normalization": {"type": "rms_norm", "epsilon": EPS},
+    }
+    config = Apriel2TextConfig.model_validate(
+        {"hidden_size": HIDDEN, "vocab_size": VOCAB, "tie_word_embeddings": False,
+         "embeddings": {"max_position_embeddings": 65536},
+         "decoder": {"type": "fixed", "num_blocks": LAYERS, "block": block}, "bos_token_id": 1, "eos_token_id": 2}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    SupernetForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+
+
+def make_native(kind: str, directory: Path, window: int) -> None:
+    """A transformers checkpoint with random weights, at the supernet's sizes."""
+    import torch
+    import transformers
+
+    common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTERMEDIATE,
+                  vocab_size=VOCAB, rms_norm_eps=EPS, max_position_embeddings=65536,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common, rope_theta=ROPE_THETA)
+        model_class = transformers.LlamaForCausalLM
+    elif kind == "mistral_swa":  # top-level sliding_window: every layer is SWA in vLLM
+        config = transformers.MistralConfig(**common, rope_theta=ROPE_THETA, sliding_window=window)
+        model_class = transformers.MistralForCausalLM
+    elif kind == "qwen3_5_gdn":  # dense Qwen3.5 with Gated DeltaNet in every layer
+        config = transformers.Qwen3_5TextConfig(
+            **common, layer_types=["linear_attention"] * LAYERS, linear_conv_kernel_dim=CONV_KERNEL,
+            linear_key_head_dim=HEAD_DIM, linear_value_head_dim=HEAD_DIM,
+            linear_num_key_heads=KV_HEADS, linear_num_value_heads=HEADS,
+        )  # fmt: skip
+        config.architectures = ["Qwen3_5ForCausalLM"]
+        model_class = transformers.Qwen3_5ForCausalLM
+    else:
+        raise ValueError(f"native model {kind!r}; valid choices: llama, mistral_swa, qwen3_5_gdn")
+    torch.manual_seed(0)
+    model = model_class(config).to(torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+# vLLM's qwen3_5 model file imports transformers' Qwen2-VL image processor, which imports torchvision;
+# the registry torchvision does not load beside the CPU torch, so setup removes it. Text-only decode
+# never touches it: a stub package on PYTHONPATH (for the Qwen3.5 engine only) lets the module import.
+_TORCHVISION_STUB = '''__version__ = "0.0.0+benchmark-stub"
+
+
+class _Missing:
+    """Any torchvision object: image processing is not available in the text-only benchmark."""
+
+    def __getattr__(self, name):
+        return _Missing()
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("torchvision is a stub here (benchmarks/bench_vllm.py)")
+
+    def __hash__(self):
+        return id(self)
+
+
+def __getattr__(name):
+    return _Missing()
+'''
+
+
+def write_torchvision_stub(root: Path) -> Path:
+    for module in [
+        "",
+        "io",
+        "transforms",
+        "transforms/functional",
+        "transforms/v2",
+        "transforms/v2/functional",
+    ]:
+        path = root / "torchvision" / module
+        if module.endswith("functional"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".py").write_text(_TORCHVISION_STUB)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "__init__.py").write_text(_TORCHVISION_STUB)
+    return root
+
+
+def make_checkpoints(workdir: Path, window: int) -> dict[str, Path]:
+    paths = {"supernet": workdir / f"supernet_w{window}"}
+    paths.update({kind: workdir / f"{kind}_w{window}" for kind in ("llama", "mistral_swa", "qwen3_5_gdn")})
+    for kind, path in paths.items():
+        if (path / "config.json").exists():
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        make_supernet(path, window) if kind == "supernet" else make_native(kind, path, window)
+    return paths
+
+
+# ----------------------------------------------------------------------------- engine worker
+
+
+def _engine_worker(connection, model: str, options: dict, log_path: str, extra_env: dict) -> None:
+    """Runs in its own process: one vllm.LLM, answering measurement requests from the pipe."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)  # vLLM's logs (and its engine-core child's) go to the log file
+    os.dup2(log, 2)
+    os.environ.update(extra_env)
+    if extra_env.get("PYTHONPATH"):
+        sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
+    try:
+        from vllm import LLM, SamplingParams
+
+        llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+                  enable_prefix_caching=False, seed=0, **options)  # fmt: skip
+        engine = llm.llm_engine
+        rng = random.Random(0)
+        counter = 0
+        connection.send({"ready": True})
+        while True:
+            command = connection.recv()
+            if command["op"] == "stop":
+                engine.engine_core.shutdown()  # else the engine-core process outlives this one
+                break
+            # op "decode": one batch, request i with placements[i] (None: a native model).
+            placements, context, new_tokens = command["placements"], command["context"], command["new_tokens"]
+            for placement in placements:
+                counter += 1
+                prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(context - 1)]
+                params = SamplingParams(
+                    max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                    extra_args={"placement": placement} if placement is not None else None,
+                )  # fmt: skip
+                engine.add_request(f"bench-{counter}", {"prompt_token_ids": prompt}, params)
+            generated: dict[str, int] = {}
+            start = counted_at_start = None
+            while engine.has_unfinished_requests():
+                outputs = engine.step()
+                now = time.perf_counter()
+                for output in outputs:
+                    generated[output.request_id] = len(output.outputs[0].token_ids)
+                if start is None and len(generated) == len(placements) and min(generated.values()) >= 1:
+                    start, counted_at_start = now, sum(generated.values())
+            decoded = sum(generated.values()) - counted_at_start
+            connection.send({"tokens": decoded, "seconds": now - start, "rate": decoded / (now - start)})
+    except BaseException:  # noqa: B036 -- report any failure (also KeyboardInterrupt) to the parent
+        connection.send({"error": traceback.format_exc()})
+    finally:
+        connection.close()
+
+
+class Engine:
+    """A vllm.LLM in a child process (spawned, as vLLM's offline engine needs a `__main__` guard)."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Path,
+        options: dict,
+        logdir: Path,
+        extra_env: dict | None = None,
+        wait: bool = True,
+    ):
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(
+            target=_engine_worker, args=(child, str(model), options, str(self.log_path), extra_env or {})
+        )
+        self.process.start()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        self._answer()
+
+    def _answer(self) -> dict:
+        while not self.connection.poll(1.0):
+            if not self.process.is_alive():
+                raise RuntimeError(f"engine {self.name} died; log {self.log_path}:\n{self.log_tail()}")
+        answer = self.connection.recv()
+        if "error" in answer:
+            raise RuntimeError(
+                f"engine {self.name}: {answer['error']}\nlog {self.log_path}:\n{self.log_tail()}"
+            )
+        return answer
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def decode(self, placements: list[str | None], context: int, new_tokens: int) -> float:
+        self.connection.send({"op": "decode", "placements": placements, "context": context,
+                              "new_tokens": new_tokens})  # fmt: skip
+        return self._answer()["rate"]
+
+    def cache_report(self) -> dict:
+        """vLLM's start-up report: KV cache size (tokens) and max concurrency at max_model_len."""
+        text = self.log_path.read_text(errors="replace")
+        size = re.findall(r"KV cache size: ([\d,]+) tokens", text)
+        concurrency = re.findall(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
+        report = {}
+        if size:
+            report["kv_cache_tokens"] = int(size[-1].replace(",", ""))
+        if concurrency:
+            report["max_model_len"] = int(concurrency[-1][0].replace(",", ""))
+            report["max_concurrency"] = float(concurrency[-1][1])
+        return report
+
+    def stop(self) -> None:
+        try:
+            self.connection.send({"op": "stop"})
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=10)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    logdir = workdir / "logs"
+    logdir.mkdir(exist_ok=True)
+    checkpoints = make_checkpoints(workdir, args.window)
+    stub = write_torchvision_stub(workdir / "torchvision_stub")
+    max_len = max(args.contexts) + args.new_tokens + 16
+    options = {"max_model_len": max_len, "max_num_seqs": max(args.batch, 4),
+               "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}  # fmt: skip
+    results: dict = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                  "intermediate": INTERMEDIATE, "vocab": VOCAB, "window": args.window, "dtype": "bfloat16"},
+        "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {}, "memory": {}, "blocked": [],
+    }  # fmt: skip
+    samples: dict[tuple, list[float]] = {}
+
+    def record(key: tuple, rate: float) -> None:
+        samples.setdefault(key, []).append(rate)
+        # Raw samples so far, so that a run that dies late still leaves its numbers.
+        partial = {"|".join(map(str, k)): v for k, v in samples.items()}
+        (workdir / "samples_partial.json").write_text(json.dumps(partial, indent=1))
+
+    started = time.time()
+    supernet = Engine("supernet", checkpoints["supernet"], options, logdir)
+    results["memory"]["unthinned"] = supernet.cache_report()
+    try:
+        # Warm-up: every code path once (first calls allocate and dispatch).
+        for name in list(PLACEMENTS):
+            supernet.decode([PLACEMENTS[name]] * args.batch, 32, 4)
+
+        # 1+2: each native engine beside the supernet, alternating repetition by repetition.
+        natives = [n for n in NATIVE_FOR if NATIVE_FOR[n] in args.natives]
+        for placement_name in natives:
+            kind = NATIVE_FOR[placement_name]
+            env = {"PYTHONPATH": os.pathsep.join([str(stub), str(REPO), os.environ.get("PYTHONPATH", "")])}
+            try:
+                native = Engine(
+                    kind, checkpoints[kind], options, logdir, env if kind == "qwen3_5_gdn" else None
+                )
+            except RuntimeError as error:
+                results["blocked"].append(f"native {kind}: {str(error)[-1500:]}")
+                continue
+            try:
+                native.decode([None] * args.batch, 32, 4)
+                steps = [(c, r) for c in args.contexts for r in range(args.reps)]
+                for context, rep in tqdm(steps, desc=f"{placement_name} vs {kind}", file=sys.stdout):
+                    pair = [("supernet", supernet, [PLACEMENTS[placement_name]]), ("native", native, [None])]
+                    for side, engine, placement in pair if rep % 2 == 0 else pair[::-1]:
+                        rate = engine.decode(placement * args.batch, context, args.new_tokens)
+                        record((side, placement_name, context), rate)
+            finally:
+                native.stop()
+
+        # 1+3: the remaining placements and the mixed batch, alternating with the uniform batches.
+        rest = [n for n in PLACEMENTS if n not in natives]
+        steps = [(c, r) for c in args.contexts for r in range(args.reps)]
+        for context, rep in tqdm(steps, desc="placements + mixed batch", file=sys.stdout):
+            # The uniform batches the mixed one is compared with are timed here again, next to it.
+            order = [("supernet", n) for n in rest] + [("mixed", "mixed")] + [("uniform", m) for m in MIXED]
+            for side, name in order if rep % 2 == 0 else order[::-1]:
+                if side == "mixed":
+                    placements = [PLACEMENTS[m] for m in MIXED] * max(1, args.batch // len(MIXED))
+                else:
+                    placements = [PLACEMENTS[name]] * args.batch
+                record((side, name, context), supernet.decode(placements, context, args.new_tokens))
+    finally:
+        supernet.stop()
+
+    # 4: thinned deployments, same cache budget; vLLM's start-up report is all that is needed, so
+    # they start side by side (no timing is taken from them).
+    thinned = {}
+    for index, (label, allowed) in enumerate(THINNED.items() if not args.skip_memory else []):
+        thin_options = {**options, "hf_overrides": {"supernet_placements": allowed}}
+        thinned[label] = (
+            allowed,
+            Engine(f"thinned_{index}", checkpoints["supernet"], thin_options, logdir, wait=False),
+        )
+    for label, (allowed, engine) in tqdm(thinned.items(), desc="thinned engines", file=sys.stdout):
+        try:
+            engine.wait_ready()
+            results["memory"][label] = {"allowed": allowed, **engine.cache_report()}
+        except RuntimeError as error:
+            results["blocked"].append(f"thinned {allowed}: {str(error)[-1500:]}")
+        finally:
+            engine.stop()
+
+    budget = options["kv_cache_memory_bytes"]
+    for report in results["memory"].values():
+        if report.get("max_concurrency"):
+            report["bytes_per_request_at_max_len"] = budget / report["max_concurrency"]
+        if report.get("kv_cache_tokens"):
+            report["bytes_per_token"] = budget / report["kv_cache_tokens"]
+
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    for (side, name, context), value in median.items():
+        target = {"supernet": results["decode"], "native": results["native"], "mixed": results["mixed"],
+                  "uniform": results.setdefault("uniform_beside_mixed", {})}[side]  # fmt: skip
+        target.setdefault(name, {})[str(context)] = value
+    for context in args.contexts:
+        uniform = [results["uniform_beside_mixed"].get(m, {}).get(str(context)) for m in MIXED]
+        mixed = results["mixed"].get("mixed", {}).get(str(context))
+        if mixed and all(uniform):
+            results["mixed"].setdefault("uniform_average", {})[str(context)] = sum(uniform) / len(uniform)
+    results["samples"] = {"|".join(map(str, key)): values for key, values in samples.items()}
+    results["wall_seconds"] = time.time() - started
+    return results
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def markdown(results: dict, command: str) -> str:
+    settings, model = results["settings"], results["model"]
+    contexts = [str(c) for c in settings["contexts"]]
+    decode, native, mixed = results["decode"], results["native"], results["mixed"]
+    longest = contexts[-1]
+    fa_longest = decode.get("all-FA", {}).get(longest)
+    lines = [
+        f"Command: `{command}` ({results['wall_seconds'] / 60:.1f} min). vLLM CPU build, bf16, eager, batch "
+        f"{settings['batch']}, {settings['new_tokens']} new tokens, greedy; model hidden {model['hidden']}, "
+        f"{model['layers']} layers, {model['heads']} heads / {model['kv_heads']} KV heads of {model['head_dim']}, "
+        f"SWA window {model['window']}; medians of {settings['reps']} alternated repetitions.",
+        "",
+        "### Decode throughput (output tokens/s)",
+        "",
+        "| placement | " + " | ".join(f"ctx {c}" for c in contexts) + f" | vs all-FA at {longest} |",
+        "|---" * (len(contexts) + 2) + "|",
+    ]
+    for name in PLACEMENTS:
+        rates = [decode.get(name, {}).get(c) for c in contexts]
+        ratio = decode.get(name, {}).get(longest)
+        ratio_text = f"{ratio / fa_longest:.2f}x" if ratio and fa_longest else "n/a"
+        lines.append(
+            f"| {name} | " + " | ".join(f"{r:.1f}" if r else "n/a" for r in rates) + f" | {ratio_text} |"
+        )
+    lines += ["", "### Against vLLM's own model of the same mixer (same sizes, same run, alternated)", "",
+              "| placement | native model | " + " | ".join(f"ctx {c}: plugin / native = ratio" for c in contexts)
+              + " |", "|---" * (len(contexts) + 2) + "|"]  # fmt: skip
+    native_names = {
+        "llama": "Llama",
+        "mistral_swa": "Mistral (sliding_window)",
+        "qwen3_5_gdn": "Qwen3.5 dense GDN",
+    }
+    for name, kind in NATIVE_FOR.items():
+        cells = []
+        for c in contexts:
+            ours, theirs = decode.get(name, {}).get(c), native.get(name, {}).get(c)
+            cells.append(
+                f"{ours:.1f} / {theirs:.1f} = **{ours / theirs:.2f}x**" if ours and theirs else "n/a"
+            )
+        lines.append(f"| {name} | {native_names[kind]} | " + " | ".join(cells) + " |")
+    lines += ["", "### Mixed batch (one request each of " + ", ".join(MIXED) + ") vs uniform batches", "",
+              "| context | mixed tok/s | uniform average tok/s | ratio |", "|---|---|---|---|"]  # fmt: skip
+    for c in contexts:
+        ours, average = mixed.get("mixed", {}).get(c), mixed.get("uniform_average", {}).get(c)
+        if ours and average:
+            lines.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
+    memory = results["memory"]
+    base = memory.get("unthinned", {}).get("bytes_per_request_at_max_len")
+    lines += ["", f"### Cache memory per request (same budget {settings['kv_cache_gib']} GiB, "
+              f"max_model_len {memory.get('unthinned', {}).get('max_model_len', 'n/a')})", "",
+              "| deployment | KV cache size (tokens) | max concurrency | MiB per request at max len | vs unthinned |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for label, report in memory.items():
+        per_request = report.get("bytes_per_request_at_max_len")
+        lines.append(
+            f"| {label} | {report.get('kv_cache_tokens', 'n/a')} | {report.get('max_concurrency', 'n/a')} | "
+            + (
+                f"{per_request / 2**20:.1f} | {per_request / base:.2f}x |"
+                if per_request and base
+                else "n/a | n/a |"
+            )
+        )
+    if results["blocked"]:
+        lines += ["", "### Blocked", ""] + [f"- {b.splitlines()[-1] if b else b}" for b in results["blocked"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = results["settings"]["contexts"]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name in PLACEMENTS:
+        rates = [results["decode"].get(name, {}).get(str(c), math.nan) for c in contexts]
+        axis.plot(contexts, rates, marker="o", label=f"plugin {name}")
+    styles = {"all-FA": "Llama", "all-SWA": "Mistral SWA", "all-GDN": "Qwen3.5 GDN"}
+    for name, label in styles.items():
+        rates = [results["native"].get(name, {}).get(str(c), math.nan) for c in contexts]
+        if any(not math.isnan(r) for r in rates):
+            axis.plot(contexts, rates, linestyle="--", marker="x", color="gray", alpha=0.7)
+            axis.annotate(f"vLLM {label}", (contexts[-1], rates[-1]), fontsize=7, color="gray")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(contexts, [str(c) for c in contexts])
+    axis.set_xlabel("context length (tokens)")
+    axis.set_ylabel(f"decode tokens/s (batch {results['settings']['batch']})")
+    axis.set_title("vLLM CPU decode throughput per placement (dashed: vLLM's own models)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="contexts 256 1024 2048, 16 new tokens, 1 repetition"
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--kv-cache-gib", type=float, default=3.0, help="cache budget per engine")
+    parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.new_tokens, args.reps = [256, 1024, 2048], 16, 1
+    args.contexts = sorted(args.contexts)
+    command = "python benchmarks/bench_vllm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results, command.strip())
+    (args.out / "vllm_decode.md").write_text(table)
+    plot(results, args.out / "vllm_decode.png")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Smoke tests of benchmarks/bench_vllm.py: the code path runs and its outputs have the right shape.
+
+Timings are never asserted: only that every number the tables promise is there and positive.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vllm.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_vllm", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _synthetic_results(bench, contexts):
+    rate = {str(c): 100.0 / (i + 1) for i, c in enumerate(contexts)}
+    budget = 2**30
+    return {
+        "settings": {"contexts": contexts, "batch": 4, "new_tokens": 8, "reps": 1, "kv_cache_gib": 1.0},
+        "model": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 4, "head_dim": 64, "window": 512},
+        "decode": {name: dict(rate) for name in bench.PLACEMENTS},
+        "native": {name: dict(rate) for name in bench.NATIVE_FOR},
+        "mixed": {"mixed": dict(rate), "uniform_average": dict(rate)},
+        "uniform_beside_mixed": {name: dict(rate) for name in bench.MIXED},
+        "memory": {
+            "unthinned": {
+                "kv_cache_tokens": 1000,
+                "max_concurrency": 2.0,
+                "bytes_per_request_at_max_len": budget / 2.0,
+            },  # fmt: skip
+            "thinned: all-GDN only": {
+                "allowed": ["gdn*"],
+                "kv_cache_tokens": 9000,
+                "max_concurrency": 20.0,
+                "bytes_per_request_at_max_len": budget / 20.0,
+            },  # fmt: skip
+        },
+        "blocked": [],
+        "wall_seconds": 60.0,
+    }
+
+
+def test_table_from_results():
+    bench = _load_bench()
+    results = _synthetic_results(bench, [64, 128])
+    table = bench.markdown(results, "python benchmarks/bench_vllm.py --quick")
+    for name in bench.PLACEMENTS:
+        assert f"| {name} |" in table
+    assert "Llama" in table and "Mistral" in table and "Qwen3.5" in table
+    assert "| 128 | 50.0 | 50.0 | **1.00x** |" in table  # mixed batch row
+    assert "| thinned: all-GDN only | 9000 | 20.0 | 51.2 | 0.10x |" in table
+
+
+@pytest.mark.slow  # matplotlib's import alone takes seconds on 2 cores
+def test_plot_from_results(tmp_path):
+    bench = _load_bench()
+    results = _synthetic_results(bench, [64, 128])
+    bench.plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end(tmp_path):
+    """Real engines (supernet, native Llama, one thinned deployment) on a trivially small setting."""
+    bench = _load_bench()
+    out = tmp_path / "out"
+    bench.THINNED = {"thinned: all-GDN only": ["gdn*"]}
+    bench.main(["--contexts", "32", "64", "--new-tokens", "4", "--reps", "1", "--kv-cache-gib", "0.25",
+                "--natives", "llama", "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+    results = json.loads((out / "vllm_decode.json").read_text())
+    assert not results["blocked"], results["blocked"]
+    for name in bench.PLACEMENTS:
+        assert set(results["decode"][name]) == {"32", "64"}
+        assert all(rate > 0 for rate in results["decode"][name].values())
+    assert set(results["native"]) == {"all-FA"}
+    assert set(results["mixed"]["uniform_average"]) == {"32", "64"}
+    memory = results["memory"]
+    assert memory["unthinned"]["kv_cache_tokens"] > 0
+    assert memory["thinned: all-GDN only"]["bytes_per_request_at_max_len"] > 0
+    assert (out / "vllm_decode.md").exists() and (out / "vllm_decode.png").exists()
