@@ -16,6 +16,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", default="The meaning of life is")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--startup-timeout", type=float, default=600)
-    parser.add_argument("--log", type=Path, default=Path("vllm_server.log"))
+    parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "supernet_vllm_server.log")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after a bare `--` goes to the api_server unchanged.
     server_args = argv[argv.index("--") + 1 :] if "--" in argv else []
