@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import statistics
 import sys
 import time
@@ -205,6 +206,8 @@ def _engine_worker(connection, model: str, options: dict, log_path: str, extra_e
     os.dup2(log, 1)  # vLLM's logs (and its engine-core child's) go to the log file
     os.dup2(log, 2)
     os.environ.update(extra_env)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the `finally` below: stop the engine core
+    engine = None
     if extra_env.get("PYTHONPATH"):
         sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
     try:
@@ -219,7 +222,6 @@ def _engine_worker(connection, model: str, options: dict, log_path: str, extra_e
         while True:
             command = connection.recv()
             if command["op"] == "stop":
-                engine.engine_core.shutdown()  # else the engine-core process outlives this one
                 break
             # op "decode": one batch, request i with placements[i] (None: a native model).
             placements, context, new_tokens = command["placements"], command["context"], command["new_tokens"]
@@ -243,8 +245,13 @@ def _engine_worker(connection, model: str, options: dict, log_path: str, extra_e
             decoded = sum(generated.values()) - counted_at_start
             connection.send({"tokens": decoded, "seconds": now - start, "rate": decoded / (now - start)})
     except BaseException:  # noqa: B036 -- report any failure (also KeyboardInterrupt) to the parent
-        connection.send({"error": traceback.format_exc()})
+        try:
+            connection.send({"error": traceback.format_exc()})
+        except OSError:
+            pass
     finally:
+        if engine is not None:
+            engine.engine_core.shutdown()  # else the engine-core process outlives this one
         connection.close()
 
 
@@ -307,6 +314,8 @@ class Engine:
         return report
 
     def stop(self) -> None:
+        if not self.process.is_alive():
+            return
         try:
             self.connection.send({"op": "stop"})
         except (BrokenPipeError, OSError):
@@ -347,39 +356,45 @@ def run(args) -> dict:
         (workdir / "samples_partial.json").write_text(json.dumps(partial, indent=1))
 
     started = time.time()
-    supernet = Engine("supernet", checkpoints["supernet"], options, logdir)
-    results["memory"]["unthinned"] = supernet.cache_report()
+    # The engines start at once (start-up is mostly imports; it would otherwise take minutes per
+    # engine on 2 cores); timing starts only when all are up.
+    supernet = Engine("supernet", checkpoints["supernet"], options, logdir, wait=False)
+    env = {"PYTHONPATH": os.pathsep.join([str(stub), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    natives = {
+        name: Engine(
+            kind, checkpoints[kind], options, logdir, env if kind == "qwen3_5_gdn" else None, wait=False
+        )
+        for name, kind in NATIVE_FOR.items()
+        if kind in args.natives
+    }
+    engines = [supernet, *natives.values()]
     try:
-        # Warm-up: every code path once (first calls allocate and dispatch).
-        for name in list(PLACEMENTS):
+        supernet.wait_ready()
+        results["memory"]["unthinned"] = supernet.cache_report()
+        for name, engine in list(natives.items()):
+            try:
+                engine.wait_ready()
+                engine.decode([None] * args.batch, 32, 4)  # warm-up
+            except RuntimeError as error:
+                results["blocked"].append(f"native {NATIVE_FOR[name]}: {str(error)[-1500:]}")
+                engine.stop()
+                del natives[name]
+        for name in PLACEMENTS:  # warm-up: every code path once
             supernet.decode([PLACEMENTS[name]] * args.batch, 32, 4)
 
         # 1+2: each native engine beside the supernet, alternating repetition by repetition.
-        natives = [n for n in NATIVE_FOR if NATIVE_FOR[n] in args.natives]
-        for placement_name in natives:
-            kind = NATIVE_FOR[placement_name]
-            env = {"PYTHONPATH": os.pathsep.join([str(stub), str(REPO), os.environ.get("PYTHONPATH", "")])}
-            try:
-                native = Engine(
-                    kind, checkpoints[kind], options, logdir, env if kind == "qwen3_5_gdn" else None
-                )
-            except RuntimeError as error:
-                results["blocked"].append(f"native {kind}: {str(error)[-1500:]}")
-                continue
-            try:
-                native.decode([None] * args.batch, 32, 4)
-                steps = [(c, r) for c in args.contexts for r in range(args.reps)]
-                for context, rep in tqdm(steps, desc=f"{placement_name} vs {kind}", file=sys.stdout):
-                    pair = [("supernet", supernet, [PLACEMENTS[placement_name]]), ("native", native, [None])]
-                    for side, engine, placement in pair if rep % 2 == 0 else pair[::-1]:
-                        rate = engine.decode(placement * args.batch, context, args.new_tokens)
-                        record((side, placement_name, context), rate)
-            finally:
-                native.stop()
+        steps = [(c, r) for c in args.contexts for r in range(args.reps)]
+        for name, native in natives.items():
+            for context, rep in tqdm(steps, desc=f"{name} vs {NATIVE_FOR[name]}", file=sys.stdout):
+                pair = [("supernet", supernet, [PLACEMENTS[name]]), ("native", native, [None])]
+                for side, engine, placement in pair if rep % 2 == 0 else pair[::-1]:
+                    record(
+                        (side, name, context), engine.decode(placement * args.batch, context, args.new_tokens)
+                    )
+            native.stop()
 
         # 1+3: the remaining placements and the mixed batch, alternating with the uniform batches.
         rest = [n for n in PLACEMENTS if n not in natives]
-        steps = [(c, r) for c in args.contexts for r in range(args.reps)]
         for context, rep in tqdm(steps, desc="placements + mixed batch", file=sys.stdout):
             # The uniform batches the mixed one is compared with are timed here again, next to it.
             order = [("supernet", n) for n in rest] + [("mixed", "mixed")] + [("uniform", m) for m in MIXED]
@@ -390,24 +405,25 @@ def run(args) -> dict:
                     placements = [PLACEMENTS[name]] * args.batch
                 record((side, name, context), supernet.decode(placements, context, args.new_tokens))
     finally:
-        supernet.stop()
+        for engine in engines:
+            engine.stop()
 
-    # 4: thinned deployments, same cache budget; vLLM's start-up report is all that is needed, so
-    # they start side by side (no timing is taken from them).
-    thinned = {}
-    for index, (label, allowed) in enumerate(THINNED.items() if not args.skip_memory else []):
-        thin_options = {**options, "hf_overrides": {"supernet_placements": allowed}}
-        thinned[label] = (
-            allowed,
-            Engine(f"thinned_{index}", checkpoints["supernet"], thin_options, logdir, wait=False),
-        )
-    for label, (allowed, engine) in tqdm(thinned.items(), desc="thinned engines", file=sys.stdout):
-        try:
-            engine.wait_ready()
-            results["memory"][label] = {"allowed": allowed, **engine.cache_report()}
-        except RuntimeError as error:
-            results["blocked"].append(f"thinned {allowed}: {str(error)[-1500:]}")
-        finally:
+    # 4: thinned deployments, same cache budget: vLLM's start-up report is all that is needed.
+    thinned = {
+        label: Engine(f"thinned_{index}", checkpoints["supernet"],
+                      {**options, "hf_overrides": {"supernet_placements": allowed}}, logdir, wait=False)
+        for index, (label, allowed) in enumerate(THINNED.items() if not args.skip_memory else [])
+    }  # fmt: skip
+    try:
+        for label, engine in thinned.items():
+            try:
+                engine.wait_ready()
+                results["memory"][label] = {"allowed": THINNED[label], **engine.cache_report()}
+            except RuntimeError as error:
+                results["blocked"].append(f"thinned {THINNED[label]}: {str(error)[-1500:]}")
+            engine.stop()
+    finally:
+        for engine in thinned.values():
             engine.stop()
 
     budget = options["kv_cache_memory_bytes"]
@@ -534,21 +550,22 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="contexts 256 1024 2048, 16 new tokens, 1 repetition"
+        "--quick", action="store_true", help="contexts 128 256 512, 16 new tokens, 1 repetition"
     )
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 4096])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--kv-cache-gib", type=float, default=3.0, help="cache budget per engine")
+    parser.add_argument("--kv-cache-gib", type=float, default=0.25, help="cache budget per engine")
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the engines on the way out
     if args.quick:
-        args.contexts, args.new_tokens, args.reps = [256, 1024, 2048], 16, 1
+        args.contexts, args.new_tokens, args.reps = [128, 256, 512], 16, 1
     args.contexts = sorted(args.contexts)
     command = "python benchmarks/bench_vllm.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
