@@ -255,6 +255,19 @@ def _engine_worker(connection, model: str, options: dict, log_path: str, extra_e
         connection.close()
 
 
+def _cache_report(text: str) -> dict:
+    """vLLM's start-up report in an engine's log: KV cache size (tokens), max concurrency."""
+    size = re.findall(r"KV cache size: ([\d,]+) tokens", text)
+    concurrency = re.findall(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
+    report = {}
+    if size:
+        report["kv_cache_tokens"] = int(size[-1].replace(",", ""))
+    if concurrency:
+        report["max_model_len"] = int(concurrency[-1][0].replace(",", ""))
+        report["max_concurrency"] = float(concurrency[-1][1])
+    return report
+
+
 class Engine:
     """A vllm.LLM in a child process (spawned, as vLLM's offline engine needs a `__main__` guard)."""
 
@@ -302,16 +315,7 @@ class Engine:
 
     def cache_report(self) -> dict:
         """vLLM's start-up report: KV cache size (tokens) and max concurrency at max_model_len."""
-        text = self.log_path.read_text(errors="replace")
-        size = re.findall(r"KV cache size: ([\d,]+) tokens", text)
-        concurrency = re.findall(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
-        report = {}
-        if size:
-            report["kv_cache_tokens"] = int(size[-1].replace(",", ""))
-        if concurrency:
-            report["max_model_len"] = int(concurrency[-1][0].replace(",", ""))
-            report["max_concurrency"] = float(concurrency[-1][1])
-        return report
+        return _cache_report(self.log_path.read_text(errors="replace"))
 
     def stop(self) -> None:
         if not self.process.is_alive():
@@ -329,6 +333,15 @@ class Engine:
 # ----------------------------------------------------------------------------- the run
 
 
+def _empty_results(args) -> dict:
+    return {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                  "intermediate": INTERMEDIATE, "vocab": VOCAB, "window": args.window, "dtype": "bfloat16"},
+        "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {}, "memory": {}, "blocked": [],
+    }  # fmt: skip
+
+
 def run(args) -> dict:
     from tqdm import tqdm
 
@@ -341,12 +354,7 @@ def run(args) -> dict:
     max_len = max(args.contexts) + args.new_tokens + 16
     options = {"max_model_len": max_len, "max_num_seqs": max(args.batch, 4),
                "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}  # fmt: skip
-    results: dict = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                  "intermediate": INTERMEDIATE, "vocab": VOCAB, "window": args.window, "dtype": "bfloat16"},
-        "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {}, "memory": {}, "blocked": [],
-    }  # fmt: skip
+    results = _empty_results(args)
     samples: dict[tuple, list[float]] = {}
 
     def record(key: tuple, rate: float) -> None:
@@ -433,18 +441,48 @@ def run(args) -> dict:
         if report.get("kv_cache_tokens"):
             report["bytes_per_token"] = budget / report["kv_cache_tokens"]
 
+    summarise(results, samples)
+    results["wall_seconds"] = time.time() - started
+    return results
+
+
+def summarise(results: dict, samples: dict[tuple, list[float]]) -> None:
+    """Medians of the raw samples into the results' tables."""
     median = {key: statistics.median(values) for key, values in samples.items()}
     for (side, name, context), value in median.items():
         target = {"supernet": results["decode"], "native": results["native"], "mixed": results["mixed"],
-                  "uniform": results.setdefault("uniform_beside_mixed", {})}[side]  # fmt: skip
+                  "uniform": results["uniform_beside_mixed"]}[side]  # fmt: skip
         target.setdefault(name, {})[str(context)] = value
-    for context in args.contexts:
+    for context in results["settings"]["contexts"]:
         uniform = [results["uniform_beside_mixed"].get(m, {}).get(str(context)) for m in MIXED]
         mixed = results["mixed"].get("mixed", {}).get(str(context))
         if mixed and all(uniform):
             results["mixed"].setdefault("uniform_average", {})[str(context)] = sum(uniform) / len(uniform)
     results["samples"] = {"|".join(map(str, key)): values for key, values in samples.items()}
-    results["wall_seconds"] = time.time() - started
+
+
+def from_partial_samples(args) -> dict:
+    """Tables from the raw samples a run has written so far (`--from-samples`), e.g. of a run cut short."""
+    results = _empty_results(args)
+    raw = json.loads((args.workdir / "samples_partial.json").read_text())
+    samples = {(side, name, int(context)): values
+               for key, values in raw.items() for side, name, context in [key.split("|")]}  # fmt: skip
+    args.contexts = sorted({key[2] for key in samples})
+    results["settings"]["contexts"] = args.contexts
+    summarise(results, samples)
+    budget = args.kv_cache_gib * 2**30
+    logs = {"unthinned": "supernet"} | {label: f"thinned_{i}" for i, label in enumerate(THINNED)}
+    for label, log in logs.items():
+        path = args.workdir / "logs" / f"{log}.log"
+        if path.exists():
+            report = _cache_report(path.read_text(errors="replace"))
+            if report.get("max_concurrency"):
+                report["bytes_per_request_at_max_len"] = budget / report["max_concurrency"]
+            results["memory"][label] = report
+    results["wall_seconds"] = (args.workdir / "samples_partial.json").stat().st_mtime - min(
+        log.stat().st_mtime for log in (args.workdir / "logs").glob("*.log")
+    )
+    results["blocked"].append("tables made from a run's partial samples (--from-samples)")
     return results
 
 
@@ -560,6 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kv-cache-gib", type=float, default=0.25, help="cache budget per engine")
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--from-samples", action="store_true",
+                        help="no engines: tables from WORKDIR/samples_partial.json of an earlier run")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -569,7 +609,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.contexts = sorted(args.contexts)
     command = "python benchmarks/bench_vllm.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    results = run(args)
+    results = from_partial_samples(args) if args.from_samples else run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=1))
     table = markdown(results, command.strip())
