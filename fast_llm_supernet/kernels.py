@@ -18,14 +18,19 @@ Log-decays `g` are <= 0. Inside a chunk the decay between positions t >= s is ex
 G the within-chunk cumulative sum. Above the diagonal G_t - G_s is positive and overflows at strong
 decay; we mask *before* the exponential (exp(-inf) = 0), so forward and backward stay finite.
 Fast-LLM's torch KDA exponentiates first and masks after: finite forward, NaN gradients.
+Per-channel decays build that [t, s, Dk] decay only within sub-chunks of 16 tokens; across
+sub-chunks the decay factors through the sub-chunk start into two factors <= 1 (see `_decayed_scores`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 CHUNK_SIZE = 64
+SUB_CHUNK_SIZE = 16  # per-channel decay: the explicit [t, s, Dk] decay only within sub-chunks
 L2NORM_EPS = 1e-6
 
 
@@ -90,20 +95,59 @@ def _decayed_scores(
     """For each a in `queries`: scores[t, s] = sum_d a[t, d] keys[s, d] exp(G[t, d] - G[s, d]) for s <= t, else 0.
 
     queries, keys: [..., C, Dk]; log_decay G: [..., C, Dk] (per channel) or [..., C, 1] (scalar).
-    Returns one [..., C, C] tensor per query tensor (the decay matrix is built once for all).
+    Returns one [..., C, C] tensor per query tensor (the decays are built once for all).
+
+    Per-channel decay splits the chunk into sub-chunks of `SUB_CHUNK_SIZE` (flash-linear-attention's
+    chunk KDA/GLA layout), so the explicit [t, s, Dk] decay tensor only exists for the diagonal blocks.
     """
     chunk_size = keys.shape[-2]
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=keys.device).tril()
-    diff = log_decay.unsqueeze(-2) - log_decay.unsqueeze(-3)  # [..., C, C, Dk or 1]: G[t] - G[s]
-    # Mask before exp: where t < s the difference is positive and may overflow; exp(-inf) = 0 keeps
-    # both the values and their gradients finite.
-    decay = diff.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
     if log_decay.shape[-1] == 1:  # scalar decay: a plain matmul, then the [C, C] decay
-        decay = decay.squeeze(-1)
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=keys.device).tril()
+        log_decay = log_decay.squeeze(-1)  # [..., C]
+        decay = _masked_decay(log_decay.unsqueeze(-1) - log_decay.unsqueeze(-2), causal)  # [..., C, C]
         return tuple((a @ keys.transpose(-1, -2)) * decay for a in queries)
-    decayed_keys = decay * keys.unsqueeze(-3)  # [..., t, s, d] = exp(G[t, d] - G[s, d]) keys[s, d]
-    scores = decayed_keys @ torch.stack(queries, dim=-1)  # [..., t, s, len(queries)]
-    return scores.unbind(-1)
+
+    # Per-channel decay: split the chunk into M sub-chunks of S tokens. r(t) is the first position of
+    # t's sub-chunk. For s in an earlier sub-chunk (s < r(t) <= t), factor the decay through r(t):
+    #     exp(G[t] - G[s]) = exp(G[t] - G[r]) * exp(G[r] - G[s]),
+    # both factors <= 1 (G is non-increasing), so nothing overflows at strong decay, and the factors
+    # rescale the queries and the keys: these scores are plain matmuls.
+    sub_size = math.gcd(chunk_size, SUB_CHUNK_SIZE)
+    num_subs = chunk_size // sub_size
+
+    def by_sub_chunk(x: torch.Tensor, dim: int = -2) -> torch.Tensor:  # the C dim -> M, S
+        return x.unflatten(dim, (num_subs, sub_size))
+
+    sub_decay = by_sub_chunk(log_decay)  # [..., M, S, Dk]
+    reference = sub_decay[..., :1, :]  # [..., M, 1, Dk]: G[r] of each sub-chunk
+    sub_of_key = torch.arange(chunk_size, device=keys.device) // sub_size  # [C]
+    key_before_sub = torch.arange(num_subs, device=keys.device).unsqueeze(-1) > sub_of_key  # [M, C]
+    # [..., M, C, Dk]: exp(G[r] - G[s]) for each sub-chunk's r and every key s, masked where s >= r.
+    key_decay = _masked_decay(reference - log_decay.unsqueeze(-3), key_before_sub.unsqueeze(-1))
+    decayed_keys = (key_decay * keys.unsqueeze(-3)).transpose(-1, -2)  # [..., M, Dk, C]
+    query_decay = (sub_decay - reference).exp()  # [..., M, S, Dk]: exp(G[t] - G[r])
+    # [..., M, S, C] -> [..., C, C]; zero on and above the diagonal sub-chunk blocks.
+    scores = [((by_sub_chunk(a) * query_decay) @ decayed_keys).flatten(-3, -2) for a in queries]
+
+    # Diagonal blocks (s and t in the same sub-chunk): the explicit [t, s, Dk] decay, only S x S.
+    causal = torch.ones(sub_size, sub_size, dtype=torch.bool, device=keys.device).tril()
+    diff = sub_decay.unsqueeze(-2) - sub_decay.unsqueeze(-3)  # [..., M, S, S, Dk]: G[t] - G[s]
+    block_decay = _masked_decay(diff, causal.unsqueeze(-1))  # [..., M, t, s, Dk]
+    block_keys = block_decay * by_sub_chunk(keys).unsqueeze(-3)  # [..., M, t, s, Dk]
+    stacked_queries = by_sub_chunk(torch.stack(queries, dim=-1), dim=-3)  # [..., M, S, Dk, len(queries)]
+    block_scores = block_keys @ stacked_queries  # [..., M, t, s, len(queries)]
+    # [..., t, s, M] -> block-diagonal [..., M, t, M, s] -> [..., C, C]
+    blocks = torch.diag_embed(block_scores.movedim(-4, -1), dim1=-5, dim2=-3).flatten(-5, -4).flatten(-3, -2)
+    return tuple(full + diagonal for full, diagonal in zip(scores, blocks.unbind(-1), strict=True))
+
+
+def _masked_decay(log_decay_diff: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """exp(log_decay_diff) where `keep`, else 0.
+
+    Masks before the exponential: where the difference is positive it may overflow; exp(-inf) = 0
+    keeps both the values and their gradients finite.
+    """
+    return log_decay_diff.masked_fill(~keep, float("-inf")).exp()
 
 
 def _start_state(

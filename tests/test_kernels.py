@@ -133,3 +133,22 @@ def test_chunked_gradients_equal_recurrent_gradients(per_channel):
         gradients.append([leaf.grad for leaf in leaves])
     for chunked, recurrent in zip(*gradients, strict=True):
         torch.testing.assert_close(chunked, recurrent, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 24, 64])
+def test_chunked_sub_chunks_at_strong_per_channel_decay(chunk_size):
+    """Per-channel decay factors through sub-chunk starts (sizes 8, 16 and a chunk of 24 = 3 x 8):
+    values and gradients still equal the recurrence where decays reach -20 per token."""
+    inputs = list(_delta_rule_inputs(70, per_channel=True))
+    inputs[3] = inputs[3] * 10  # g in [-20, 0]: most channels forget within a token, some keep
+    results = []
+    for kernel, kwargs in (
+        (kernels.chunk_gated_delta_rule, {"chunk_size": chunk_size}),
+        (kernels.recurrent_gated_delta_rule, {}),
+    ):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out, final = kernel(*leaves[:5], initial_state=leaves[5], **kwargs)
+        (out.sin().sum() + final.cos().sum()).backward()
+        results.append([out, final, *(leaf.grad for leaf in leaves)])
+    for chunked, recurrent in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, recurrent, atol=1e-11, rtol=1e-9)
