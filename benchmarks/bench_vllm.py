@@ -38,6 +38,8 @@ import time
 import traceback
 from pathlib import Path
 
+from tqdm import tqdm
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -343,8 +345,6 @@ def _empty_results(args) -> dict:
 
 
 def run(args) -> dict:
-    from tqdm import tqdm
-
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     logdir = workdir / "logs"
@@ -366,6 +366,8 @@ def run(args) -> dict:
     started = time.time()
     # The engines start at once (start-up is mostly imports; it would otherwise take minutes per
     # engine on 2 cores); timing starts only when all are up.
+    if args.memory_only:
+        return memory_only(args, checkpoints, options, logdir, results, started)
     supernet = Engine("supernet", checkpoints["supernet"], options, logdir, wait=False)
     env = {"PYTHONPATH": os.pathsep.join([str(stub), str(REPO), os.environ.get("PYTHONPATH", "")])}
     natives = {
@@ -442,6 +444,32 @@ def run(args) -> dict:
             report["bytes_per_token"] = budget / report["kv_cache_tokens"]
 
     summarise(results, samples)
+    results["wall_seconds"] = time.time() - started
+    return results
+
+
+def memory_only(args, checkpoints, options, logdir, results, started) -> dict:
+    """`--memory-only`: the unthinned and thinned engines start side by side; no timing."""
+    deployments = {"unthinned": None} | THINNED
+    engines = {}
+    for index, (label, allowed) in enumerate(deployments.items()):
+        name = "supernet" if allowed is None else f"thinned_{index - 1}"
+        engine_options = (
+            options if allowed is None else {**options, "hf_overrides": {"supernet_placements": allowed}}
+        )
+        engines[label] = Engine(name, checkpoints["supernet"], engine_options, logdir, wait=False)
+    try:
+        for label, engine in tqdm(engines.items(), desc="engines", file=sys.stdout):
+            engine.wait_ready()
+            results["memory"][label] = {"allowed": deployments[label], **engine.cache_report()}
+            engine.stop()
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    budget = options["kv_cache_memory_bytes"]
+    for report in results["memory"].values():
+        if report.get("max_concurrency"):
+            report["bytes_per_request_at_max_len"] = budget / report["max_concurrency"]
     results["wall_seconds"] = time.time() - started
     return results
 
@@ -598,6 +626,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kv-cache-gib", type=float, default=0.25, help="cache budget per engine")
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the cache-memory comparison")
     parser.add_argument("--from-samples", action="store_true",
                         help="no engines: tables from WORKDIR/samples_partial.json of an earlier run")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
