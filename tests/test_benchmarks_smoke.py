@@ -5,8 +5,9 @@ Timings are never asserted: only that every number the tables promise is there a
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vllm.py"
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_vllm", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Imported by name from sys.path (not from a file spec): the benchmark's engine workers are spawned
+    # processes, which must import the module that defines them, and they inherit sys.path.
+    if str(BENCH.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH.parent))
+    return importlib.import_module("bench_vllm")
 
 
 def _synthetic_results(bench, contexts):
