@@ -19,6 +19,7 @@ from fast_llm_supernet.data import (
     tokenize_conversation,
 )
 from fast_llm_supernet.model import SupernetForCausalLM
+from fast_llm_supernet.tiny_teacher import train_tokenizer
 from fast_llm_supernet.train_config import ConfigError, load_config, parse_config
 from fast_llm_supernet.trainer import Trainer, main, placement_label
 from shared_spec import Apriel2TextConfig, PresetsFile
@@ -72,31 +73,12 @@ def stdlib_paragraphs() -> list[str]:
     return list(dict.fromkeys(paragraphs))
 
 
-def train_tiny_tokenizer(documents: list[str], vocab_size: int):
-    """Byte-level BPE with <pad>=0, <s>=1 (prepended), </s>=2, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A random tiny supernet with a byte-level BPE tokenizer, and text + chat data from stdlib docstrings."""
     root = tmp_path_factory.mktemp("tiny")
     documents = stdlib_paragraphs()
-    tokenizer = train_tiny_tokenizer(documents, vocab_size=320)
+    tokenizer = train_tokenizer(documents, vocab_size=320)
     checkpoint = root / "supernet"
     torch.manual_seed(0)
     model = SupernetForCausalLM(Apriel2TextConfig.model_validate(TINY_SUPERNET))
