@@ -177,3 +177,73 @@ def test_invalid_placements_are_rejected_and_engine_keeps_serving(engine_results
     assert "not_a_preset" in errors['"not_a_preset"']
     assert "5 entries" in errors['["fa", "fa", "fa", "fa", "fa"]']
     assert len(engine_results["after_invalid"][0]["token_ids"]) == 2
+
+
+# ---- vLLM's CPU attention kernel (head size 32) ----------------------------------------------------
+# The fixture's head size (16) runs the PyTorch paged-attention path; a checkpoint converted from a
+# teacher with 32-wide heads runs vLLM's CPU kernel. Prompts cross cache blocks and the SWA window,
+# prefill runs in chunks, and each request must equal the reference model alone and in a mixed batch.
+
+KERNEL_WINDOW = 24
+KERNEL_PLACEMENTS = [
+    "attention*",
+    "sliding_window*",
+    "attention,sliding_window,gdn",
+    "kda,attention,sliding_window",
+]
+
+
+def _kernel_requests() -> list[dict]:
+    generator = torch.Generator().manual_seed(11)
+    return [
+        _request([1] + torch.randint(3, 64, (length - 1,), generator=generator).tolist(), placement,
+                 max_tokens=NEW_TOKENS, logprobs=0)
+        for length, placement in zip([150, 97, 41, 130], KERNEL_PLACEMENTS, strict=True)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kernel_checkpoint(tmp_path_factory):
+    from fast_llm_supernet.convert import convert
+    from tests.test_convert import make_teacher
+
+    root = tmp_path_factory.mktemp("kernel_supernet")
+    make_teacher(root / "teacher", hidden_size=64, head_dim=32)
+    convert(root / "teacher", root / "supernet", window_size=KERNEL_WINDOW)
+    return root / "supernet"
+
+
+@pytest.fixture(scope="module")
+def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
+    requests = _kernel_requests()
+    scenario = {
+        "model": str(kernel_checkpoint),
+        "engine": {
+            "dtype": "float32",
+            "gpu_memory_utilization": 0.3,
+            "max_model_len": 512,
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 64,  # chunked prefill
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+        },
+        "batches": [
+            {"name": "mixed", "requests": requests},
+            *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(requests)),
+        ],
+    }
+    return run_engine(scenario, tmp_path_factory.mktemp("vllm_kernel_engine"))
+
+
+def test_cpu_attention_kernel_equals_reference(kernel_checkpoint, kernel_engine_results):
+    from fast_llm_supernet.model import SupernetForCausalLM
+
+    reference_model = SupernetForCausalLM.from_pretrained(kernel_checkpoint, dtype=torch.float32)
+    batches = kernel_engine_results["batches"]
+    for i, request in enumerate(_kernel_requests()):
+        tokens, logprobs = _reference_greedy(
+            reference_model, request["prompt_token_ids"], request["placement"], NEW_TOKENS
+        )
+        for output in (batches["mixed"][i], batches[f"alone_{i}"][0]):
+            assert output["token_ids"] == tokens, request["placement"]
+            assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs, strict=True)) < 1e-4

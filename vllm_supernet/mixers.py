@@ -5,7 +5,8 @@ the checkpoint, same math: one definition) plus what vLLM needs to give it a cac
 
 * `VllmAttention` (FA and SWA): the reference projections and rotary, and a vLLM `Attention`
   layer that only declares the KV cache (`FullAttentionSpec`, or `SlidingWindowSpec` through
-  `per_layer_sliding_window`); the attention itself is `torch_attention.paged_attention`.
+  `per_layer_sliding_window`); the attention itself is `paged_attention.py` (vLLM's CPU kernel
+  for the head sizes it takes, a PyTorch reference path otherwise).
 * `VllmGatedDeltaNet`, `VllmKimiDeltaAttention`: `MambaBase` layers
   (vllm/model_executor/layers/mamba/abstract.py) whose state pages hold the conv state(s) and the
   float32 delta-rule state. The reference module's own `forward(x, cache)` runs on a
@@ -37,9 +38,9 @@ from fast_llm_supernet.mixers.gdn import GatedDeltaNet
 from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from shared_spec import AttentionMixerConfig, GDNMixerConfig, KDAMixerConfig
-from vllm_supernet.attention_backend import TorchAttentionBackend
+from vllm_supernet.attention_backend import SupernetAttentionBackend
+from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
-from vllm_supernet.torch_attention import paged_attention
 
 
 def _layer_metadata(layer_name: str):
@@ -68,7 +69,12 @@ class VllmAttention(ReferenceAttention):
             # Fast-LLM window w: query i sees keys i-w+1 .. i; vLLM's sliding_window has the same meaning.
             per_layer_sliding_window=self.window_size,
             prefix=prefix,
-            attn_backend=TorchAttentionBackend,
+            attn_backend=SupernetAttentionBackend,
+        )
+        # One kernel for the layer's whole life: the two lay out the cache differently.
+        device_type = vllm_config.device_config.device_type
+        self.paged_attention = (
+            paged_attention_cpu if uses_cpu_kernel(self.head_size, device_type) else paged_attention_reference
         )
         max_positions = vllm_config.model_config.max_model_len
         self._cos, self._sin = (None, None)
@@ -92,7 +98,7 @@ class VllmAttention(ReferenceAttention):
         metadata = _layer_metadata(self.layer_name)
         if metadata is None:  # dummy run: no cache to read or write
             return self.o_proj(torch.zeros_like(query).flatten(1))
-        attended = paged_attention(
+        attended = self.paged_attention(
             query,
             key,
             value,

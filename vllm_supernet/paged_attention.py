@@ -1,0 +1,175 @@
+"""Paged causal attention over vLLM's KV cache, on any subset of a batch: a kernel and its reference.
+
+A supernet layer runs each attention mixer on just the requests whose placement picked it, so both
+functions take the batch's metadata plus the subset (`requests`, `token_index`) and write/attend
+for those requests only.
+
+* `paged_attention_cpu`: vLLM's CPU attention kernels (`cpu_attn_reshape_and_cache`,
+  `get_scheduler_metadata`, `cpu_attention_with_kv_cache`, vllm/_custom_ops.py), the ones vLLM's
+  own `CPUAttentionBackend` (vllm/v1/attention/backends/cpu_attn.py) runs. They take head sizes
+  `CPU_KERNEL_HEAD_SIZES` only, keep keys in an ISA-specific layout inside each block, and plan the
+  work over a batch with a schedule: here one schedule per (request subset, window), computed once
+  per step and shared by every layer of the cache group.
+* `paged_attention_reference`: plain PyTorch, any head size (upstream test exports use 16), the
+  same math as the reference mixer (`fast_llm_supernet.mixers.attention.Attention`): each request's
+  queries attend with `F.scaled_dot_product_attention` over the keys they may see.
+
+The two lay the cache out differently, so a layer uses one of them for its whole life
+(`uses_cpu_kernel`). The vLLM side (backend, metadata builder) is `attention_backend.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# vLLM's CPU attention kernel's head sizes (`CPUAttentionBackend.get_supported_head_sizes`).
+CPU_KERNEL_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def uses_cpu_kernel(head_size: int, device_type: str) -> bool:
+    return device_type == "cpu" and head_size in CPU_KERNEL_HEAD_SIZES
+
+
+@dataclass
+class PagedAttentionMetadata:
+    num_actual_tokens: int
+    query_start_loc: list[int]  # [R + 1] request r's tokens are query_start_loc[r] .. [r+1]
+    seq_lens: list[int]  # [R] context length including this step's tokens
+    block_table: torch.Tensor  # [R, max_blocks] kernel block ids
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot per token, -1 for padding
+    isa: str = "vec"  # the CPU kernel's instruction set for this cache group (cpu_attn._get_attn_isa)
+    # Per-step memo of the CPU kernel's per-subset inputs, shared by the group's layers.
+    _subsets: dict = field(default_factory=dict)
+
+
+def _write_slots(metadata: PagedAttentionMetadata, token_index, key, value):
+    """(slots, key, value) of this step's real tokens (padding has slot -1)."""
+    slots = metadata.slot_mapping if token_index is None else metadata.slot_mapping[token_index]
+    if token_index is None:
+        n = metadata.num_actual_tokens
+        slots, key, value = slots[:n], key[:n], value[:n]
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[valid], value[valid]
+    return slots, key, value
+
+
+def paged_attention_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: PagedAttentionMetadata,
+    requests: list[int],
+    token_index: torch.Tensor | None,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Same contract as `paged_attention_reference`, with vLLM's CPU kernels."""
+    from vllm import _custom_ops as ops
+
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    num_heads, head_size = query.shape[1], query.shape[2]
+    # [num_blocks, Hkv, 2 * block_size, D]: keys in the first half of each block, values in the second.
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
+    slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
+    ops.cpu_attn_reshape_and_cache(key_w, value_w, key_cache, value_cache, slots, metadata.isa)
+
+    subset_key = (tuple(requests), num_heads, window, query.dtype)
+    if subset_key not in metadata._subsets:
+        lengths = [metadata.query_start_loc[r + 1] - metadata.query_start_loc[r] for r in requests]
+        query_start_loc = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        seq_lens = torch.tensor([metadata.seq_lens[r] for r in requests], dtype=torch.int32)
+        all_requests = len(requests) == len(metadata.seq_lens)
+        block_table = metadata.block_table if all_requests else metadata.block_table[requests]
+        schedule = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(requests),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_size,
+            seq_lens=seq_lens,
+            dtype=query.dtype,
+            query_start_loc=query_start_loc,
+            causal=True,
+            sliding_window_size=-1 if window is None else window,
+            isa=metadata.isa,
+            enable_kv_split=False,
+        )
+        metadata._subsets[subset_key] = (query_start_loc, seq_lens, block_table, schedule)
+    query_start_loc, seq_lens, block_table, schedule = metadata._subsets[subset_key]
+
+    num_tokens = int(query_start_loc[-1])
+    output = torch.zeros_like(query)  # padding tokens stay zero
+    ops.cpu_attention_with_kv_cache(
+        query=query[:num_tokens],
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=output[:num_tokens],
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1 if window is None else window,
+        block_table=block_table,
+        softcap=0.0,
+        scheduler_metadata=schedule,
+        s_aux=None,
+    )
+    return output
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: PagedAttentionMetadata,
+    requests: list[int],
+    token_index: torch.Tensor | None,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Write this step's K/V of `requests` into the cache and attend.
+
+    query [N, Hq, D], key/value [N, Hkv, D]: the tokens of `requests` (batch request indices, in
+    order), concatenated; `token_index` [N] their positions in the full batch (None: the whole
+    batch, requests = all). kv_cache: [num_blocks, Hkv, block_size, 2 * D]. Returns [N, Hq, D].
+    """
+    num_kv_heads, block_size, head_size = kv_cache.shape[1], kv_cache.shape[2], query.shape[-1]
+    slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, :, offsets, :head_size] = key_w.to(kv_cache.dtype)
+    kv_cache[blocks, :, offsets, head_size:] = value_w.to(kv_cache.dtype)
+
+    output = torch.zeros_like(query)  # padding tokens stay zero
+    start = 0
+    for request in requests:
+        num_query = metadata.query_start_loc[request + 1] - metadata.query_start_loc[request]
+        if num_query == 0:
+            continue
+        context = metadata.seq_lens[request]
+        first_query = context - num_query
+        # Keys this request's queries may see: all of them, or the window of the first query.
+        first_key = 0 if window is None else max(0, first_query - (window - 1))
+        positions = torch.arange(first_key, context, device=query.device)
+        key_blocks = metadata.block_table[request, positions // block_size]
+        cached = kv_cache[key_blocks, :, positions % block_size]  # [S, Hkv, 2D]
+        keys = cached[..., :head_size].to(query.dtype).transpose(0, 1)  # [Hkv, S, D]
+        values = cached[..., head_size:].to(query.dtype).transpose(0, 1)
+        query_positions = torch.arange(first_query, context, device=query.device)
+        distance = query_positions[:, None] - positions[None, :]  # [T, S]
+        allowed = distance >= 0
+        if window is not None:
+            allowed &= distance < window
+        q = query[start : start + num_query].transpose(0, 1)  # [Hq, T, D]
+        # enable_gqa: query head h reads KV group h // (Hq / Hkv), as in the reference mixer.
+        attended = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True
+        )
+        output[start : start + num_query] = attended.transpose(0, 1)
+        start += num_query
+    return output
