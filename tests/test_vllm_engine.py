@@ -1,6 +1,8 @@
-"""The vLLM plugin against the PyTorch reference model, in one real (offline) vLLM engine.
+"""The vLLM plugin against the PyTorch reference model, in real (offline) vLLM engines.
 
-One engine serves the upstream fixture in float32 (its README: upcast, compute in float32, 1e-5).
+One engine serves the upstream fixture in float32 (its README: upcast, compute in float32, 1e-5);
+two more serve a converted checkpoint with 32-wide heads, in float32 (vLLM's CPU attention kernel)
+and in bfloat16 (vLLM's CPU GDN decode kernel).
 Checked: upstream's own logits for four placements in one mixed batch; greedy tokens and logprobs
 of the PyTorch reference for uniform and mixed batches; a request's output alone equals its output
 in a mixed batch; chunked prefill and prefix caching across placements; invalid placements rejected
@@ -207,9 +209,14 @@ def kernel_checkpoint(tmp_path_factory):
     from fast_llm_supernet.convert import convert
     from tests.test_convert import make_teacher
 
+    from fast_llm_supernet.model import SupernetForCausalLM
+    from tests.test_model import randomised
+
     root = tmp_path_factory.mktemp("kernel_supernet")
     make_teacher(root / "teacher", hidden_size=64, head_dim=32)
     convert(root / "teacher", root / "supernet", window_size=KERNEL_WINDOW)
+    # Perturb every weight: a mixer left at its teacher-derived init could hide a misplaced gate.
+    randomised(SupernetForCausalLM.from_pretrained(root / "supernet")).save_pretrained(root / "supernet")
     return root / "supernet"
 
 
@@ -247,3 +254,55 @@ def test_cpu_attention_kernel_equals_reference(kernel_checkpoint, kernel_engine_
         for output in (batches["mixed"][i], batches[f"alone_{i}"][0]):
             assert output["token_ids"] == tokens, request["placement"]
             assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs, strict=True)) < 1e-4
+
+
+# ---- vLLM's CPU GDN decode kernel (bfloat16 only) --------------------------------------------------
+# The same checkpoint served in bfloat16: GDN decode steps run vLLM's fused kernel on the state pages.
+# bfloat16 engines and the bfloat16 reference round differently, so greedy paths may part at near
+# ties: each generated token is checked under the reference fed vLLM's own sequence (teacher
+# forcing): its logprob matches, and it is (within tolerance) the reference's greedy choice.
+
+BF16_TOLERANCE = 0.06  # measured: <= 0.03
+BF16_PLACEMENTS = ["gdn*", "gdn,attention,kda", "sliding_window,gdn,gdn"]
+
+
+def _bf16_requests() -> list[dict]:
+    generator = torch.Generator().manual_seed(13)
+    return [
+        _request([1] + torch.randint(3, 64, (length - 1,), generator=generator).tolist(), placement,
+                 max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
+        for length, placement in zip([60, 33, 90], BF16_PLACEMENTS, strict=True)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bf16_engine_results(kernel_checkpoint, tmp_path_factory):
+    scenario = {
+        "model": str(kernel_checkpoint),
+        "engine": {
+            "dtype": "bfloat16",
+            "gpu_memory_utilization": 0.3,
+            "max_model_len": 512,
+            "max_num_seqs": 8,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+        },
+        "batches": [{"name": "mixed", "requests": _bf16_requests()}],
+    }
+    return run_engine(scenario, tmp_path_factory.mktemp("vllm_bf16_engine"))
+
+
+def test_gdn_decode_kernel_in_bf16_engine_follows_reference(kernel_checkpoint, bf16_engine_results):
+    from fast_llm_supernet.model import SupernetForCausalLM
+
+    reference_model = SupernetForCausalLM.from_pretrained(kernel_checkpoint, dtype=torch.bfloat16)
+    for request, output in zip(_bf16_requests(), bf16_engine_results["batches"]["mixed"], strict=True):
+        prompt, generated = request["prompt_token_ids"], output["token_ids"]
+        assert len(generated) == NEW_TOKENS
+        with torch.no_grad():
+            logits = reference_model(torch.tensor([prompt + generated]), placement=request["placement"])[0]
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        for i, token in enumerate(generated):
+            step = logprobs[len(prompt) - 1 + i]
+            assert abs(output["logprobs"][i] - step[token].item()) < BF16_TOLERANCE, request["placement"]
+            assert step.max().item() - step[token].item() < BF16_TOLERANCE, request["placement"]

@@ -65,7 +65,7 @@ def run_engine(scenario: dict, workdir: Path, timeout: float = 1200) -> dict:
 
 def _main(scenario_path: str) -> None:
     """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
-    placement?, max_tokens, prompt_logprobs?, logprobs?}]}], invalid: [placement values]}."""
+    placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?}]}], invalid: [placement values]}."""
     from vllm import LLM, SamplingParams
 
     scenario = json.loads(Path(scenario_path).read_text())
@@ -80,6 +80,7 @@ def _main(scenario_path: str) -> None:
             detokenize=False,
             prompt_logprobs=request.get("prompt_logprobs"),
             logprobs=request.get("logprobs"),
+            ignore_eos=request.get("ignore_eos", False),
             extra_args=extra,
         )
 

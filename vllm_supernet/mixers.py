@@ -10,7 +10,9 @@ the checkpoint, same math: one definition) plus what vLLM needs to give it a cac
 * `VllmGatedDeltaNet`, `VllmKimiDeltaAttention`: `MambaBase` layers
   (vllm/model_executor/layers/mamba/abstract.py) whose state pages hold the conv state(s) and the
   float32 delta-rule state. The reference module's own `forward(x, cache)` runs on a
-  `LinearMixerCache` built from those pages and written back after the step. Their metadata is
+  `LinearMixerCache` built from those pages and written back after the step, except GDN decode
+  steps of bfloat16 models on CPU, which run vLLM's kernel on the pages in place
+  (`delta_rule_kernels.py`). Their metadata is
   vLLM's GDN metadata (`GDNAttentionMetadataBuilder`, vllm/v1/attention/backends/gdn_attn.py:
   `non_spec_state_indices_tensor` = each request's state slot, already resolved for prefix
   caching's "align" mode by `mamba_get_block_table_tensor`).
@@ -39,6 +41,7 @@ from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from shared_spec import AttentionMixerConfig, GDNMixerConfig, KDAMixerConfig
 from vllm_supernet.attention_backend import SupernetAttentionBackend
+from vllm_supernet.delta_rule_kernels import gdn_decode_cpu, uses_gdn_cpu_kernel
 from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
 
@@ -171,6 +174,15 @@ class _LinearMixerLayer(MambaBase):
         conv_pages[slots] = conv.to(conv_pages.dtype)
         recurrent_pages[slots] = cache.recurrent_state.to(recurrent_pages.dtype)
 
+    def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One new token of each of B requests [B, D] -> [B, D]; their states continue in pages `slots`.
+
+        The reference mixer on states copied out of the pages and back; subclasses may use a kernel."""
+        cache = self._load_cache(slots, torch.ones(len(slots), dtype=torch.bool), hidden_states.dtype)
+        out = self(hidden_states[:, None], cache)[:, 0]
+        self._store_cache(slots, cache)
+        return out
+
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D] of `step`'s tokens -> [N, D]; each request continues its own state."""
         metadata = _layer_metadata(self.layer_name)
@@ -192,11 +204,7 @@ class _LinearMixerLayer(MambaBase):
                 others.append(request)
         if decodes:
             rows = torch.tensor([offsets[r] for r in decodes], device=hidden_states.device)
-            slots = state_slots[decodes]
-            cache = self._load_cache(slots, torch.ones(len(decodes), dtype=torch.bool), hidden_states.dtype)
-            out = self(hidden_states[rows][:, None], cache)  # [Bd, 1, D]
-            output[rows] = out[:, 0]
-            self._store_cache(slots, cache)
+            output[rows] = self.decode(hidden_states[rows], state_slots[decodes])
         for request in others:
             start, length = offsets[request], step.query_len(request)
             slots = state_slots[request : request + 1]
@@ -214,6 +222,13 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
         self.kernel_size = config.convolution_layer.kernel_size
         self.recurrent_shape = (self.num_value_heads, self.key_head_dim, self.value_head_dim)
         self._init_vllm(vllm_config, prefix)
+        self.uses_cpu_kernel = uses_gdn_cpu_kernel(self.model_dtype, vllm_config.device_config.device_type)
+
+    def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if not self.uses_cpu_kernel:
+            return super().decode(hidden_states, slots)
+        conv_pages, recurrent_pages = self.kv_cache
+        return gdn_decode_cpu(self, hidden_states, conv_pages, recurrent_pages, slots)
 
 
 class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):

@@ -69,16 +69,10 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cache: LinearMixerCache | None = None) -> torch.Tensor:
         """hidden_states [B, T, D] (continuing `cache`'s sequences if given; cache updated in place) -> [B, T, D]."""
-        qkv, z = self.in_proj_qkvz(hidden_states).split([self.conv_dim, self.value_dim], dim=-1)
-        # [B, T, Hv] each
-        beta_logits, alpha = self.in_proj_ba(hidden_states).split(self.num_value_heads, dim=-1)
-
+        qkv, z, beta_logits, alpha = self.project_inputs(hidden_states)
         conv_state = cache.conv_states["convolution"] if cache is not None else None
         qkv, conv_state = self.convolution(qkv, conv_state)
-        query, key, value = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        query = query.unflatten(-1, (self.num_key_heads, self.key_head_dim))  # [B, T, Hk, Dk]
-        key = key.unflatten(-1, (self.num_key_heads, self.key_head_dim))
-        value = value.unflatten(-1, (self.num_value_heads, self.value_head_dim))  # [B, T, Hv, Dv]
+        query, key, value = self.split_heads(qkv)
         if self.value_heads_per_key > 1:
             # Value head h uses key head h // ratio (Fast-LLM's repeat_interleave, not a tiled repeat).
             query = query.repeat_interleave(self.value_heads_per_key, dim=2)
@@ -92,6 +86,27 @@ class GatedDeltaNet(nn.Module):
         if cache is not None:
             cache.conv_states["convolution"] = conv_state
             cache.seen_tokens += hidden_states.shape[1]
+        return self.project_output(out, z)
 
+    # The steps of `forward` that a serving kernel reuses around its own delta rule (vllm_supernet).
+
+    def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, T, D] -> Q|K|V before the convolution [B, T, conv_dim], Z [B, T, value_dim],
+        beta logits and alpha [B, T, Hv]."""
+        qkv, z = self.in_proj_qkvz(hidden_states).split([self.conv_dim, self.value_dim], dim=-1)
+        beta_logits, alpha = self.in_proj_ba(hidden_states).split(self.num_value_heads, dim=-1)
+        return qkv, z, beta_logits, alpha
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Convolved Q|K|V [B, T, conv_dim] -> q, k [B, T, Hk, Dk], v [B, T, Hv, Dv]."""
+        query, key, value = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return (
+            query.unflatten(-1, (self.num_key_heads, self.key_head_dim)),
+            key.unflatten(-1, (self.num_key_heads, self.key_head_dim)),
+            value.unflatten(-1, (self.num_value_heads, self.value_head_dim)),
+        )
+
+    def project_output(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Delta-rule output [B, T, Hv, Dv], Z [B, T, value_dim] -> [B, T, D]."""
         out = self.norm(out, z.unflatten(-1, (self.num_value_heads, self.value_head_dim)))
         return self.out_proj(out.flatten(-2))
