@@ -195,13 +195,17 @@ KERNEL_PLACEMENTS = [
 ]
 
 
+def _random_prompts(lengths: list[int], seed: int, vocab: int = 64) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, vocab, (n - 1,), generator=generator).tolist() for n in lengths]
+
+
 def _kernel_requests() -> list[dict]:
-    generator = torch.Generator().manual_seed(11)
+    prompts = _random_prompts([150, 97, 41, 130], seed=11)
     return [
-        _request([1] + torch.randint(3, 64, (length - 1,), generator=generator).tolist(), placement,
-                 max_tokens=NEW_TOKENS, logprobs=0)
-        for length, placement in zip([150, 97, 41, 130], KERNEL_PLACEMENTS, strict=True)
-    ]  # fmt: skip
+        _request(prompt, placement, max_tokens=NEW_TOKENS, logprobs=0)
+        for prompt, placement in zip(prompts, KERNEL_PLACEMENTS, strict=True)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -267,12 +271,11 @@ BF16_PLACEMENTS = ["gdn*", "gdn,attention,kda", "sliding_window,gdn,gdn"]
 
 
 def _bf16_requests() -> list[dict]:
-    generator = torch.Generator().manual_seed(13)
+    prompts = _random_prompts([60, 33, 90], seed=13)
     return [
-        _request([1] + torch.randint(3, 64, (length - 1,), generator=generator).tolist(), placement,
-                 max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
-        for length, placement in zip([60, 33, 90], BF16_PLACEMENTS, strict=True)
-    ]  # fmt: skip
+        _request(prompt, placement, max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
+        for prompt, placement in zip(prompts, BF16_PLACEMENTS, strict=True)
+    ]
 
 
 @pytest.fixture(scope="module")
