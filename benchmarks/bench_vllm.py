@@ -10,7 +10,9 @@ that ratios share the machine's state:
    all-GDN, all-KDA and two hybrids at each context length;
 2. each single-mixer placement against vLLM's own model of that mixer at equal sizes: Llama
    (attention), Mistral with `sliding_window` (SWA), dense Qwen3.5 with GDN in every layer;
-3. a batch of four requests with four different placements against the uniform batches' average;
+3. a batch of four requests with four different placements against the uniform batches' average,
+   and (at the shortest context) the same with `--mixed-batch` requests, a quarter per placement:
+   at batch 4 each mixer's weights are read for one token, at larger batches for several;
 4. KV/state cache bytes per request of thinned deployments against the unthinned one, from vLLM's
    own start-up report (KV cache size, max concurrency) at the same cache budget.
 
@@ -340,7 +342,8 @@ def _empty_results(args) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                   "intermediate": INTERMEDIATE, "vocab": VOCAB, "window": args.window, "dtype": "bfloat16"},
-        "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {}, "memory": {}, "blocked": [],
+        "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {}, "mixed_large": {},
+        "uniform_beside_mixed_large": {}, "memory": {}, "blocked": [],
     }  # fmt: skip
 
 
@@ -352,7 +355,7 @@ def run(args) -> dict:
     checkpoints = make_checkpoints(workdir, args.window)
     stub = write_torchvision_stub(workdir / "torchvision_stub")
     max_len = max(args.contexts) + args.new_tokens + 16
-    options = {"max_model_len": max_len, "max_num_seqs": max(args.batch, 4),
+    options = {"max_model_len": max_len, "max_num_seqs": max(args.batch, args.mixed_batch, 4),
                "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}  # fmt: skip
     results = _empty_results(args)
     samples: dict[tuple, list[float]] = {}
@@ -414,6 +417,15 @@ def run(args) -> dict:
                 else:
                     placements = [PLACEMENTS[name]] * args.batch
                 record((side, name, context), supernet.decode(placements, context, args.new_tokens))
+            if context == args.contexts[0] and args.mixed_batch:
+                # The larger mixed batch, a quarter of it per placement, beside uniform batches of that size.
+                order = [("mixed_large", "mixed")] + [("uniform_large", m) for m in MIXED]
+                for side, name in order if rep % 2 == 0 else order[::-1]:
+                    if side == "mixed_large":
+                        placements = [PLACEMENTS[m] for m in MIXED] * (args.mixed_batch // len(MIXED))
+                    else:
+                        placements = [PLACEMENTS[name]] * args.mixed_batch
+                    record((side, name, context), supernet.decode(placements, context, args.new_tokens))
     finally:
         for engine in engines:
             engine.stop()
@@ -479,13 +491,15 @@ def summarise(results: dict, samples: dict[tuple, list[float]]) -> None:
     median = {key: statistics.median(values) for key, values in samples.items()}
     for (side, name, context), value in median.items():
         target = {"supernet": results["decode"], "native": results["native"], "mixed": results["mixed"],
-                  "uniform": results["uniform_beside_mixed"]}[side]  # fmt: skip
+                  "uniform": results["uniform_beside_mixed"], "mixed_large": results["mixed_large"],
+                  "uniform_large": results["uniform_beside_mixed_large"]}[side]  # fmt: skip
         target.setdefault(name, {})[str(context)] = value
-    for context in results["settings"]["contexts"]:
-        uniform = [results["uniform_beside_mixed"].get(m, {}).get(str(context)) for m in MIXED]
-        mixed = results["mixed"].get("mixed", {}).get(str(context))
-        if mixed and all(uniform):
-            results["mixed"].setdefault("uniform_average", {})[str(context)] = sum(uniform) / len(uniform)
+    for mixed_key, uniform_key in (("mixed", "uniform_beside_mixed"), ("mixed_large", "uniform_beside_mixed_large")):
+        for context in results["settings"]["contexts"]:
+            uniform = [results[uniform_key].get(m, {}).get(str(context)) for m in MIXED]
+            mixed = results[mixed_key].get("mixed", {}).get(str(context))
+            if mixed and all(uniform):
+                results[mixed_key].setdefault("uniform_average", {})[str(context)] = sum(uniform) / len(uniform)
     results["samples"] = {"|".join(map(str, key)): values for key, values in samples.items()}
 
 
@@ -563,6 +577,16 @@ def markdown(results: dict, command: str) -> str:
         ours, average = mixed.get("mixed", {}).get(c), mixed.get("uniform_average", {}).get(c)
         if ours and average:
             lines.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
+    large = results.get("mixed_large", {})
+    if large.get("mixed"):
+        per = settings["mixed_batch"] // len(MIXED)
+        lines += ["", f"### Mixed batch of {settings['mixed_batch']} ({per} requests each of " + ", ".join(MIXED)
+                  + f") vs uniform batches of {settings['mixed_batch']}", "",
+                  "| context | mixed tok/s | uniform average tok/s | ratio |", "|---|---|---|---|"]  # fmt: skip
+        for c in contexts:
+            ours, average = large.get("mixed", {}).get(c), large.get("uniform_average", {}).get(c)
+            if ours and average:
+                lines.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
     memory = results["memory"]
     base = memory.get("unthinned", {}).get("bytes_per_request_at_max_len")
     lines += ["", f"### Cache memory per request (same budget {settings['kv_cache_gib']} GiB, "
@@ -620,6 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 4096])
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--mixed-batch", type=int, default=16,
+                        help="size of the larger mixed batch, timed at the shortest context (0: skip)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--window", type=int, default=512)
@@ -632,6 +658,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.mixed_batch % len(MIXED):
+        parser.error(f"--mixed-batch {args.mixed_batch}: must be a multiple of {len(MIXED)} (one share per placement)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the engines on the way out
     if args.quick:
         args.contexts, args.new_tokens, args.reps = [128, 256, 512], 16, 1

@@ -27,12 +27,15 @@ def _synthetic_results(bench, contexts):
     rate = {str(c): 100.0 / (i + 1) for i, c in enumerate(contexts)}
     budget = 2**30
     return {
-        "settings": {"contexts": contexts, "batch": 4, "new_tokens": 8, "reps": 1, "kv_cache_gib": 1.0},
+        "settings": {"contexts": contexts, "batch": 4, "mixed_batch": 16, "new_tokens": 8, "reps": 1,
+                     "kv_cache_gib": 1.0},  # fmt: skip
         "model": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 4, "head_dim": 64, "window": 512},
         "decode": {name: dict(rate) for name in bench.PLACEMENTS},
         "native": {name: dict(rate) for name in bench.NATIVE_FOR},
         "mixed": {"mixed": dict(rate), "uniform_average": dict(rate)},
         "uniform_beside_mixed": {name: dict(rate) for name in bench.MIXED},
+        "mixed_large": {"mixed": {str(contexts[0]): 80.0}, "uniform_average": {str(contexts[0]): 100.0}},
+        "uniform_beside_mixed_large": {name: {str(contexts[0]): 100.0} for name in bench.MIXED},
         "memory": {
             "unthinned": {
                 "kv_cache_tokens": 1000,
@@ -59,6 +62,7 @@ def test_table_from_results():
         assert f"| {name} |" in table
     assert "Llama" in table and "Mistral" in table and "Qwen3.5" in table
     assert "| 128 | 50.0 | 50.0 | **1.00x** |" in table  # mixed batch row
+    assert "Mixed batch of 16 (4 requests each of" in table and "| 64 | 80.0 | 100.0 | **0.80x** |" in table
     assert "| thinned: all-GDN only | 9000 | 20.0 | 51.2 | 0.10x |" in table
 
 
@@ -78,7 +82,8 @@ def test_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     bench.THINNED = {"thinned: all-GDN only": ["gdn*"]}
     bench.main(["--contexts", "32", "64", "--new-tokens", "4", "--reps", "1", "--kv-cache-gib", "0.25",
-                "--natives", "llama", "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+                "--mixed-batch", "8", "--natives", "llama", "--workdir", str(tmp_path / "work"),
+                "--out", str(out)])  # fmt: skip
     results = json.loads((out / "vllm_decode.json").read_text())
     assert not results["blocked"], results["blocked"]
     for name in bench.PLACEMENTS:
@@ -86,6 +91,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert all(rate > 0 for rate in results["decode"][name].values())
     assert set(results["native"]) == {"all-FA"}
     assert set(results["mixed"]["uniform_average"]) == {"32", "64"}
+    assert set(results["mixed_large"]["uniform_average"]) == {"32"}  # the shortest context only
     memory = results["memory"]
     assert memory["unthinned"]["kv_cache_tokens"] > 0
     assert memory["thinned: all-GDN only"]["bytes_per_request_at_max_len"] > 0
