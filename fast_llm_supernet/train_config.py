@@ -121,6 +121,10 @@ class OptimizerConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     # The cosine decays from lr to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # Mixer name (as in the checkpoint, like `sampling.weights`) -> multiplier of lr for that mixer's weights
+    # in every layer, e.g. {sliding_window: 3.0}; unnamed mixers and non-mixer weights keep lr. Each
+    # multiplier is its own optimizer parameter group, so warmup and cosine scale them all alike.
+    mixer_lr_scale: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("betas")
     @classmethod
@@ -128,6 +132,14 @@ class OptimizerConfig(_Strict):
         if not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"each beta must lie in [0, 1), got {betas}")
         return betas
+
+    @field_validator("mixer_lr_scale")
+    @classmethod
+    def _positive_scales(cls, scales: dict[str, float]) -> dict[str, float]:
+        bad = {name: scale for name, scale in scales.items() if not (scale > 0 and scale < float("inf"))}
+        if bad:
+            raise ValueError(f"each multiplier must be a positive number, got {bad}")
+        return scales
 
 
 class EvalConfig(_Strict):
@@ -272,6 +284,13 @@ def resolve_placements(config: TrainConfig) -> ResolvedPlacements:
             )
         except ValidationError as error:
             errors.append(f"export.presets: {error.errors()[0]['msg']}")
+    mixer_names = spec.mixer_names()
+    for name in config.optimizer.mixer_lr_scale:
+        if name not in mixer_names:
+            errors.append(
+                f"optimizer.mixer_lr_scale: {name!r} is not a mixer of this checkpoint; "
+                f"mixers: {', '.join(sorted(mixer_names))}"
+            )
     if config.export.default is not None:
         parse("export.default", config.export.default, spec, presets)
         presets = presets.model_copy(update={"default": config.export.default})

@@ -10,7 +10,8 @@ One step:
      norm) and the teacher's attention mixer of that layer runs on *that same tensor*, under no_grad,
      to give the activation target;
   4. `distill_loss.distillation_loss` combines reverse KL, forward KL, activation matching and
-     cross-entropy; AdamW with warmup + cosine and gradient clipping updates the trainable weights.
+     cross-entropy; AdamW with warmup + cosine and gradient clipping updates the trainable weights
+     (`optimizer.mixer_lr_scale`: per-mixer lr multipliers, one parameter group each).
 
 Why the activation target is "teacher attention on the student's input" rather than the teacher's own
 hidden state at that layer (what upstream Fast-LLM compares against): once earlier layers run other
@@ -100,6 +101,39 @@ def select_trainable_parameters(
             if trains and any(True for _ in mixer.parameters()):
                 trainable_mixers.add((index, name))
     return trainable_mixers
+
+
+def optimizer_parameter_groups(
+    model: SupernetForCausalLM,
+    trainable: list[tuple[str, torch.nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    mixer_lr_scale: dict[str, float],
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one per (lr multiplier, weight decay or not) that some trainable parameter has.
+
+    A mixer's parameters (in every layer) get `lr * mixer_lr_scale[its name]`; every other parameter, and
+    mixers not named, get `lr`. Matrices decay, vectors (norms, A_log, dt_bias) do not. Each group carries
+    its multiplier (`lr_scale`) and its parameters' names (`param_names`), saved with the optimizer state.
+    Groups come in a fixed order, unscaled first, so group 0 holds plain-lr parameters whenever any do.
+    """
+    scale_of: dict[int, float] = {}
+    for block, layer in zip(model.model.decoder.blocks, model.spec.layers, strict=True):
+        for name in layer.mixers:
+            for parameter in block.get_mixer(name).parameters():
+                scale_of[id(parameter)] = mixer_lr_scale.get(name, 1.0)
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, parameter in trainable:
+        scale, decays = scale_of.get(id(parameter), 1.0), parameter.ndim >= 2
+        group = groups.setdefault(
+            (scale, decays),
+            {"params": [], "param_names": [], "lr": lr * scale, "lr_scale": scale,
+             "weight_decay": weight_decay if decays else 0.0},
+        )
+        group["params"].append(parameter)
+        group["param_names"].append(name)
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], not key[1]))
+    return [groups[key] for key in order]
 
 
 def distillation_forward(
@@ -293,18 +327,23 @@ class Trainer:
         self.trainable = [(name, p) for name, p in self.student.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise ConfigError("model: no parameter trains (check model.train and model.frozen_mixer_kinds)")
-        decay = [p for name, p in self.trainable if p.ndim >= 2]
-        no_decay = [p for name, p in self.trainable if p.ndim < 2]  # norms, A_log, dt_bias: no weight decay
         optimizer = config.optimizer
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            optimizer_parameter_groups(
+                self.student, self.trainable, optimizer.lr, optimizer.weight_decay, optimizer.mixer_lr_scale
+            ),
             lr=optimizer.lr,
             betas=optimizer.betas,
             eps=optimizer.eps,
         )
+        # One schedule factor for every group: each group's lr is its own initial lr times the factor.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_schedule(optimizer.warmup_steps, config.steps, optimizer.min_lr_ratio)
         )
+        for name, scale in optimizer.mixer_lr_scale.items():
+            layers = sum(1 for _, mixer in self.trainable_mixers if mixer == name)
+            effect = f"in {layers} layers" if layers else "(no effect: this mixer does not train)"
+            self.log(f"optimizer: {name} trains at lr x {scale:g} {effect}")
         self.sampler = MixerSampler(self.spec, config.sampling, self.student.presets)
         self.log_window: dict[str, list[float]] = defaultdict(list)
         self.train_data, self.eval_data = self._load_data()
@@ -380,7 +419,7 @@ class Trainer:
         parameters = [p for _, p in self.trainable]
         clip = self.config.optimizer.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else float("inf"))
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["lr_scale"]  # the base lr
         self.optimizer.step()
         self.scheduler.step()
         metrics = dict(sums)
@@ -395,7 +434,7 @@ class Trainer:
             "step": step,
             # Only what trains: frozen weights are re-read from model.checkpoint, which they still equal.
             "trainable": {name: p.detach().cpu().clone() for name, p in self.trainable},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # its param_groups carry lr_scale and param_names
             "scheduler": self.scheduler.state_dict(),
             "rng": {
                 "python": random.getstate(),
@@ -462,10 +501,21 @@ class Trainer:
                 f"cannot resume from {directory}: the training data has {self.train_data.num_rows} rows, "
                 f"the run had {state['data']['train_rows']} (data or sequence_length changed)"
             )
+        # Loading the optimizer state restores each group's lr: a changed mixer_lr_scale would be ignored.
+        saved = [(group.get("lr_scale", 1.0), group.get("param_names")) for group in state["optimizer"]["param_groups"]]
+        current = [(group["lr_scale"], group["param_names"]) for group in self.optimizer.param_groups]
+        if saved != current and all(names is not None for _, names in saved):  # older checkpoints: no names
+            raise ConfigError(
+                f"cannot resume from {directory}: its optimizer groups have lr multipliers "
+                f"{[scale for scale, _ in saved]}, this config's {[scale for scale, _ in current]} "
+                "(optimizer.mixer_lr_scale changed); use a new output_dir"
+            )
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
                 names[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # restores every group's lr and lr_scale
+        for group in self.optimizer.param_groups:  # checkpoints written before mixer_lr_scale existed
+            group.setdefault("lr_scale", 1.0)
         self.scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])

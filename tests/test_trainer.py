@@ -141,12 +141,29 @@ def base_config(root: Path, output: str, **overrides) -> dict:
         ("teacher.placement", "gdn,bogus", "teacher.placement"),
         ("sampling.predefined", ["kda*"], "sampling"),
         ("export.presets", {"fast": "gdn*", "bad name": "kda*"}, "export.presets"),
+        ("optimizer.mixer_lr_scale", {"sliding_window": 0.0}, "optimizer.mixer_lr_scale"),
+        ("optimizer.mixer_lr_scale", {"gdn": "fast"}, "optimizer.mixer_lr_scale.gdn"),
     ],
 )
 def test_bad_config_fails_naming_the_field(tiny_run, key, value, field):
     with pytest.raises(ConfigError) as error:
         parse_config(base_config(tiny_run, "bad", **{key: value}))
     assert field in str(error.value)
+
+
+def test_mixer_lr_scale_naming_no_mixer_fails_before_training(tiny_run, tmp_path, capsys):
+    with pytest.raises(ConfigError) as error:
+        parse_config(base_config(tiny_run, "bad", **{"optimizer.mixer_lr_scale": {"gdn": 2.0, "swa": 5.0}}))
+    message = str(error.value)
+    # The field, the bad value and the allowed names; the good key is not reported.
+    assert "optimizer.mixer_lr_scale: 'swa' is not a mixer of this checkpoint" in message
+    assert "mixers: attention, gdn, kda, sliding_window" in message
+    assert "'gdn'" not in message
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base_config(tiny_run, "bad_lr_scale")))
+    assert main(["--config", str(path), "--set", "optimizer.mixer_lr_scale={mamba: 2}"]) == 2
+    assert "'mamba' is not a mixer" in capsys.readouterr().err
+    assert not (tiny_run / "bad_lr_scale").exists()  # nothing was started
 
 
 def test_yaml_loading_overrides_and_cli_rejects_before_work(tiny_run, tmp_path, capsys):
@@ -217,13 +234,15 @@ def trained_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.trainable}
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tiny_run):
+@pytest.mark.parametrize("lr_scale", [{}, {"sliding_window": 5.0, "gdn": 0.5}], ids=["plain", "mixer_lr_scale"])
+def test_resume_after_kill_equals_uninterrupted_run(tiny_run, lr_scale):
     # log_every 3 and checkpoints every 2: the resumed run must carry a half-filled logging window.
-    settings = {"log_every": 3, "eval.every": 2}
-    uninterrupted = Trainer(parse_config(base_config(tiny_run, "straight", **settings)), log=lambda *_: None)
+    settings = {"log_every": 3, "eval.every": 2, "optimizer.mixer_lr_scale": lr_scale}
+    suffix = "_scaled" if lr_scale else ""
+    uninterrupted = Trainer(parse_config(base_config(tiny_run, "straight" + suffix, **settings)), log=lambda *_: None)
     straight = uninterrupted.run()
 
-    config = parse_config(base_config(tiny_run, "killed", **settings))
+    config = parse_config(base_config(tiny_run, "killed" + suffix, **settings))
     first = Trainer(config, log=lambda *_: None)
     stopped = first.run(stop_after_steps=3)  # "killed" after step 3; the last checkpoint is step 2
     assert stopped.stopped_early and stopped.step == 3
@@ -234,13 +253,50 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_run):
     assert resumed.initial_eval == straight.initial_eval
     for name, tensor in trained_state(uninterrupted).items():
         assert torch.equal(tensor, dict(resumed_trainer.trainable)[name]), name
+    # Every group's lr (and multiplier) after the resumed run is the uninterrupted run's.
+    def groups(trainer):
+        return [(g["lr"], g["initial_lr"], g["lr_scale"], g["param_names"]) for g in trainer.optimizer.param_groups]
+
+    assert groups(resumed_trainer) == groups(uninterrupted)
     # The metrics log of the resumed run is the uninterrupted one (the replayed step 3 is not duplicated).
     def lines(run):
         return [json.loads(line) for line in (tiny_run / run / "metrics.jsonl").read_text().splitlines()]
 
-    assert lines("killed") == lines("straight")
-    checkpoints = sorted(p.name for p in (tiny_run / "killed" / "checkpoints").glob("step_*"))
+    assert lines("killed" + suffix) == lines("straight" + suffix)
+    checkpoints = sorted(p.name for p in (tiny_run / ("killed" + suffix) / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_00000002", "step_00000004"]  # keep: 2
+
+
+def test_mixer_lr_scale_makes_scheduled_parameter_groups(tiny_run):
+    scales = {"sliding_window": 5.0, "gdn": 0.5, "attention": 3.0}  # attention is frozen: no group of its own
+    settings = {"steps": 6, "optimizer": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 2, "min_lr_ratio": 0.1, "mixer_lr_scale": scales}}
+    trainer = Trainer(parse_config(base_config(tiny_run, "lr_scale", **settings)), log=lambda *_: None)
+    groups = trainer.optimizer.param_groups
+    # (lr multiplier, decays) per group, unscaled first; every trainable parameter in exactly one group.
+    assert [(g["lr_scale"], g["weight_decay"] == 0.0) for g in groups] == [
+        (1.0, False), (1.0, True), (0.5, False), (0.5, True), (5.0, False), (5.0, True)
+    ]
+    assert sorted(name for g in groups for name in g["param_names"]) == sorted(name for name, _ in trainer.trainable)
+    for group in groups:
+        for name, parameter in zip(group["param_names"], group["params"], strict=True):
+            assert parameter is dict(trainer.trainable)[name]
+            mixer = name.split(".mixers.")[1].split(".")[0]
+            assert group["lr_scale"] == {"sliding_window": 5.0, "gdn": 0.5}.get(mixer, 1.0), name
+            assert (group["weight_decay"] == 0.0) == (parameter.ndim < 2), name
+    # Warmup and cosine scale every group alike: at each step, group lr = schedule(step) * lr * multiplier.
+    from fast_llm_supernet.trainer import cosine_schedule
+
+    schedule = cosine_schedule(2, 6, 0.1)
+    for step in range(6):
+        for group in groups:
+            assert group["lr"] == pytest.approx(schedule(step) * 2e-3 * group["lr_scale"], rel=1e-12)
+        metrics, _ = trainer.train_step(step)
+        assert metrics["lr"] == pytest.approx(schedule(step) * 2e-3, rel=1e-12)  # the base lr is logged
+    # Resuming with other multipliers would silently keep the old ones: it fails instead.
+    trainer.save_checkpoint(6, {})
+    changed = {**settings, "optimizer": {**settings["optimizer"], "mixer_lr_scale": {"sliding_window": 2.0}}}
+    with pytest.raises(ConfigError, match="mixer_lr_scale changed"):
+        Trainer(parse_config(base_config(tiny_run, "lr_scale", **changed)), log=lambda *_: None).run()
 
 
 def test_only_non_attention_mixers_train_and_export_loads(tiny_run):
