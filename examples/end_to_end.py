@@ -157,7 +157,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "end_to_end")
     parser.add_argument("--teacher-steps", type=int, default=200, help="pre-training steps of the tiny teacher")
-    parser.add_argument("--distill-steps", type=int, default=120, help="stochastic distillation steps")
+    parser.add_argument("--distill-steps", type=int, default=150, help="stochastic distillation steps")
     parser.add_argument("--window-size", type=int, default=16, help="sliding-window mixer's window (16: short enough to matter on 128-token rows)")
     parser.add_argument("--skip-serve", action="store_true", help="stop after the PyTorch stages")
     parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
