@@ -408,24 +408,25 @@ def run(args) -> dict:
 
         # 1+3: the remaining placements and the mixed batch, alternating with the uniform batches.
         rest = [n for n in PLACEMENTS if n not in natives]
+
+        def time_alternated(order: list[tuple[str, str]], context: int, rep: int, batch: int) -> None:
+            """Time (side, name) batches of `batch` requests in `order`, reversed every other repetition;
+            a side starting with "mixed" is the mixed batch, an equal share of it per placement."""
+            for side, name in order if rep % 2 == 0 else order[::-1]:
+                if side.startswith("mixed"):
+                    placements = [PLACEMENTS[m] for m in MIXED] * max(1, batch // len(MIXED))
+                else:
+                    placements = [PLACEMENTS[name]] * batch
+                record((side, name, context), supernet.decode(placements, context, args.new_tokens))
+
         for context, rep in tqdm(steps, desc="placements + mixed batch", file=sys.stdout):
             # The uniform batches the mixed one is compared with are timed here again, next to it.
             order = [("supernet", n) for n in rest] + [("mixed", "mixed")] + [("uniform", m) for m in MIXED]
-            for side, name in order if rep % 2 == 0 else order[::-1]:
-                if side == "mixed":
-                    placements = [PLACEMENTS[m] for m in MIXED] * max(1, args.batch // len(MIXED))
-                else:
-                    placements = [PLACEMENTS[name]] * args.batch
-                record((side, name, context), supernet.decode(placements, context, args.new_tokens))
+            time_alternated(order, context, rep, args.batch)
             if context == args.contexts[0] and args.mixed_batch:
                 # The larger mixed batch, a quarter of it per placement, beside uniform batches of that size.
                 order = [("mixed_large", "mixed")] + [("uniform_large", m) for m in MIXED]
-                for side, name in order if rep % 2 == 0 else order[::-1]:
-                    if side == "mixed_large":
-                        placements = [PLACEMENTS[m] for m in MIXED] * (args.mixed_batch // len(MIXED))
-                    else:
-                        placements = [PLACEMENTS[name]] * args.mixed_batch
-                    record((side, name, context), supernet.decode(placements, context, args.new_tokens))
+                time_alternated(order, context, rep, args.mixed_batch)
     finally:
         for engine in engines:
             engine.stop()
@@ -571,22 +572,20 @@ def markdown(results: dict, command: str) -> str:
                 f"{ours:.1f} / {theirs:.1f} = **{ours / theirs:.2f}x**" if ours and theirs else "n/a"
             )
         lines.append(f"| {name} | {native_names[kind]} | " + " | ".join(cells) + " |")
-    lines += ["", "### Mixed batch (one request each of " + ", ".join(MIXED) + ") vs uniform batches", "",
-              "| context | mixed tok/s | uniform average tok/s | ratio |", "|---|---|---|---|"]  # fmt: skip
-    for c in contexts:
-        ours, average = mixed.get("mixed", {}).get(c), mixed.get("uniform_average", {}).get(c)
-        if ours and average:
-            lines.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
+    def mixed_table(title: str, section: dict) -> list[str]:
+        rows = ["", title, "", "| context | mixed tok/s | uniform average tok/s | ratio |", "|---|---|---|---|"]
+        for c in contexts:
+            ours, average = section.get("mixed", {}).get(c), section.get("uniform_average", {}).get(c)
+            if ours and average:
+                rows.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
+        return rows
+
+    lines += mixed_table("### Mixed batch (one request each of " + ", ".join(MIXED) + ") vs uniform batches", mixed)
     large = results.get("mixed_large", {})
     if large.get("mixed"):
-        per = settings["mixed_batch"] // len(MIXED)
-        lines += ["", f"### Mixed batch of {settings['mixed_batch']} ({per} requests each of " + ", ".join(MIXED)
-                  + f") vs uniform batches of {settings['mixed_batch']}", "",
-                  "| context | mixed tok/s | uniform average tok/s | ratio |", "|---|---|---|---|"]  # fmt: skip
-        for c in contexts:
-            ours, average = large.get("mixed", {}).get(c), large.get("uniform_average", {}).get(c)
-            if ours and average:
-                lines.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
+        size = settings["mixed_batch"]
+        lines += mixed_table(f"### Mixed batch of {size} ({size // len(MIXED)} requests each of "
+                             + ", ".join(MIXED) + f") vs uniform batches of {size}", large)  # fmt: skip
     memory = results["memory"]
     base = memory.get("unthinned", {}).get("bytes_per_request_at_max_len")
     lines += ["", f"### Cache memory per request (same budget {settings['kv_cache_gib']} GiB, "

@@ -83,7 +83,7 @@ class SupernetAttentionBackend(CPUAttentionBackend):
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return []  # any: sizes outside CPU_KERNEL_HEAD_SIZES run the reference path
+        return []  # any: sizes vLLM's CPU kernel does not take run the reference path (paged_attention.py)
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:

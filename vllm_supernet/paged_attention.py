@@ -6,8 +6,8 @@ for those requests only.
 
 * `paged_attention_cpu`: vLLM's CPU attention kernels (`cpu_attn_reshape_and_cache`,
   `get_scheduler_metadata`, `cpu_attention_with_kv_cache`, vllm/_custom_ops.py), the ones vLLM's
-  own `CPUAttentionBackend` (vllm/v1/attention/backends/cpu_attn.py) runs. They take head sizes
-  `CPU_KERNEL_HEAD_SIZES` only, keep keys in an ISA-specific layout inside each block, and plan the
+  own `CPUAttentionBackend` (vllm/v1/attention/backends/cpu_attn.py) runs. They take the head sizes
+  `CPUAttentionBackend.get_supported_head_sizes()` lists (32..512) only, keep keys in an ISA-specific layout inside each block, and plan the
   work over a batch with a schedule: here one schedule per (request subset, window), computed once
   per step and shared by every layer of the cache group.
 * `paged_attention_reference`: plain PyTorch, any head size (upstream test exports use 16), the
@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# vLLM's CPU attention kernel's head sizes (`CPUAttentionBackend.get_supported_head_sizes`).
-CPU_KERNEL_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
 def uses_cpu_kernel(head_size: int, device_type: str) -> bool:
-    return device_type == "cpu" and head_size in CPU_KERNEL_HEAD_SIZES
+    if device_type != "cpu":
+        return False
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return head_size in CPUAttentionBackend.get_supported_head_sizes()
 
 
 @dataclass
@@ -78,6 +78,7 @@ def paged_attention_cpu(
     slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
     ops.cpu_attn_reshape_and_cache(key_w, value_w, key_cache, value_cache, slots, metadata.isa)
 
+    sliding_window = -1 if window is None else window  # the kernel's "no window"
     subset_key = (tuple(requests), num_heads, window, query.dtype)
     if subset_key not in metadata._subsets:
         lengths = [metadata.query_start_loc[r + 1] - metadata.query_start_loc[r] for r in requests]
@@ -94,7 +95,7 @@ def paged_attention_cpu(
             dtype=query.dtype,
             query_start_loc=query_start_loc,
             causal=True,
-            sliding_window_size=-1 if window is None else window,
+            sliding_window_size=sliding_window,
             isa=metadata.isa,
             enable_kv_split=False,
         )
@@ -113,7 +114,7 @@ def paged_attention_cpu(
         scale=scale,
         causal=True,
         alibi_slopes=None,
-        sliding_window=-1 if window is None else window,
+        sliding_window=sliding_window,
         block_table=block_table,
         softcap=0.0,
         scheduler_metadata=schedule,
