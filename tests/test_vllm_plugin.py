@@ -215,6 +215,7 @@ def test_gdn_decode_kernel_equals_reference_mixer(head_dim):
         mixer.A_log.uniform_(-1, 1)
         mixer.dt_bias.uniform_(-1, 1)
         mixer.norm.weight.uniform_(0.5, 1.5)
+        mixer.in_proj_ba.weight.mul_(4)  # gates that vary: a swapped alpha/beta must show
     inputs = torch.randn(batch_size, prompt + steps, hidden_size).to(torch.bfloat16)
     slots = torch.tensor([5, 1, 3])
     with torch.no_grad():
