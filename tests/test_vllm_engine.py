@@ -211,9 +211,8 @@ def _kernel_requests() -> list[dict]:
 @pytest.fixture(scope="module")
 def kernel_checkpoint(tmp_path_factory):
     from fast_llm_supernet.convert import convert
-    from tests.test_convert import make_teacher
-
     from fast_llm_supernet.model import SupernetForCausalLM
+    from tests.test_convert import make_teacher
     from tests.test_model import randomised
 
     root = tmp_path_factory.mktemp("kernel_supernet")
@@ -224,8 +223,14 @@ def kernel_checkpoint(tmp_path_factory):
     return root / "supernet"
 
 
-@pytest.fixture(scope="module")
-def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
+# "compiled": vLLM's default enforce_eager=False, under which the GDN/KDA decode steps run through
+# torch.compile (vllm_supernet/compiled_steps.py); they must give the reference's numbers all the same.
+ENGINE_MODES = ["eager", "compiled"]
+
+
+@pytest.fixture(scope="module", params=ENGINE_MODES)
+def kernel_engine_results(kernel_checkpoint, tmp_path_factory, request):
+    mode = request.param
     requests = _kernel_requests()
     scenario = {
         "model": str(kernel_checkpoint),
@@ -235,7 +240,7 @@ def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
             "max_model_len": 512,
             "max_num_seqs": 8,
             "max_num_batched_tokens": 64,  # chunked prefill
-            "enforce_eager": True,
+            "enforce_eager": mode == "eager",
             "enable_prefix_caching": False,
         },
         "batches": [
@@ -243,7 +248,7 @@ def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
             *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(requests)),
         ],
     }
-    return run_engine(scenario, tmp_path_factory.mktemp("vllm_kernel_engine"))
+    return run_engine(scenario, tmp_path_factory.mktemp(f"vllm_kernel_engine_{mode}"))
 
 
 def test_cpu_attention_kernel_equals_reference(kernel_checkpoint, kernel_engine_results):
@@ -278,8 +283,9 @@ def _bf16_requests() -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def bf16_engine_results(kernel_checkpoint, tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINE_MODES)
+def bf16_engine_results(kernel_checkpoint, tmp_path_factory, request):
+    mode = request.param
     scenario = {
         "model": str(kernel_checkpoint),
         "engine": {
@@ -287,12 +293,12 @@ def bf16_engine_results(kernel_checkpoint, tmp_path_factory):
             "gpu_memory_utilization": 0.3,
             "max_model_len": 512,
             "max_num_seqs": 8,
-            "enforce_eager": True,
+            "enforce_eager": mode == "eager",
             "enable_prefix_caching": False,
         },
         "batches": [{"name": "mixed", "requests": _bf16_requests()}],
     }
-    return run_engine(scenario, tmp_path_factory.mktemp("vllm_bf16_engine"))
+    return run_engine(scenario, tmp_path_factory.mktemp(f"vllm_bf16_engine_{mode}"))
 
 
 def test_gdn_decode_kernel_in_bf16_engine_follows_reference(kernel_checkpoint, bf16_engine_results):

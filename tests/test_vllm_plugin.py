@@ -21,12 +21,12 @@ from shared_spec import (  # noqa: E402
     SupernetSpec,
 )
 from tests.vllm_helpers import FIXTURE_CHECKPOINT  # noqa: E402
-from vllm_supernet.placements import ServingPlacements, SupernetBatch  # noqa: E402
 from vllm_supernet.paged_attention import (  # noqa: E402
     PagedAttentionMetadata,
     paged_attention_cpu,
     paged_attention_reference,
 )
+from vllm_supernet.placements import ServingPlacements, SupernetBatch  # noqa: E402
 
 PRESETS = PresetsFile.model_validate(
     {"default": "fast", "presets": {"fast": {"placement": ["gdn", "kda"]}, "quality": {"placement": "fa*"}}}

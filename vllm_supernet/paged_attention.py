@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+
 def uses_cpu_kernel(head_size: int, device_type: str) -> bool:
     if device_type != "cpu":
         return False
@@ -140,7 +141,7 @@ def paged_attention_reference(
     order), concatenated; `token_index` [N] their positions in the full batch (None: the whole
     batch, requests = all). kv_cache: [num_blocks, Hkv, block_size, 2 * D]. Returns [N, Hq, D].
     """
-    num_kv_heads, block_size, head_size = kv_cache.shape[1], kv_cache.shape[2], query.shape[-1]
+    block_size, head_size = kv_cache.shape[2], query.shape[-1]
     slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
     blocks, offsets = slots // block_size, slots % block_size
     kv_cache[blocks, :, offsets, :head_size] = key_w.to(kv_cache.dtype)
