@@ -71,11 +71,14 @@ def paged_attention_cpu(
 ) -> torch.Tensor:
     """Same contract as `paged_attention_reference`, with vLLM's CPU kernels."""
     from vllm import _custom_ops as ops
+    from vllm import envs
 
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
     num_heads, head_size = query.shape[1], query.shape[2]
     # [num_blocks, Hkv, 2 * block_size, D]: keys in the first half of each block, values in the second.
-    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size).chunk(2, dim=2)
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size).chunk(
+        2, dim=2
+    )
     slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
     ops.cpu_attn_reshape_and_cache(key_w, value_w, key_cache, value_cache, slots, metadata.isa)
 
@@ -98,7 +101,7 @@ def paged_attention_cpu(
             causal=True,
             sliding_window_size=sliding_window,
             isa=metadata.isa,
-            enable_kv_split=False,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,  # as CPUAttentionBackend: long contexts split over threads
         )
         metadata._subsets[subset_key] = (query_start_loc, seq_lens, block_table, schedule)
     query_start_loc, seq_lens, block_table, schedule = metadata._subsets[subset_key]
