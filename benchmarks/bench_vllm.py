@@ -12,10 +12,7 @@ that ratios share the machine's state:
    (attention), Mistral with `sliding_window` (SWA), dense Qwen3.5 with GDN in every layer;
 3. a batch of four requests with four different placements against the uniform batches' average,
    and (at the shortest context) the same with `--mixed-batch` requests, a quarter per placement:
-   at batch 4 each mixer runs on one token, so its fixed per-call cost counts four times;
-   also at the shortest context, the same batch of four and its uniform batches on a second
-   supernet engine with `enforce_eager=False`, where the GDN/KDA decode steps are compiled
-   (vllm_supernet/compiled_steps.py); everything else, native models included, runs eager;
+   at batch 4 each mixer's weights are read for one token, at larger batches for several;
 4. KV/state cache bytes per request of thinned deployments against the unthinned one, from vLLM's
    own start-up report (KV cache size, max concurrency) at the same cache budget.
 
@@ -220,8 +217,8 @@ def _engine_worker(connection, model: str, options: dict, log_path: str, extra_e
     try:
         from vllm import LLM, SamplingParams
 
-        llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enable_prefix_caching=False,
-                  seed=0, **{"enforce_eager": True, **options})  # fmt: skip
+        llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+                  enable_prefix_caching=False, seed=0, **options)  # fmt: skip
         engine = llm.llm_engine
         rng = random.Random(0)
         counter = 0
@@ -346,8 +343,7 @@ def _empty_results(args) -> dict:
         "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                   "intermediate": INTERMEDIATE, "vocab": VOCAB, "window": args.window, "dtype": "bfloat16"},
         "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {}, "mixed_large": {},
-        "uniform_beside_mixed_large": {}, "compiled_mixed": {}, "compiled_uniform": {}, "memory": {},
-        "blocked": [],
+        "uniform_beside_mixed_large": {}, "memory": {}, "blocked": [],
     }  # fmt: skip
 
 
@@ -384,11 +380,7 @@ def run(args) -> dict:
         for name, kind in NATIVE_FOR.items()
         if kind in args.natives
     }
-    compiled = None
-    if not args.skip_compiled:
-        compiled_options = {**options, "enforce_eager": False}
-        compiled = Engine("supernet_compiled", checkpoints["supernet"], compiled_options, logdir, wait=False)
-    engines = [supernet, *natives.values(), *([compiled] if compiled else [])]
+    engines = [supernet, *natives.values()]
     try:
         supernet.wait_ready()
         results["memory"]["unthinned"] = supernet.cache_report()
@@ -402,9 +394,6 @@ def run(args) -> dict:
                 del natives[name]
         for name in PLACEMENTS:  # warm-up: every code path once
             supernet.decode([PLACEMENTS[name]] * args.batch, 32, 4)
-        if compiled is not None:
-            compiled.wait_ready()
-            compiled.decode([PLACEMENTS[m] for m in MIXED], 32, 4)
 
         # 1+2: each native engine beside the supernet, alternating repetition by repetition.
         steps = [(c, r) for c in args.contexts for r in range(args.reps)]
@@ -420,17 +409,15 @@ def run(args) -> dict:
         # 1+3: the remaining placements and the mixed batch, alternating with the uniform batches.
         rest = [n for n in PLACEMENTS if n not in natives]
 
-        def time_alternated(
-            order: list[tuple[str, str]], context: int, rep: int, batch: int, engine: Engine = supernet
-        ) -> None:
+        def time_alternated(order: list[tuple[str, str]], context: int, rep: int, batch: int) -> None:
             """Time (side, name) batches of `batch` requests in `order`, reversed every other repetition;
             a side starting with "mixed" is the mixed batch, an equal share of it per placement."""
             for side, name in order if rep % 2 == 0 else order[::-1]:
-                if "mixed" in side:
+                if side.startswith("mixed"):
                     placements = [PLACEMENTS[m] for m in MIXED] * max(1, batch // len(MIXED))
                 else:
                     placements = [PLACEMENTS[name]] * batch
-                record((side, name, context), engine.decode(placements, context, args.new_tokens))
+                record((side, name, context), supernet.decode(placements, context, args.new_tokens))
 
         for context, rep in tqdm(steps, desc="placements + mixed batch", file=sys.stdout):
             # The uniform batches the mixed one is compared with are timed here again, next to it.
@@ -440,9 +427,6 @@ def run(args) -> dict:
                 # The larger mixed batch, a quarter of it per placement, beside uniform batches of that size.
                 order = [("mixed_large", "mixed")] + [("uniform_large", m) for m in MIXED]
                 time_alternated(order, context, rep, args.mixed_batch)
-            if context == args.contexts[0] and compiled is not None:
-                order = [("compiled_mixed", "mixed")] + [("compiled_uniform", m) for m in MIXED]
-                time_alternated(order, context, rep, args.batch, compiled)
     finally:
         for engine in engines:
             engine.stop()
@@ -509,18 +493,14 @@ def summarise(results: dict, samples: dict[tuple, list[float]]) -> None:
     for (side, name, context), value in median.items():
         target = {"supernet": results["decode"], "native": results["native"], "mixed": results["mixed"],
                   "uniform": results["uniform_beside_mixed"], "mixed_large": results["mixed_large"],
-                  "uniform_large": results["uniform_beside_mixed_large"],
-                  "compiled_mixed": results["compiled_mixed"], "compiled_uniform": results["compiled_uniform"]}[side]  # fmt: skip
+                  "uniform_large": results["uniform_beside_mixed_large"]}[side]  # fmt: skip
         target.setdefault(name, {})[str(context)] = value
-    pairs = [("mixed", "uniform_beside_mixed"), ("mixed_large", "uniform_beside_mixed_large"),
-             ("compiled_mixed", "compiled_uniform")]  # fmt: skip
-    for mixed_key, uniform_key in pairs:
+    for mixed_key, uniform_key in (("mixed", "uniform_beside_mixed"), ("mixed_large", "uniform_beside_mixed_large")):
         for context in results["settings"]["contexts"]:
             uniform = [results[uniform_key].get(m, {}).get(str(context)) for m in MIXED]
             mixed = results[mixed_key].get("mixed", {}).get(str(context))
             if mixed and all(uniform):
-                average = sum(uniform) / len(uniform)
-                results[mixed_key].setdefault("uniform_average", {})[str(context)] = average
+                results[mixed_key].setdefault("uniform_average", {})[str(context)] = sum(uniform) / len(uniform)
     results["samples"] = {"|".join(map(str, key)): values for key, values in samples.items()}
 
 
@@ -592,42 +572,20 @@ def markdown(results: dict, command: str) -> str:
                 f"{ours:.1f} / {theirs:.1f} = **{ours / theirs:.2f}x**" if ours and theirs else "n/a"
             )
         lines.append(f"| {name} | {native_names[kind]} | " + " | ".join(cells) + " |")
-
     def mixed_table(title: str, section: dict) -> list[str]:
-        rows = [
-            "",
-            title,
-            "",
-            "| context | mixed tok/s | uniform average tok/s | ratio |",
-            "|---|---|---|---|",
-        ]
+        rows = ["", title, "", "| context | mixed tok/s | uniform average tok/s | ratio |", "|---|---|---|---|"]
         for c in contexts:
             ours, average = section.get("mixed", {}).get(c), section.get("uniform_average", {}).get(c)
             if ours and average:
                 rows.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
         return rows
 
-    lines += mixed_table(
-        "### Mixed batch (one request each of " + ", ".join(MIXED) + ") vs uniform batches", mixed
-    )
+    lines += mixed_table("### Mixed batch (one request each of " + ", ".join(MIXED) + ") vs uniform batches", mixed)
     large = results.get("mixed_large", {})
     if large.get("mixed"):
         size = settings["mixed_batch"]
         lines += mixed_table(f"### Mixed batch of {size} ({size // len(MIXED)} requests each of "
                              + ", ".join(MIXED) + f") vs uniform batches of {size}", large)  # fmt: skip
-    compiled = results.get("compiled_mixed", {})
-    if compiled.get("mixed"):
-        lines += ["", "### enforce_eager=False: GDN/KDA decode steps compiled (second supernet engine, same run)",
-                  "", f"| batch of {settings['batch']} | eager tok/s | compiled tok/s | compiled / eager |", "|---|---|---|---|"]  # fmt: skip
-        for c in compiled["mixed"]:
-            eager_rows = [(m, results["uniform_beside_mixed"].get(m, {}).get(c)) for m in MIXED]
-            eager_rows.append(("mixed (one of each)", mixed.get("mixed", {}).get(c)))
-            for name, eager in eager_rows:
-                ours = compiled.get("mixed", {}).get(c) if name.startswith("mixed") else (
-                    results["compiled_uniform"].get(name, {}).get(c))  # fmt: skip
-                if ours and eager:
-                    lines.append(f"| {name}, ctx {c} | {eager:.1f} | {ours:.1f} | **{ours / eager:.2f}x** |")
-        lines += mixed_table("### Mixed batch vs uniform batches, both with enforce_eager=False", compiled)
     memory = results["memory"]
     base = memory.get("unthinned", {}).get("bytes_per_request_at_max_len")
     lines += ["", f"### Cache memory per request (same budget {settings['kv_cache_gib']} GiB, "
@@ -685,23 +643,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 4096])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument(
-        "--mixed-batch",
-        type=int,
-        default=16,
-        help="size of the larger mixed batch, timed at the shortest context (0: skip)",
-    )
+    parser.add_argument("--mixed-batch", type=int, default=16,
+                        help="size of the larger mixed batch, timed at the shortest context (0: skip)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--kv-cache-gib", type=float, default=0.25, help="cache budget per engine")
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument(
-        "--skip-compiled",
-        action="store_true",
-        help="no second supernet engine with enforce_eager=False (compiled GDN/KDA decode steps)",
-    )
     parser.add_argument("--memory-only", action="store_true", help="only the cache-memory comparison")
     parser.add_argument("--from-samples", action="store_true",
                         help="no engines: tables from WORKDIR/samples_partial.json of an earlier run")  # fmt: skip
@@ -709,9 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.mixed_batch % len(MIXED):
-        parser.error(
-            f"--mixed-batch {args.mixed_batch}: must be a multiple of {len(MIXED)} (one share per placement)"
-        )
+        parser.error(f"--mixed-batch {args.mixed_batch}: must be a multiple of {len(MIXED)} (one share per placement)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the engines on the way out
     if args.quick:
         args.contexts, args.new_tokens, args.reps = [128, 256, 512], 16, 1

@@ -27,14 +27,8 @@ def _synthetic_results(bench, contexts):
     rate = {str(c): 100.0 / (i + 1) for i, c in enumerate(contexts)}
     budget = 2**30
     return {
-        "settings": {
-            "contexts": contexts,
-            "batch": 4,
-            "mixed_batch": 16,
-            "new_tokens": 8,
-            "reps": 1,
-            "kv_cache_gib": 1.0,
-        },  # fmt: skip
+        "settings": {"contexts": contexts, "batch": 4, "mixed_batch": 16, "new_tokens": 8, "reps": 1,
+                     "kv_cache_gib": 1.0},  # fmt: skip
         "model": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 4, "head_dim": 64, "window": 512},
         "decode": {name: dict(rate) for name in bench.PLACEMENTS},
         "native": {name: dict(rate) for name in bench.NATIVE_FOR},
@@ -42,8 +36,6 @@ def _synthetic_results(bench, contexts):
         "uniform_beside_mixed": {name: dict(rate) for name in bench.MIXED},
         "mixed_large": {"mixed": {str(contexts[0]): 80.0}, "uniform_average": {str(contexts[0]): 100.0}},
         "uniform_beside_mixed_large": {name: {str(contexts[0]): 100.0} for name in bench.MIXED},
-        "compiled_mixed": {"mixed": {str(contexts[0]): 90.0}, "uniform_average": {str(contexts[0]): 120.0}},
-        "compiled_uniform": {name: {str(contexts[0]): 120.0} for name in bench.MIXED},
         "memory": {
             "unthinned": {
                 "kv_cache_tokens": 1000,
@@ -72,9 +64,6 @@ def test_table_from_results():
     assert "| 128 | 50.0 | 50.0 | **1.00x** |" in table  # mixed batch row
     assert "Mixed batch of 16 (4 requests each of" in table and "| 64 | 80.0 | 100.0 | **0.80x** |" in table
     assert "| thinned: all-GDN only | 9000 | 20.0 | 51.2 | 0.10x |" in table
-    assert "| all-KDA, ctx 64 | 100.0 | 120.0 | **1.20x** |" in table  # compiled vs eager
-    assert "| mixed (one of each), ctx 64 | 100.0 | 90.0 | **0.90x** |" in table
-    assert "both with enforce_eager=False" in table and "| 64 | 90.0 | 120.0 | **0.75x** |" in table
 
 
 @pytest.mark.slow  # matplotlib's import alone takes seconds on 2 cores
@@ -103,7 +92,6 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert set(results["native"]) == {"all-FA"}
     assert set(results["mixed"]["uniform_average"]) == {"32", "64"}
     assert set(results["mixed_large"]["uniform_average"]) == {"32"}  # the shortest context only
-    assert set(results["compiled_mixed"]["uniform_average"]) == {"32"}  # enforce_eager=False engine
     memory = results["memory"]
     assert memory["unthinned"]["kv_cache_tokens"] > 0
     assert memory["thinned: all-GDN only"]["bytes_per_request_at_max_len"] > 0

@@ -223,14 +223,8 @@ def kernel_checkpoint(tmp_path_factory):
     return root / "supernet"
 
 
-# "compiled": vLLM's default enforce_eager=False, under which the GDN/KDA decode steps run through
-# torch.compile (vllm_supernet/compiled_steps.py); they must give the reference's numbers all the same.
-ENGINE_MODES = ["eager", "compiled"]
-
-
-@pytest.fixture(scope="module", params=ENGINE_MODES)
-def kernel_engine_results(kernel_checkpoint, tmp_path_factory, request):
-    mode = request.param
+@pytest.fixture(scope="module")
+def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
     requests = _kernel_requests()
     scenario = {
         "model": str(kernel_checkpoint),
@@ -240,7 +234,7 @@ def kernel_engine_results(kernel_checkpoint, tmp_path_factory, request):
             "max_model_len": 512,
             "max_num_seqs": 8,
             "max_num_batched_tokens": 64,  # chunked prefill
-            "enforce_eager": mode == "eager",
+            "enforce_eager": True,
             "enable_prefix_caching": False,
         },
         "batches": [
@@ -248,7 +242,7 @@ def kernel_engine_results(kernel_checkpoint, tmp_path_factory, request):
             *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(requests)),
         ],
     }
-    return run_engine(scenario, tmp_path_factory.mktemp(f"vllm_kernel_engine_{mode}"))
+    return run_engine(scenario, tmp_path_factory.mktemp("vllm_kernel_engine"))
 
 
 def test_cpu_attention_kernel_equals_reference(kernel_checkpoint, kernel_engine_results):
@@ -283,9 +277,8 @@ def _bf16_requests() -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module", params=ENGINE_MODES)
-def bf16_engine_results(kernel_checkpoint, tmp_path_factory, request):
-    mode = request.param
+@pytest.fixture(scope="module")
+def bf16_engine_results(kernel_checkpoint, tmp_path_factory):
     scenario = {
         "model": str(kernel_checkpoint),
         "engine": {
@@ -293,12 +286,12 @@ def bf16_engine_results(kernel_checkpoint, tmp_path_factory, request):
             "gpu_memory_utilization": 0.3,
             "max_model_len": 512,
             "max_num_seqs": 8,
-            "enforce_eager": mode == "eager",
+            "enforce_eager": True,
             "enable_prefix_caching": False,
         },
         "batches": [{"name": "mixed", "requests": _bf16_requests()}],
     }
-    return run_engine(scenario, tmp_path_factory.mktemp(f"vllm_bf16_engine_{mode}"))
+    return run_engine(scenario, tmp_path_factory.mktemp("vllm_bf16_engine"))
 
 
 def test_gdn_decode_kernel_in_bf16_engine_follows_reference(kernel_checkpoint, bf16_engine_results):

@@ -39,22 +39,22 @@ def gdn_decode_cpu(
     from vllm import _custom_ops as ops
 
     batch_size = hidden_states.shape[0]
-    # The kernel reads a flat token dimension: query/key/value [1, B, heads, dim], one token per request.
-    query, key, value, alpha, beta_logits, z, conv_state = mixer.steps.gdn_kernel_inputs(
-        mixer, hidden_states, conv_pages[slots].to(hidden_states.dtype)
-    )
+    qkv, z, beta_logits, alpha = mixer.project_inputs(hidden_states[:, None])  # [B, 1, ...]
+    qkv, conv_state = mixer.convolution(qkv, conv_pages[slots].to(qkv.dtype))
     conv_pages[slots] = conv_state.to(conv_pages.dtype)
+    # The kernel reads a flat token dimension: [1, B, heads, dim], one token per request.
+    query, key, value = (x.transpose(0, 1).contiguous() for x in mixer.split_heads(qkv))
     out = ops.fused_sigmoid_gating_delta_rule_update_cpu(
         A_log=mixer.A_log.float(),
-        dt_bias=mixer.dt_bias.to(hidden_states.dtype),
+        dt_bias=mixer.dt_bias.to(qkv.dtype),
         q=query,
         k=key,
         v=value,
-        a=alpha,
-        b=beta_logits,
+        a=alpha[:, 0].contiguous(),
+        b=beta_logits[:, 0].contiguous(),
         initial_state_source=recurrent_pages,
         initial_state_indices=slots.to(torch.int32),
         cu_seqlens=torch.arange(batch_size + 1, dtype=torch.int32),
         use_qk_l2norm_in_kernel=True,
     )  # [B, 1, Hv, Dv]
-    return mixer.steps.gdn_kernel_output(mixer, out, z)
+    return mixer.project_output(out, z)[:, 0]

@@ -41,7 +41,6 @@ from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from shared_spec import AttentionMixerConfig, GDNMixerConfig, KDAMixerConfig
 from vllm_supernet.attention_backend import SupernetAttentionBackend
-from vllm_supernet.compiled_steps import step_functions
 from vllm_supernet.delta_rule_kernels import gdn_decode_cpu, uses_gdn_cpu_kernel
 from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
@@ -135,7 +134,6 @@ class _LinearMixerLayer(MambaBase):
             raise ValueError(f"Duplicate layer name: {prefix}")
         compilation_config.static_forward_context[prefix] = self
         self.kv_cache = (torch.tensor([]), torch.tensor([]))
-        self.steps = step_functions(vllm_config)
 
     # ---- MambaBase -----------------------------------------------------------------------------
 
@@ -180,25 +178,10 @@ class _LinearMixerLayer(MambaBase):
         """One new token of each of B requests [B, D] -> [B, D]; their states continue in pages `slots`.
 
         The reference mixer on states copied out of the pages and back; subclasses may use a kernel."""
-        conv_pages, recurrent_pages = self.kv_cache
-        out, conv, recurrent = self.steps.linear_mixer_decode(
-            self, hidden_states, conv_pages[slots].to(hidden_states.dtype), recurrent_pages[slots].float()
-        )
-        conv_pages[slots] = conv.to(conv_pages.dtype)
-        recurrent_pages[slots] = recurrent.to(recurrent_pages.dtype)
+        cache = self._load_cache(slots, torch.ones(len(slots), dtype=torch.bool), hidden_states.dtype)
+        out = self(hidden_states[:, None], cache)[:, 0]
+        self._store_cache(slots, cache)
         return out
-
-    def warm_up(self, batch_size: int) -> None:
-        """Run the decode step once on `batch_size` dummy requests (compiles it if compiled); no page is touched."""
-        dtype, device = self.model_dtype, self.A_log.device
-        hidden_states = torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device)
-        conv_shape = (batch_size, sum(self.conv_channels.values()), self.kernel_size - 1)
-        conv = torch.zeros(conv_shape, dtype=dtype, device=device)
-        recurrent = torch.zeros(batch_size, *self.recurrent_shape, dtype=torch.float32, device=device)
-        self._warm_up_decode(hidden_states, conv, recurrent)
-
-    def _warm_up_decode(self, hidden_states, conv, recurrent) -> None:
-        self.steps.linear_mixer_decode(self, hidden_states, conv, recurrent)
 
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D] of `step`'s tokens -> [N, D]; each request continues its own state."""
@@ -246,13 +229,6 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
             return super().decode(hidden_states, slots)
         conv_pages, recurrent_pages = self.kv_cache
         return gdn_decode_cpu(self, hidden_states, conv_pages, recurrent_pages, slots)
-
-    def _warm_up_decode(self, hidden_states, conv, recurrent) -> None:
-        if not self.uses_cpu_kernel:
-            return super()._warm_up_decode(hidden_states, conv, recurrent)
-        *_, z, _ = self.steps.gdn_kernel_inputs(self, hidden_states, conv)
-        out = z.new_zeros(hidden_states.shape[0], 1, self.num_value_heads, self.value_head_dim)
-        self.steps.gdn_kernel_output(self, out, z)
 
 
 class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):

@@ -13,8 +13,6 @@ through a mixer its placement does not name, so its output does not depend on it
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Iterable
 
 import torch
@@ -39,8 +37,6 @@ from shared_spec import (
 )
 from vllm_supernet.mixers import StepRequests, build_vllm_mixer, state_specs
 from vllm_supernet.placements import ServingPlacements, SupernetBatch
-
-logger = logging.getLogger("vllm.supernet")  # vLLM's handlers print it
 
 
 def _rms_norm(config, hidden_size: int) -> RMSNorm:
@@ -177,7 +173,6 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         if self.config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(self.config.vocab_size)
-        self._warmed_up = False
 
         from vllm_supernet.runner_hook import install_runner_hook
 
@@ -202,10 +197,6 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         )  # [N, D]
         if supernet_batch is None:
             supernet_batch = SupernetBatch.empty()
-        if not supernet_batch.placements and not self._warmed_up:
-            # vLLM's first dummy run at start-up, in the state real steps run in (inference mode, dtypes).
-            self.warm_up_linear_mixers()
-            self._warmed_up = True
         layer_groups = supernet_batch.layer_groups(self.serving, hidden_states.device)
         for block, groups in zip(self.model.decoder.blocks, layer_groups, strict=True):
             hidden_states = block(hidden_states, positions, groups)
@@ -237,29 +228,6 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
         return loaded
-
-    def warm_up_linear_mixers(self) -> None:
-        """Run the GDN/KDA decode step for one request and for a batch, so that where it is compiled
-        (`compiled_steps.py`) it compiles at start-up, not under the first requests. Layers share
-        compiled graphs: the first mixer of each kind suffices."""
-        first_of_kind = {}
-        for block in self.model.decoder.blocks:
-            mixers = block.mixer.mixers.values() if block.is_stochastic else [block.mixer]
-            for mixer in mixers:
-                if hasattr(mixer, "warm_up"):
-                    first_of_kind.setdefault(type(mixer), mixer)
-        compiled = [mixer for mixer in first_of_kind.values() if mixer.steps.compiled]
-        if not compiled:
-            return
-        started = time.perf_counter()
-        for mixer in compiled:
-            for batch_size in (1, 2):
-                mixer.warm_up(batch_size)
-        logger.info(
-            "supernet: %s decode steps compiled with torch.compile in %.1f s (enforce_eager=True runs them eagerly)",
-            "/".join(type(mixer).__name__ for mixer in compiled),
-            time.perf_counter() - started,
-        )
 
     # ---- hybrid-model hooks (vllm/platforms/interface.py: `_align_hybrid_block_size`) ---------
 
