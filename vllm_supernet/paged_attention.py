@@ -6,10 +6,10 @@ for those requests only.
 
 * `paged_attention_cpu`: vLLM's CPU attention kernels (`cpu_attn_reshape_and_cache`,
   `get_scheduler_metadata`, `cpu_attention_with_kv_cache`, vllm/_custom_ops.py), the ones vLLM's
-  own `CPUAttentionBackend` (vllm/v1/attention/backends/cpu_attn.py) runs. They take the head sizes
-  `CPUAttentionBackend.get_supported_head_sizes()` lists (32..512) only, keep keys in an ISA-specific layout inside each block, and plan the
-  work over a batch with a schedule: here one schedule per (request subset, window), computed once
-  per step and shared by every layer of the cache group.
+  own `CPUAttentionBackend` (vllm/v1/attention/backends/cpu_attn.py) runs. They take only the head
+  sizes `CPUAttentionBackend.get_supported_head_sizes()` lists (32..512), keep keys in an ISA-specific
+  layout inside each block, and plan the work over a batch with a schedule: here one schedule per
+  (request subset, window), computed once per step and shared by every layer of the cache group.
 * `paged_attention_reference`: plain PyTorch, any head size (upstream test exports use 16), the
   same math as the reference mixer (`fast_llm_supernet.mixers.attention.Attention`): each request's
   queries attend with `F.scaled_dot_product_attention` over the keys they may see.
@@ -76,9 +76,8 @@ def paged_attention_cpu(
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
     num_heads, head_size = query.shape[1], query.shape[2]
     # [num_blocks, Hkv, 2 * block_size, D]: keys in the first half of each block, values in the second.
-    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size).chunk(
-        2, dim=2
-    )
+    blocks = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
+    key_cache, value_cache = blocks.chunk(2, dim=2)
     slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
     ops.cpu_attn_reshape_and_cache(key_w, value_w, key_cache, value_cache, slots, metadata.isa)
 
@@ -101,7 +100,8 @@ def paged_attention_cpu(
             causal=True,
             sliding_window_size=sliding_window,
             isa=metadata.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,  # as CPUAttentionBackend: long contexts split over threads
+            # As CPUAttentionBackend does: a long sequence's keys are split into partitions worked on apart.
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
         )
         metadata._subsets[subset_key] = (query_start_loc, seq_lens, block_table, schedule)
     query_start_loc, seq_lens, block_table, schedule = metadata._subsets[subset_key]
