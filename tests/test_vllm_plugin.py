@@ -194,45 +194,6 @@ def test_paged_attention_equals_reference_mixer_over_chunks_and_decode(kernel, w
     assert done == lengths
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("head_dim", [16, 64, 128])
-def test_gdn_decode_kernel_equals_reference_mixer(head_dim):
-    """vLLM's CPU GDN decode kernel on state pages in place, for a few steps of three requests in
-    scattered pages, against the reference mixer on a dense cache (bfloat16: the kernel's dtype)."""
-    pytest.importorskip("vllm")
-    from fast_llm_supernet.mixers.gdn import GatedDeltaNet
-    from shared_spec import GDNMixerConfig
-    from vllm_supernet.delta_rule_kernels import gdn_decode_cpu
-
-    torch.manual_seed(0)
-    config = GDNMixerConfig(
-        value_heads=4, key_heads=2, key_head_dim=head_dim, value_head_dim=head_dim,
-        convolution_layer={"kernel_size": 4},
-    )  # fmt: skip
-    hidden_size, batch_size, prompt, steps = 64, 3, 7, 4
-    mixer = GatedDeltaNet(config, hidden_size).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        mixer.A_log.uniform_(-1, 1)
-        mixer.dt_bias.uniform_(-1, 1)
-        mixer.norm.weight.uniform_(0.5, 1.5)
-        mixer.in_proj_ba.weight.mul_(4)  # gates that vary: a swapped alpha/beta must show
-    inputs = torch.randn(batch_size, prompt + steps, hidden_size).to(torch.bfloat16)
-    slots = torch.tensor([5, 1, 3])
-    with torch.no_grad():
-        # Reference: prefill, then decode one token at a time, on a dense cache.
-        cache = mixer.new_cache(batch_size, "cpu", torch.bfloat16)
-        mixer(inputs[:, :prompt], cache)
-        conv_pages = torch.full((6, mixer.conv_dim, 3), 1e4, dtype=torch.bfloat16)  # other pages: poison
-        recurrent_pages = torch.full((6, 4, head_dim, head_dim), 1e4)
-        conv_pages[slots], recurrent_pages[slots] = cache.conv_states["convolution"], cache.recurrent_state
-        for t in range(prompt, prompt + steps):
-            expected = mixer(inputs[:, t : t + 1], cache)[:, 0]
-            got = gdn_decode_cpu(mixer, inputs[:, t], conv_pages, recurrent_pages, slots)
-            torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
-        torch.testing.assert_close(recurrent_pages[slots], cache.recurrent_state, atol=2e-2, rtol=2e-2)
-        assert bool((recurrent_pages[[0, 2, 4]] == 1e4).all())  # untouched
-
-
 # ---- registration (imports vLLM: slow) -------------------------------------------------------------
 
 

@@ -1,23 +1,33 @@
-"""The GDN decode step with vLLM's CPU kernel, on vLLM's state pages in place.
+"""Decode steps of the linear mixers on CPU: one token of each of B requests, on vLLM's state pages
+in place. A decode step of one request costs mostly fixed per-operation time on this build, and a
+batch that mixes placements calls each mixer once per layer, so these steps are written for few
+operations: stacked input projections (one matmul, `stacked_weights.py`), vLLM's CPU ops where one
+applies, index_select / index_copy_ on the pages (several times cheaper than `pages[slots]`).
 
-`gdn_decode_cpu` runs one token for each of a batch of requests: the mixer's own projections,
-convolution and output norm (`fast_llm_supernet.mixers.gdn.GatedDeltaNet`), and between them vLLM's
-`fused_sigmoid_gating_delta_rule_update_cpu` (vllm/_custom_ops.py, the op vLLM's Qwen3.5 GDN decodes
-with on CPU), which computes the gates from the raw projections exactly as the reference does
-(g = -exp(A_log) * softplus(alpha + dt_bias), beta = sigmoid(b)), L2-normalises q and k, maps value
-head h to key head h // (Hv / Hk), and updates each request's [Hv, Dk, Dv] state where it lies in
-the page pool. The reference for it is the mixer's `forward` on a cache copied out of the pages
-(what `_LinearMixerLayer` does for everything this kernel does not take).
+* `gdn_decode_cpu` (bfloat16 models): between the mixer's own projections and output norm, vLLM's
+  `causal_conv1d_update_cpu_vec` and `fused_sigmoid_gating_delta_rule_update_cpu`
+  (vllm/_custom_ops.py, the ops vLLM's Qwen3.5 GDN decodes with on CPU). The latter computes the
+  gates from the raw projections exactly as the reference does (g = -exp(A_log) * softplus(alpha +
+  dt_bias), beta = sigmoid(b)), L2-normalises q and k, maps value head h to key head h // (Hv / Hk)
+  and updates each request's [Hv, Dk, Dv] state where it lies in the page pool. It takes bfloat16
+  only: float32 GDN models (the upstream fixture's tests) run the reference.
+* `kda_decode_cpu`: vLLM has no CPU kernel for a per-channel decay. The three convolutions run as
+  one (their states lie side by side in the page) and the delta rule as `gated_delta_rule_step`.
 
-The kernel takes bfloat16 activations only; float32 models (the upstream fixture's tests) and KDA
-(per-channel decay: no vLLM CPU kernel) run the reference.
+The reference for both is the mixer's own `forward` on a cache copied out of the pages (what
+`_LinearMixerLayer` runs for everything these steps do not take), i.e. `kernels.causal_conv1d` and
+`kernels.recurrent_gated_delta_rule` for one token; tests/test_decode_steps.py checks them against it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from fast_llm_supernet import kernels
 from fast_llm_supernet.mixers.gdn import GatedDeltaNet
+from fast_llm_supernet.mixers.kda import KimiDeltaAttention
+from vllm_supernet.norms import gated_rms_norm
 
 
 def uses_gdn_cpu_kernel(dtype: torch.dtype, device_type: str) -> bool:
@@ -26,6 +36,7 @@ def uses_gdn_cpu_kernel(dtype: torch.dtype, device_type: str) -> bool:
 
 def gdn_decode_cpu(
     mixer: GatedDeltaNet,
+    stacked_input_weight: torch.Tensor,
     hidden_states: torch.Tensor,
     conv_pages: torch.Tensor,
     recurrent_pages: torch.Tensor,
@@ -33,28 +44,119 @@ def gdn_decode_cpu(
 ) -> torch.Tensor:
     """hidden_states [B, D]: one new token of each request -> [B, D].
 
+    stacked_input_weight: in_proj_qkvz|in_proj_ba weights (`stacked_weights.stack_parameters`).
     conv_pages [num_slots, conv_dim, K-1], recurrent_pages [num_slots, Hv, Dk, Dv]; slots [B] the
     requests' pages (both updated in place).
     """
     from vllm import _custom_ops as ops
 
-    batch_size = hidden_states.shape[0]
-    qkv, z, beta_logits, alpha = mixer.project_inputs(hidden_states[:, None])  # [B, 1, ...]
-    qkv, conv_state = mixer.convolution(qkv, conv_pages[slots].to(qkv.dtype))
-    conv_pages[slots] = conv_state.to(conv_pages.dtype)
+    batch_size, dtype = hidden_states.shape[0], hidden_states.dtype
+    conv_dim, value_dim, value_heads = mixer.conv_dim, mixer.value_dim, mixer.num_value_heads
+    projected = F.linear(hidden_states, stacked_input_weight)
+    qkv, z, beta_logits, alpha = projected.split([conv_dim, value_dim, value_heads, value_heads], dim=-1)
+    qkv = convolution_step(qkv, mixer.convolution.weight, conv_pages, slots)
     # The kernel reads a flat token dimension: [1, B, heads, dim], one token per request.
-    query, key, value = (x.transpose(0, 1).contiguous() for x in mixer.split_heads(qkv))
+    query, key, value = (x.contiguous() for x in mixer.split_heads(qkv[None]))
     out = ops.fused_sigmoid_gating_delta_rule_update_cpu(
         A_log=mixer.A_log.float(),
-        dt_bias=mixer.dt_bias.to(qkv.dtype),
+        dt_bias=mixer.dt_bias.to(dtype),
         q=query,
         k=key,
         v=value,
-        a=alpha[:, 0].contiguous(),
-        b=beta_logits[:, 0].contiguous(),
+        a=alpha.contiguous(),
+        b=beta_logits.contiguous(),
         initial_state_source=recurrent_pages,
         initial_state_indices=slots.to(torch.int32),
         cu_seqlens=torch.arange(batch_size + 1, dtype=torch.int32),
         use_qk_l2norm_in_kernel=True,
     )  # [B, 1, Hv, Dv]
-    return mixer.project_output(out, z)[:, 0]
+    output_gate = z.view(batch_size, value_heads, mixer.value_head_dim)
+    normed = gated_rms_norm(out[:, 0], output_gate, mixer.norm.weight, mixer.norm.eps)
+    return mixer.out_proj(normed.flatten(-2))
+
+
+def convolution_step(
+    x: torch.Tensor, weight: torch.Tensor, conv_pages: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """One token of the causal depthwise convolution + SiLU for each of B requests, with vLLM's CPU op
+    (`causal_conv1d_update_cpu_vec`, its Qwen3.5 GDN decode path on CPU); the states in `conv_pages`
+    are updated in place.
+
+    x [B, C], weight [C, 1, K], conv_pages [num_slots, C, K-1], slots [B] -> y [B, C].
+    The reference is `kernels.causal_conv1d` for T = 1 (float32: equal within 5e-7).
+    """
+    from vllm import _custom_ops as ops
+
+    channels, _, kernel_size = weight.shape
+    return ops.causal_conv1d_update_cpu_vec(
+        x, conv_pages, weight.view(channels, kernel_size), None, "silu", slots, None, -1
+    )
+
+
+def gated_delta_rule_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_decay: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One token of the gated delta rule for each of B sequences; `state` is updated in place.
+
+    query, key [B, H, Dk] (L2-normalised), value [B, H, Dv], log_decay [B, H, Dk] (per channel) or
+    [B, H, 1] (scalar), beta [B, H], state [B, H, Dk, Dv]; all in the state's dtype (float32).
+    Returns o [B, H, Dv]. The reference is `kernels.recurrent_gated_delta_rule` with T = 1.
+    """
+    state.mul_(log_decay.exp().unsqueeze(-1))  # decay
+    recalled = torch.matmul(key.unsqueeze(-2), state)  # S^T k: [B, H, 1, Dv]
+    delta = (value.unsqueeze(-2) - recalled).mul_(beta[..., None, None])  # [B, H, 1, Dv]
+    state.add_(key.unsqueeze(-1) * delta)  # write k delta^T
+    return torch.matmul((query * scale).unsqueeze(-2), state).squeeze(-2)  # read after the write
+
+
+def kda_decode_cpu(
+    mixer: KimiDeltaAttention,
+    stacked_input_weight: torch.Tensor,
+    stacked_conv_weight: torch.Tensor,
+    hidden_states: torch.Tensor,
+    conv_pages: torch.Tensor,
+    recurrent_pages: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """hidden_states [B, D]: one new token of each request -> [B, D].
+
+    stacked_input_weight: q|k|v|f_a|g_a|beta projection weights [3HDh + 2Dh + H, D];
+    stacked_conv_weight: q|k|v conv weights [3HDh, 1, K] (`stacked_weights.stack_parameters`).
+    conv_pages [num_slots, 3HDh, K-1] (q|k|v, the page layout), recurrent_pages
+    [num_slots, H, Dh, Dh]; slots [B] the requests' pages (both updated in place).
+    """
+    batch_size, dtype = hidden_states.shape[0], hidden_states.dtype
+    heads, head_dim = mixer.num_heads, mixer.head_dim
+    width = heads * head_dim
+    state_dtype = kernels.compute_dtype(dtype)
+    projected = F.linear(hidden_states, stacked_input_weight)
+    qkv, decay_low, gate_low, beta_logits = projected.split([3 * width, head_dim, head_dim, heads], dim=-1)
+
+    # The three convolutions as one: their states lie side by side in the page.
+    qkv = convolution_step(qkv, stacked_conv_weight, conv_pages, slots)
+    query_key, value = qkv.view(batch_size, 3, heads, head_dim).split([2, 1], dim=1)
+    query, key = kernels.l2norm(query_key).to(state_dtype).unbind(1)  # [B, H, Dh] each
+
+    # Log-decay per head and channel, and beta, as the reference computes them.
+    gate_logits = F.linear(decay_low, mixer.f_b_proj.weight).view(batch_size, heads, head_dim)
+    log_decay = -mixer.A_log.to(state_dtype).exp().unsqueeze(-1) * F.softplus(
+        gate_logits.to(state_dtype) + mixer.dt_bias.view(heads, head_dim)
+    )
+    beta = beta_logits.to(state_dtype).sigmoid()
+
+    # (index_select / index_copy_: several times cheaper than pages[slots] on CPU.)
+    state = recurrent_pages.index_select(0, slots).to(state_dtype)  # [B, H, Dh, Dh]
+    out = gated_delta_rule_step(
+        query, key, value[:, 0].to(state_dtype), log_decay, beta, state, head_dim**-0.5
+    )
+    recurrent_pages.index_copy_(0, slots, state.to(recurrent_pages.dtype))
+
+    output_gate = F.linear(gate_low, mixer.g_b_proj.weight).view(batch_size, heads, head_dim)
+    normed = gated_rms_norm(out.to(dtype), output_gate, mixer.norm.weight, mixer.norm.eps)
+    return mixer.o_proj(normed.flatten(-2))

@@ -6,16 +6,20 @@ the checkpoint, same math: one definition) plus what vLLM needs to give it a cac
 * `VllmAttention` (FA and SWA): the reference projections and rotary, and a vLLM `Attention`
   layer that only declares the KV cache (`FullAttentionSpec`, or `SlidingWindowSpec` through
   `per_layer_sliding_window`); the attention itself is `paged_attention.py` (vLLM's CPU kernel
-  for the head sizes it takes, a PyTorch reference path otherwise).
+  for the head sizes it takes, a PyTorch reference path otherwise). Q, K and V come from one
+  matmul and are rotated together (the weights stacked as in `stacked_weights.py`).
 * `VllmGatedDeltaNet`, `VllmKimiDeltaAttention`: `MambaBase` layers
   (vllm/model_executor/layers/mamba/abstract.py) whose state pages hold the conv state(s) and the
-  float32 delta-rule state. The reference module's own `forward(x, cache)` runs on a
-  `LinearMixerCache` built from those pages and written back after the step, except GDN decode
-  steps of bfloat16 models on CPU, which run vLLM's kernel on the pages in place
-  (`delta_rule_kernels.py`). Their metadata is
-  vLLM's GDN metadata (`GDNAttentionMetadataBuilder`, vllm/v1/attention/backends/gdn_attn.py:
+  float32 delta-rule state. Decode steps on CPU run on the pages in place (`delta_rule_kernels.py`:
+  GDN with vLLM's kernel for bfloat16 models, KDA with a few-operation PyTorch step); everything
+  else runs the reference module's own `forward(x, cache)` on a `LinearMixerCache` copied out of
+  the pages and written back after the step. Their metadata is vLLM's GDN metadata
+  (`GDNAttentionMetadataBuilder`, vllm/v1/attention/backends/gdn_attn.py:
   `non_spec_state_indices_tensor` = each request's state slot, already resolved for prefix
   caching's "align" mode by `mamba_get_block_table_tensor`).
+
+Why so few operations per call: on the CPU build a decode step of one request costs mostly fixed
+per-operation time, and a batch that mixes placements calls every mixer it uses once per layer.
 
 Cache layer names (the `prefix` each registers in `static_forward_context`) are the checkpoint
 paths, e.g. `model.decoder.blocks.3.mixer.mixers.gdn`: exactly one integer (the layer index);
@@ -25,7 +29,10 @@ several cache layers of one decoder layer share that index
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
@@ -41,9 +48,10 @@ from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from shared_spec import AttentionMixerConfig, GDNMixerConfig, KDAMixerConfig
 from vllm_supernet.attention_backend import SupernetAttentionBackend
-from vllm_supernet.delta_rule_kernels import gdn_decode_cpu, uses_gdn_cpu_kernel
+from vllm_supernet.delta_rule_kernels import gdn_decode_cpu, kda_decode_cpu, uses_gdn_cpu_kernel
 from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
+from vllm_supernet.stacked_weights import stack_parameters
 
 
 def _layer_metadata(layer_name: str):
@@ -80,24 +88,31 @@ class VllmAttention(ReferenceAttention):
             paged_attention_cpu if uses_cpu_kernel(self.head_size, device_type) else paged_attention_reference
         )
         max_positions = vllm_config.model_config.max_model_len
-        self._cos, self._sin = (None, None)
+        self._cos_sin = None
         if self._angle_scales is not None:
-            # The reference's own tables (float64 angles rounded to float32), for every position served.
-            self._cos, self._sin = rotary_cos_sin(
-                self._angle_scales, 0, max_positions, self._attention_factor, "cpu"
+            # The reference's own tables (float64 angles rounded to float32), for every position
+            # served, side by side: [positions, Dh] = cos | sin.
+            self._cos_sin = torch.cat(
+                rotary_cos_sin(self._angle_scales, 0, max_positions, self._attention_factor, "cpu"), dim=-1
             )
+        # Views: the checkpoint's q_proj, k_proj, v_proj weights (and biases) are rows of these.
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        self.stacked_qkv_weight = stack_parameters(projections)
+        self.stacked_qkv_bias = stack_parameters(projections, "bias", missing_as_zeros=True)
 
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
         num_tokens = hidden_states.shape[0]
-        query = self.q_proj(hidden_states).view(num_tokens, self.heads, self.head_size)
-        key = self.k_proj(hidden_states).view(num_tokens, self.head_groups, self.head_size)
-        value = self.v_proj(hidden_states).view(num_tokens, self.head_groups, self.head_size)
-        if self._cos is not None:
-            if self._cos.device != positions.device:
-                self._cos, self._sin = self._cos.to(positions.device), self._sin.to(positions.device)
-            cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [N, 1, Dh/2]
-            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        qkv = F.linear(hidden_states, self.stacked_qkv_weight, self.stacked_qkv_bias)
+        # [N, Hq + 2 Hkv, Dh]: query heads, key heads, value heads.
+        qkv = qkv.view(num_tokens, self.heads + 2 * self.head_groups, self.head_size)
+        query_key, value = qkv.split([self.heads + self.head_groups, self.head_groups], dim=1)
+        if self._cos_sin is not None:
+            if self._cos_sin.device != positions.device:
+                self._cos_sin = self._cos_sin.to(positions.device)
+            cos, sin = self._cos_sin.index_select(0, positions)[:, None].chunk(2, dim=-1)  # [N, 1, Dh/2]
+            query_key = apply_rotary(query_key, cos, sin)  # queries and keys rotated together
+        query, key = query_key.split([self.heads, self.head_groups], dim=1)
         metadata = _layer_metadata(self.layer_name)
         if metadata is None:  # dummy run: no cache to read or write
             return self.o_proj(torch.zeros_like(query).flatten(1))
@@ -188,31 +203,66 @@ class _LinearMixerLayer(MambaBase):
         metadata = _layer_metadata(self.layer_name)
         if metadata is None:  # dummy run
             return torch.zeros_like(hidden_states)
-        state_slots = metadata.non_spec_state_indices_tensor  # [R] state page of each request
+        split = _DecodeSplit.of(step, metadata, hidden_states.shape[0])
+        if split.rows is None:  # the common case: every token is a one-token continuation
+            return self.decode(hidden_states, split.decode_slots)
         output = torch.zeros_like(hidden_states)
-        # Split the subset into one-token continuations (decoded together) and the rest (one by one).
-        decodes, others, offsets, offset = [], [], {}, 0
-        for request in step.requests:
-            length = step.query_len(request)
-            offsets[request] = offset
-            offset += length
-            if length == 0:
-                continue
-            if length == 1 and step.num_computed[request] > 0:
-                decodes.append(request)
-            else:
-                others.append(request)
-        if decodes:
-            rows = torch.tensor([offsets[r] for r in decodes], device=hidden_states.device)
-            output[rows] = self.decode(hidden_states[rows], state_slots[decodes])
-        for request in others:
-            start, length = offsets[request], step.query_len(request)
-            slots = state_slots[request : request + 1]
-            has_state = torch.tensor([step.num_computed[request] > 0])
-            cache = self._load_cache(slots, has_state, hidden_states.dtype)
+        if len(split.decode_slots):
+            decoded = self.decode(hidden_states.index_select(0, split.rows), split.decode_slots)
+            output.index_copy_(0, split.rows, decoded)
+        for slot, start, length, has_state in split.others:  # prefills and chunks: one by one
+            slots = split.other_slots[slot : slot + 1]
+            cache = self._load_cache(slots, torch.tensor([has_state]), hidden_states.dtype)
             output[start : start + length] = self(hidden_states[start : start + length][None], cache)[0]
             self._store_cache(slots, cache)
         return output
+
+
+@dataclass
+class _DecodeSplit:
+    """How a step's requests on one linear mixer split into one-token continuations (decoded together)
+    and the rest (run one by one). Computed once per step and request subset: the layers of one
+    vLLM cache group share their metadata object, which holds the memo.
+
+    decode_slots [B] (int64): state pages of the continuations; rows [B]: their rows among the
+    subset's tokens, None when they are all of them, in order. others: (index into other_slots,
+    first row, length, has a state already) per other request.
+    """
+
+    decode_slots: torch.Tensor
+    rows: torch.Tensor | None
+    other_slots: torch.Tensor
+    others: list[tuple[int, int, int, bool]]
+
+    @classmethod
+    def of(cls, step: StepRequests, metadata, num_tokens: int) -> _DecodeSplit:
+        memo = metadata.__dict__.setdefault("_supernet_decode_splits", {})
+        key = (tuple(step.requests), num_tokens)
+        if key not in memo:
+            memo[key] = cls._compute(step, metadata.non_spec_state_indices_tensor, num_tokens)
+        return memo[key]
+
+    @classmethod
+    def _compute(cls, step: StepRequests, state_slots: torch.Tensor, num_tokens: int) -> _DecodeSplit:
+        decodes, rows, others, offset = [], [], [], 0  # state_slots [R]: each request's state page
+        for request in step.requests:
+            length = step.query_len(request)
+            if length == 1 and step.num_computed[request] > 0:
+                decodes.append(request)
+                rows.append(offset)
+            elif length > 0:
+                others.append((request, offset, length, step.num_computed[request] > 0))
+            offset += length
+        all_decodes = not others and rows == list(range(num_tokens))
+        return cls(
+            decode_slots=state_slots[decodes].long(),
+            rows=None if all_decodes else torch.tensor(rows, dtype=torch.long, device=state_slots.device),
+            other_slots=state_slots[[request for request, *_ in others]].long(),
+            others=[
+                (index, start, length, has_state)
+                for index, (_, start, length, has_state) in enumerate(others)
+            ],
+        )
 
 
 class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
@@ -223,12 +273,18 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
         self.recurrent_shape = (self.num_value_heads, self.key_head_dim, self.value_head_dim)
         self._init_vllm(vllm_config, prefix)
         self.uses_cpu_kernel = uses_gdn_cpu_kernel(self.model_dtype, vllm_config.device_config.device_type)
+        if self.uses_cpu_kernel:
+            # Views: the checkpoint's in_proj_qkvz and in_proj_ba weights are rows of this (gdn_decode_cpu).
+            self.stacked_input_weight = stack_parameters([self.in_proj_qkvz, self.in_proj_ba])
 
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_kernel:
             return super().decode(hidden_states, slots)
+        _check_stacked(self, self.stacked_input_weight, self.in_proj_qkvz.weight)
         conv_pages, recurrent_pages = self.kv_cache
-        return gdn_decode_cpu(self, hidden_states, conv_pages, recurrent_pages, slots)
+        return gdn_decode_cpu(
+            self, self.stacked_input_weight, hidden_states, conv_pages, recurrent_pages, slots
+        )
 
 
 class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
@@ -239,6 +295,37 @@ class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
         self.kernel_size = config.convolution_layer.kernel_size
         self.recurrent_shape = (config.heads, config.head_dim, config.head_dim)
         self._init_vllm(vllm_config, prefix)
+        self.uses_cpu_step = vllm_config.device_config.device_type == "cpu"
+        if self.uses_cpu_step:
+            # Views: the checkpoint's q_proj, ..., v_conv weights are rows of these (kda_decode_cpu).
+            self.stacked_input_weight = stack_parameters(
+                [self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj]
+            )
+            self.stacked_conv_weight = stack_parameters([self.q_conv, self.k_conv, self.v_conv])
+
+    def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if not self.uses_cpu_step:
+            return super().decode(hidden_states, slots)
+        _check_stacked(self, self.stacked_input_weight, self.q_proj.weight)
+        conv_pages, recurrent_pages = self.kv_cache
+        return kda_decode_cpu(
+            self,
+            self.stacked_input_weight,
+            self.stacked_conv_weight,
+            hidden_states,
+            conv_pages,
+            recurrent_pages,
+            slots,
+        )
+
+
+def _check_stacked(mixer: torch.nn.Module, stacked: torch.Tensor, first: torch.Tensor) -> None:
+    """The stacked weights must still be the parameters' storage (a `.to()` after building breaks that)."""
+    if stacked.data_ptr() != first.data_ptr():
+        raise RuntimeError(
+            f"{mixer.layer_name}: parameters were moved or replaced after the model was built; "
+            "the stacked decode weights (stacked_weights.py) no longer share their storage"
+        )
 
 
 def build_vllm_mixer(config, hidden_size: int, vllm_config: VllmConfig, prefix: str):

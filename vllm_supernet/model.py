@@ -28,7 +28,7 @@ from vllm.v1.kv_cache_interface import MambaSpec
 
 from fast_llm_supernet.checkpoint import read_upstream_mask_sharing
 from fast_llm_supernet.mixers.attention import stochastic_sub_mixer_configs
-from fast_llm_supernet.model import MLP, RMSNorm
+from fast_llm_supernet.model import MLP
 from shared_spec import (
     Apriel2TextConfig,
     AttentionMixerConfig,
@@ -36,13 +36,14 @@ from shared_spec import (
     StochasticMixerConfig,
 )
 from vllm_supernet.mixers import StepRequests, build_vllm_mixer, state_specs
+from vllm_supernet.norms import VllmRMSNorm
 from vllm_supernet.placements import ServingPlacements, SupernetBatch
 
 
-def _rms_norm(config, hidden_size: int) -> RMSNorm:
+def _rms_norm(config, hidden_size: int, vllm_config: VllmConfig) -> VllmRMSNorm:
     if config.type != "rms_norm":
         raise ValueError(f"normalization type {config.type!r} is not supported; valid choices: rms_norm")
-    return RMSNorm(hidden_size, config.epsilon)
+    return VllmRMSNorm(hidden_size, config.epsilon, vllm_config.device_config.device_type)
 
 
 class SupernetStochasticMixer(nn.Module):
@@ -80,8 +81,8 @@ class SupernetDecoderBlock(nn.Module):
         upstream_mask_sharing: bool,
     ):
         super().__init__()
-        self.input_layernorm = _rms_norm(config.normalization, hidden_size)
-        self.post_attention_layernorm = _rms_norm(config.normalization, hidden_size)
+        self.input_layernorm = _rms_norm(config.normalization, hidden_size, vllm_config)
+        self.post_attention_layernorm = _rms_norm(config.normalization, hidden_size, vllm_config)
         self.mlp = MLP(config.mlp, hidden_size)
         self.is_stochastic = isinstance(config.mixer, StochasticMixerConfig)
         if self.is_stochastic:
@@ -109,8 +110,9 @@ class SupernetDecoderBlock(nn.Module):
             mixer_output = torch.zeros_like(normed)
             for name, step in groups:
                 rows = step.token_index
+                mixer_input, mixer_positions = normed.index_select(0, rows), positions.index_select(0, rows)
                 mixer_output.index_copy_(
-                    0, rows, self.get_mixer(name).run(normed[rows], positions[rows], step)
+                    0, rows, self.get_mixer(name).run(mixer_input, mixer_positions, step)
                 )
         hidden_states = hidden_states + mixer_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -143,7 +145,7 @@ class SupernetModel(nn.Module):
             config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
         )
         self.decoder = SupernetDecoder(config, serving, vllm_config, f"{prefix}.decoder")
-        self.norm = _rms_norm(config.head.normalization, config.hidden_size)
+        self.norm = _rms_norm(config.head.normalization, config.hidden_size, vllm_config)
 
 
 class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):

@@ -58,6 +58,42 @@ def _write_slots(metadata: PagedAttentionMetadata, token_index, key, value):
     return slots, key, value
 
 
+@dataclass
+class _SubsetPlan:
+    """The CPU kernel's inputs for one request subset, computed once per step (the cache group's
+    layers share the metadata that holds them): where its tokens' K/V go, and the attention inputs."""
+
+    write_slots: torch.Tensor  # [n] cache slot of each real token of the subset
+    write_rows: torch.Tensor | None  # [n] which of the subset's rows those are; None: rows 0..n-1
+    num_tokens: int  # the subset's real (scheduled) tokens, the first rows of its query
+    query_start_loc: torch.Tensor  # [r + 1] int32
+    seq_lens: torch.Tensor  # [r] int32
+    block_table: torch.Tensor  # [r, max_blocks]
+    schedules: dict = field(default_factory=dict)  # (heads, window, dtype) -> kernel schedule
+
+    @classmethod
+    def of(cls, metadata: PagedAttentionMetadata, requests: list[int], token_index) -> _SubsetPlan:
+        key = tuple(requests)
+        if key not in metadata._subsets:
+            lengths = [metadata.query_start_loc[r + 1] - metadata.query_start_loc[r] for r in requests]
+            if token_index is None:  # the whole batch: its first num_actual_tokens rows are real
+                slots = metadata.slot_mapping[: metadata.num_actual_tokens]
+            else:
+                slots = metadata.slot_mapping.index_select(0, token_index)
+            valid = slots >= 0  # padding has slot -1
+            all_valid = bool(valid.all())
+            all_requests = len(requests) == len(metadata.seq_lens)
+            metadata._subsets[key] = cls(
+                write_slots=slots if all_valid else slots[valid],
+                write_rows=None if all_valid else valid.nonzero()[:, 0],
+                num_tokens=sum(lengths),
+                query_start_loc=torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+                seq_lens=torch.tensor([metadata.seq_lens[r] for r in requests], dtype=torch.int32),
+                block_table=metadata.block_table if all_requests else metadata.block_table[requests],
+            )
+        return metadata._subsets[key]
+
+
 def paged_attention_cpu(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -78,50 +114,48 @@ def paged_attention_cpu(
     # [num_blocks, Hkv, 2 * block_size, D]: keys in the first half of each block, values in the second.
     blocks = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
     key_cache, value_cache = blocks.chunk(2, dim=2)
-    slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
-    ops.cpu_attn_reshape_and_cache(key_w, value_w, key_cache, value_cache, slots, metadata.isa)
+    plan = _SubsetPlan.of(metadata, requests, token_index)
+    if plan.write_rows is None:
+        key_w, value_w = key[: len(plan.write_slots)], value[: len(plan.write_slots)]
+    else:
+        key_w, value_w = key.index_select(0, plan.write_rows), value.index_select(0, plan.write_rows)
+    ops.cpu_attn_reshape_and_cache(key_w, value_w, key_cache, value_cache, plan.write_slots, metadata.isa)
 
     sliding_window = -1 if window is None else window  # the kernel's "no window"
-    subset_key = (tuple(requests), num_heads, window, query.dtype)
-    if subset_key not in metadata._subsets:
-        lengths = [metadata.query_start_loc[r + 1] - metadata.query_start_loc[r] for r in requests]
-        query_start_loc = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        seq_lens = torch.tensor([metadata.seq_lens[r] for r in requests], dtype=torch.int32)
-        all_requests = len(requests) == len(metadata.seq_lens)
-        block_table = metadata.block_table if all_requests else metadata.block_table[requests]
-        schedule = ops.cpu_attn_get_scheduler_metadata(
+    schedule_key = (num_heads, window, query.dtype)
+    if schedule_key not in plan.schedules:
+        plan.schedules[schedule_key] = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=len(requests),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_size,
-            seq_lens=seq_lens,
+            seq_lens=plan.seq_lens,
             dtype=query.dtype,
-            query_start_loc=query_start_loc,
+            query_start_loc=plan.query_start_loc,
             causal=True,
             sliding_window_size=sliding_window,
             isa=metadata.isa,
             # As CPUAttentionBackend does: a long sequence's keys are split into partitions worked on apart.
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
         )
-        metadata._subsets[subset_key] = (query_start_loc, seq_lens, block_table, schedule)
-    query_start_loc, seq_lens, block_table, schedule = metadata._subsets[subset_key]
 
-    num_tokens = int(query_start_loc[-1])
-    output = torch.zeros_like(query)  # padding tokens stay zero
+    # Rows past the subset's real tokens (padding) stay zero; the kernel writes all the others.
+    num_tokens = plan.num_tokens
+    output = torch.empty_like(query) if num_tokens == query.shape[0] else torch.zeros_like(query)
     ops.cpu_attention_with_kv_cache(
         query=query[:num_tokens],
         key_cache=key_cache,
         value_cache=value_cache,
         output=output[:num_tokens],
-        query_start_loc=query_start_loc,
-        seq_lens=seq_lens,
+        query_start_loc=plan.query_start_loc,
+        seq_lens=plan.seq_lens,
         scale=scale,
         causal=True,
         alibi_slopes=None,
         sliding_window=sliding_window,
-        block_table=block_table,
+        block_table=plan.block_table,
         softcap=0.0,
-        scheduler_metadata=schedule,
+        scheduler_metadata=plan.schedules[schedule_key],
         s_aux=None,
     )
     return output
