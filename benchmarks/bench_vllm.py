@@ -1,6 +1,6 @@
 """Decode throughput and cache memory of the vLLM supernet plugin, against vLLM's own models.
 
-    .venv/bin/python benchmarks/bench_vllm.py            # full run (~20 min on 2 cores)
+    .venv/bin/python benchmarks/bench_vllm.py            # full run (~30 min on 2 cores)
     .venv/bin/python benchmarks/bench_vllm.py --quick    # ~5 min: short contexts, one repetition
 
 What it measures (CPU build of vLLM, bf16 weights, eager mode, greedy, ignore_eos), in one run so
