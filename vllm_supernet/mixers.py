@@ -51,7 +51,7 @@ from vllm_supernet.attention_backend import SupernetAttentionBackend
 from vllm_supernet.delta_rule_kernels import gdn_decode_cpu, kda_decode_cpu, uses_gdn_cpu_kernel
 from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
-from vllm_supernet.stacked_weights import stack_parameters
+from vllm_supernet.stacked_weights import check_still_stacked, stack_parameters
 
 
 def _layer_metadata(layer_name: str):
@@ -103,6 +103,7 @@ class VllmAttention(ReferenceAttention):
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
         num_tokens = hidden_states.shape[0]
+        check_still_stacked(self.stacked_qkv_weight, self.q_proj.weight, self.layer_name)
         qkv = F.linear(hidden_states, self.stacked_qkv_weight, self.stacked_qkv_bias)
         # [N, Hq + 2 Hkv, Dh]: query heads, key heads, value heads.
         qkv = qkv.view(num_tokens, self.heads + 2 * self.head_groups, self.head_size)
@@ -210,8 +211,7 @@ class _LinearMixerLayer(MambaBase):
         if len(split.decode_slots):
             decoded = self.decode(hidden_states.index_select(0, split.rows), split.decode_slots)
             output.index_copy_(0, split.rows, decoded)
-        for slot, start, length, has_state in split.others:  # prefills and chunks: one by one
-            slots = split.other_slots[slot : slot + 1]
+        for slots, start, length, has_state in split.others:  # prefills and chunks: one by one
             cache = self._load_cache(slots, torch.tensor([has_state]), hidden_states.dtype)
             output[start : start + length] = self(hidden_states[start : start + length][None], cache)[0]
             self._store_cache(slots, cache)
@@ -225,14 +225,13 @@ class _DecodeSplit:
     vLLM cache group share their metadata object, which holds the memo.
 
     decode_slots [B] (int64): state pages of the continuations; rows [B]: their rows among the
-    subset's tokens, None when they are all of them, in order. others: (index into other_slots,
-    first row, length, has a state already) per other request.
+    subset's tokens, None when they are all of them, in order. others: (state page [1], first row,
+    length, has a state already) per other request.
     """
 
     decode_slots: torch.Tensor
     rows: torch.Tensor | None
-    other_slots: torch.Tensor
-    others: list[tuple[int, int, int, bool]]
+    others: list[tuple[torch.Tensor, int, int, bool]]
 
     @classmethod
     def of(cls, step: StepRequests, metadata, num_tokens: int) -> _DecodeSplit:
@@ -251,17 +250,14 @@ class _DecodeSplit:
                 decodes.append(request)
                 rows.append(offset)
             elif length > 0:
-                others.append((request, offset, length, step.num_computed[request] > 0))
+                slot = state_slots[request : request + 1].long()
+                others.append((slot, offset, length, step.num_computed[request] > 0))
             offset += length
         all_decodes = not others and rows == list(range(num_tokens))
         return cls(
             decode_slots=state_slots[decodes].long(),
             rows=None if all_decodes else torch.tensor(rows, dtype=torch.long, device=state_slots.device),
-            other_slots=state_slots[[request for request, *_ in others]].long(),
-            others=[
-                (index, start, length, has_state)
-                for index, (_, start, length, has_state) in enumerate(others)
-            ],
+            others=others,
         )
 
 
@@ -280,7 +276,7 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_kernel:
             return super().decode(hidden_states, slots)
-        _check_stacked(self, self.stacked_input_weight, self.in_proj_qkvz.weight)
+        check_still_stacked(self.stacked_input_weight, self.in_proj_qkvz.weight, self.layer_name)
         conv_pages, recurrent_pages = self.kv_cache
         return gdn_decode_cpu(
             self, self.stacked_input_weight, hidden_states, conv_pages, recurrent_pages, slots
@@ -306,7 +302,7 @@ class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_step:
             return super().decode(hidden_states, slots)
-        _check_stacked(self, self.stacked_input_weight, self.q_proj.weight)
+        check_still_stacked(self.stacked_input_weight, self.q_proj.weight, self.layer_name)
         conv_pages, recurrent_pages = self.kv_cache
         return kda_decode_cpu(
             self,
@@ -316,15 +312,6 @@ class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
             conv_pages,
             recurrent_pages,
             slots,
-        )
-
-
-def _check_stacked(mixer: torch.nn.Module, stacked: torch.Tensor, first: torch.Tensor) -> None:
-    """The stacked weights must still be the parameters' storage (a `.to()` after building breaks that)."""
-    if stacked.data_ptr() != first.data_ptr():
-        raise RuntimeError(
-            f"{mixer.layer_name}: parameters were moved or replaced after the model was built; "
-            "the stacked decode weights (stacked_weights.py) no longer share their storage"
         )
 
 

@@ -46,18 +46,6 @@ class PagedAttentionMetadata:
     _subsets: dict = field(default_factory=dict)
 
 
-def _write_slots(metadata: PagedAttentionMetadata, token_index, key, value):
-    """(slots, key, value) of this step's real tokens (padding has slot -1)."""
-    slots = metadata.slot_mapping if token_index is None else metadata.slot_mapping[token_index]
-    if token_index is None:
-        n = metadata.num_actual_tokens
-        slots, key, value = slots[:n], key[:n], value[:n]
-    valid = slots >= 0
-    if not bool(valid.all()):
-        slots, key, value = slots[valid], key[valid], value[valid]
-    return slots, key, value
-
-
 @dataclass
 class _SubsetPlan:
     """The CPU kernel's inputs for one request subset, computed once per step (the cache group's
@@ -93,6 +81,12 @@ class _SubsetPlan:
             )
         return metadata._subsets[key]
 
+    def rows_to_write(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subset's key/value rows that `write_slots` receive (padding rows dropped)."""
+        if self.write_rows is None:
+            return key[: len(self.write_slots)], value[: len(self.write_slots)]
+        return key.index_select(0, self.write_rows), value.index_select(0, self.write_rows)
+
 
 def paged_attention_cpu(
     query: torch.Tensor,
@@ -115,10 +109,7 @@ def paged_attention_cpu(
     blocks = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
     key_cache, value_cache = blocks.chunk(2, dim=2)
     plan = _SubsetPlan.of(metadata, requests, token_index)
-    if plan.write_rows is None:
-        key_w, value_w = key[: len(plan.write_slots)], value[: len(plan.write_slots)]
-    else:
-        key_w, value_w = key.index_select(0, plan.write_rows), value.index_select(0, plan.write_rows)
+    key_w, value_w = plan.rows_to_write(key, value)
     ops.cpu_attn_reshape_and_cache(key_w, value_w, key_cache, value_cache, plan.write_slots, metadata.isa)
 
     sliding_window = -1 if window is None else window  # the kernel's "no window"
@@ -179,8 +170,9 @@ def paged_attention_reference(
     batch, requests = all). kv_cache: [num_blocks, Hkv, block_size, 2 * D]. Returns [N, Hq, D].
     """
     block_size, head_size = kv_cache.shape[2], query.shape[-1]
-    slots, key_w, value_w = _write_slots(metadata, token_index, key, value)
-    blocks, offsets = slots // block_size, slots % block_size
+    plan = _SubsetPlan.of(metadata, requests, token_index)
+    key_w, value_w = plan.rows_to_write(key, value)
+    blocks, offsets = plan.write_slots // block_size, plan.write_slots % block_size
     kv_cache[blocks, :, offsets, :head_size] = key_w.to(kv_cache.dtype)
     kv_cache[blocks, :, offsets, head_size:] = value_w.to(kv_cache.dtype)
 

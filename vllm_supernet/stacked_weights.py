@@ -50,3 +50,13 @@ def stack_parameters(
             setattr(module, name, view)
         start += block.shape[0]
     return stacked
+
+
+def check_still_stacked(stacked: torch.Tensor, first_parameter: torch.Tensor, owner: str) -> None:
+    """Raise if `stacked` is no longer the storage of the parameters stacked into it (a `.to()` or a
+    parameter replaced after building would leave it stale: silently wrong outputs)."""
+    if stacked.data_ptr() != first_parameter.data_ptr():
+        raise RuntimeError(
+            f"{owner}: parameters were moved or replaced after the model was built; "
+            "the stacked decode weights (stacked_weights.py) no longer share their storage"
+        )
