@@ -118,15 +118,12 @@ def test_kda_decode_step_matches_reference_mixer(dtype):
         reference.norm.weight.uniform_(0.5, 1.5)
         reference.f_b_proj.weight.mul_(4)  # decays that vary by channel
     served = copy.deepcopy(reference)
-    input_weight = stack_parameters(
-        [served.q_proj, served.k_proj, served.v_proj, served.f_a_proj, served.g_a_proj, served.beta_proj]
-    )
-    conv_weight = stack_parameters([served.q_conv, served.k_conv, served.v_conv])
+    weights = delta_rule_kernels.KDADecodeWeights.stack(served)
+    for linear in weights.linears():
+        linear.pack()  # oneDNN, as the served model runs them
 
     def step(hidden, conv_pages, recurrent_pages, slots):
-        return delta_rule_kernels.kda_decode_cpu(
-            served, input_weight, conv_weight, hidden, conv_pages, recurrent_pages, slots
-        )
+        return delta_rule_kernels.kda_decode_cpu(served, weights, hidden, conv_pages, recurrent_pages, slots)
 
     with torch.no_grad():
         worst_out, worst_state = _decode_both_ways(reference, step, KDA_CONVOLUTIONS, (2, 16, 16), dtype)
@@ -150,15 +147,36 @@ def test_gdn_decode_step_with_vllm_kernel_matches_reference_mixer(head_dim):
         reference.norm.weight.uniform_(0.5, 1.5)
         reference.in_proj_ba.weight.mul_(4)  # gates that vary: a swapped alpha/beta must show
     served = copy.deepcopy(reference)
-    input_weight = stack_parameters([served.in_proj_qkvz, served.in_proj_ba])
+    weights = delta_rule_kernels.GDNDecodeWeights.stack(served)
+    for linear in weights.linears():
+        linear.pack()  # oneDNN, as the served model runs them
 
     def step(hidden, conv_pages, recurrent_pages, slots):
-        return delta_rule_kernels.gdn_decode_cpu(
-            served, input_weight, hidden, conv_pages, recurrent_pages, slots
-        )
+        return delta_rule_kernels.gdn_decode_cpu(served, weights, hidden, conv_pages, recurrent_pages, slots)
 
     with torch.no_grad():
         worst_out, worst_state = _decode_both_ways(
             reference, step, ["convolution"], (4, head_dim, head_dim), torch.bfloat16
         )
     assert worst_out < 3e-2 and worst_state < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_packed_linear_matches_f_linear(dtype, rows):
+    """oneDNN's packed matmul (packed_linear.py) on a strided slice, as the KDA step feeds it."""
+    from vllm_supernet.packed_linear import PackedLinear, onednn_available
+
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40).to(dtype)
+    packed = PackedLinear.of(layer)
+    packed.pack()
+    assert (packed._onednn is not None) == onednn_available(layer.weight.device)
+    wide = torch.randn(rows, 100, dtype=dtype)
+    x = wide[:, 10:58]  # rows 100 apart in memory
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    out = packed(x)
+    assert out.shape == (rows, 40) and out.dtype == dtype
+    torch.testing.assert_close(
+        out.float(), expected, **({} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2})
+    )

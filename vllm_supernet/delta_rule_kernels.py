@@ -1,8 +1,10 @@
 """Decode steps of the linear mixers on CPU: one token of each of B requests, on vLLM's state pages
 in place. A decode step of one request costs mostly fixed per-operation time on this build, and a
 batch that mixes placements calls each mixer once per layer, so these steps are written for few
-operations: stacked input projections (one matmul, `stacked_weights.py`), vLLM's CPU ops where one
-applies, index_select / index_copy_ on the pages (several times cheaper than `pages[slots]`).
+operations: stacked input projections (one matmul, `stacked_weights.py`) through oneDNN
+(`packed_linear.py`), vLLM's CPU ops where one applies, index_select / index_copy_ on the pages
+(several times cheaper than `pages[slots]`). `GDNDecodeWeights` / `KDADecodeWeights` hold what a step
+multiplies by, built from the mixer's own parameters.
 
 * `gdn_decode_cpu` (bfloat16 models): between the mixer's own projections and output norm, vLLM's
   `causal_conv1d_update_cpu_vec` and `fused_sigmoid_gating_delta_rule_update_cpu`
@@ -21,6 +23,8 @@ The reference for both is the mixer's own `forward` on a cache copied out of the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +32,51 @@ from fast_llm_supernet import kernels
 from fast_llm_supernet.mixers.gdn import GatedDeltaNet
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from vllm_supernet.norms import gated_rms_norm
+from vllm_supernet.packed_linear import PackedLinear
+from vllm_supernet.stacked_weights import stack_parameters
+
+
+@dataclass
+class GDNDecodeWeights:
+    """input: in_proj_qkvz|in_proj_ba as one matmul (the mixer's parameters become views of it)."""
+
+    input: PackedLinear
+    output: PackedLinear
+
+    @classmethod
+    def stack(cls, mixer: GatedDeltaNet) -> GDNDecodeWeights:
+        stacked = stack_parameters([mixer.in_proj_qkvz, mixer.in_proj_ba])
+        return cls(input=PackedLinear(stacked), output=PackedLinear.of(mixer.out_proj))
+
+    def linears(self) -> list[PackedLinear]:
+        return [self.input, self.output]
+
+
+@dataclass
+class KDADecodeWeights:
+    """input: q|k|v|f_a|g_a|beta projections as one matmul [3HDh + 2Dh + H, D]; conv: the q|k|v
+    convolution weights [3HDh, 1, K] (the page's conv-state layout); decay, gate: the f_b and g_b
+    up-projections of the low-rank decay and output gate."""
+
+    input: PackedLinear
+    decay: PackedLinear
+    gate: PackedLinear
+    output: PackedLinear
+    conv: torch.Tensor
+
+    @classmethod
+    def stack(cls, mixer: KimiDeltaAttention) -> KDADecodeWeights:
+        inputs = [mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.f_a_proj, mixer.g_a_proj, mixer.beta_proj]
+        return cls(
+            input=PackedLinear(stack_parameters(inputs)),
+            decay=PackedLinear.of(mixer.f_b_proj),
+            gate=PackedLinear.of(mixer.g_b_proj),
+            output=PackedLinear.of(mixer.o_proj),
+            conv=stack_parameters([mixer.q_conv, mixer.k_conv, mixer.v_conv]),
+        )
+
+    def linears(self) -> list[PackedLinear]:
+        return [self.input, self.decay, self.gate, self.output]
 
 
 def uses_gdn_cpu_kernel(dtype: torch.dtype, device_type: str) -> bool:
@@ -36,7 +85,7 @@ def uses_gdn_cpu_kernel(dtype: torch.dtype, device_type: str) -> bool:
 
 def gdn_decode_cpu(
     mixer: GatedDeltaNet,
-    stacked_input_weight: torch.Tensor,
+    weights: GDNDecodeWeights,
     hidden_states: torch.Tensor,
     conv_pages: torch.Tensor,
     recurrent_pages: torch.Tensor,
@@ -44,7 +93,6 @@ def gdn_decode_cpu(
 ) -> torch.Tensor:
     """hidden_states [B, D]: one new token of each request -> [B, D].
 
-    stacked_input_weight: in_proj_qkvz|in_proj_ba weights (`stacked_weights.stack_parameters`).
     conv_pages [num_slots, conv_dim, K-1], recurrent_pages [num_slots, Hv, Dk, Dv]; slots [B] the
     requests' pages (both updated in place).
     """
@@ -52,7 +100,7 @@ def gdn_decode_cpu(
 
     batch_size, dtype = hidden_states.shape[0], hidden_states.dtype
     conv_dim, value_dim, value_heads = mixer.conv_dim, mixer.value_dim, mixer.num_value_heads
-    projected = F.linear(hidden_states, stacked_input_weight)
+    projected = weights.input(hidden_states)
     qkv, z, beta_logits, alpha = projected.split([conv_dim, value_dim, value_heads, value_heads], dim=-1)
     qkv = convolution_step(qkv, mixer.convolution.weight, conv_pages, slots)
     # The kernel reads a flat token dimension: [1, B, heads, dim], one token per request.
@@ -72,7 +120,7 @@ def gdn_decode_cpu(
     )  # [B, 1, Hv, Dv]
     output_gate = z.view(batch_size, value_heads, mixer.value_head_dim)
     normed = gated_rms_norm(out[:, 0], output_gate, mixer.norm.weight, mixer.norm.eps)
-    return mixer.out_proj(normed.flatten(-2))
+    return weights.output(normed.flatten(-2))
 
 
 def convolution_step(
@@ -117,8 +165,7 @@ def gated_delta_rule_step(
 
 def kda_decode_cpu(
     mixer: KimiDeltaAttention,
-    stacked_input_weight: torch.Tensor,
-    stacked_conv_weight: torch.Tensor,
+    weights: KDADecodeWeights,
     hidden_states: torch.Tensor,
     conv_pages: torch.Tensor,
     recurrent_pages: torch.Tensor,
@@ -126,8 +173,6 @@ def kda_decode_cpu(
 ) -> torch.Tensor:
     """hidden_states [B, D]: one new token of each request -> [B, D].
 
-    stacked_input_weight: q|k|v|f_a|g_a|beta projection weights [3HDh + 2Dh + H, D];
-    stacked_conv_weight: q|k|v conv weights [3HDh, 1, K] (`stacked_weights.stack_parameters`).
     conv_pages [num_slots, 3HDh, K-1] (q|k|v, the page layout), recurrent_pages
     [num_slots, H, Dh, Dh]; slots [B] the requests' pages (both updated in place).
     """
@@ -135,16 +180,16 @@ def kda_decode_cpu(
     heads, head_dim = mixer.num_heads, mixer.head_dim
     width = heads * head_dim
     state_dtype = kernels.compute_dtype(dtype)
-    projected = F.linear(hidden_states, stacked_input_weight)
+    projected = weights.input(hidden_states)
     qkv, decay_low, gate_low, beta_logits = projected.split([3 * width, head_dim, head_dim, heads], dim=-1)
 
     # The three convolutions as one: their states lie side by side in the page.
-    qkv = convolution_step(qkv, stacked_conv_weight, conv_pages, slots)
+    qkv = convolution_step(qkv, weights.conv, conv_pages, slots)
     query_key, value = qkv.view(batch_size, 3, heads, head_dim).split([2, 1], dim=1)
     query, key = kernels.l2norm(query_key).to(state_dtype).unbind(1)  # [B, H, Dh] each
 
     # Log-decay per head and channel, and beta, as the reference computes them.
-    gate_logits = F.linear(decay_low, mixer.f_b_proj.weight).view(batch_size, heads, head_dim)
+    gate_logits = weights.decay(decay_low).view(batch_size, heads, head_dim)
     log_decay = -mixer.A_log.to(state_dtype).exp().unsqueeze(-1) * F.softplus(
         gate_logits.to(state_dtype) + mixer.dt_bias.view(heads, head_dim)
     )
@@ -157,6 +202,6 @@ def kda_decode_cpu(
     )
     recurrent_pages.index_copy_(0, slots, state.to(recurrent_pages.dtype))
 
-    output_gate = F.linear(gate_low, mixer.g_b_proj.weight).view(batch_size, heads, head_dim)
+    output_gate = weights.gate(gate_low).view(batch_size, heads, head_dim)
     normed = gated_rms_norm(out.to(dtype), output_gate, mixer.norm.weight, mixer.norm.eps)
-    return mixer.o_proj(normed.flatten(-2))
+    return weights.output(normed.flatten(-2))

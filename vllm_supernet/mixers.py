@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
@@ -48,7 +47,14 @@ from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from shared_spec import AttentionMixerConfig, GDNMixerConfig, KDAMixerConfig
 from vllm_supernet.attention_backend import SupernetAttentionBackend
-from vllm_supernet.delta_rule_kernels import gdn_decode_cpu, kda_decode_cpu, uses_gdn_cpu_kernel
+from vllm_supernet.delta_rule_kernels import (
+    GDNDecodeWeights,
+    KDADecodeWeights,
+    gdn_decode_cpu,
+    kda_decode_cpu,
+    uses_gdn_cpu_kernel,
+)
+from vllm_supernet.packed_linear import PackedLinear
 from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
 from vllm_supernet.stacked_weights import check_still_stacked, stack_parameters
@@ -97,14 +103,19 @@ class VllmAttention(ReferenceAttention):
             )
         # Views: the checkpoint's q_proj, k_proj, v_proj weights (and biases) are rows of these.
         projections = [self.q_proj, self.k_proj, self.v_proj]
-        self.stacked_qkv_weight = stack_parameters(projections)
-        self.stacked_qkv_bias = stack_parameters(projections, "bias", missing_as_zeros=True)
+        self.qkv_linear = PackedLinear(
+            stack_parameters(projections), stack_parameters(projections, "bias", missing_as_zeros=True)
+        )
+        self.output_linear = PackedLinear.of(self.o_proj)
+
+    def packed_linears(self) -> list[PackedLinear]:
+        return [self.qkv_linear, self.output_linear]
 
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
         num_tokens = hidden_states.shape[0]
-        check_still_stacked(self.stacked_qkv_weight, self.q_proj.weight, self.layer_name)
-        qkv = F.linear(hidden_states, self.stacked_qkv_weight, self.stacked_qkv_bias)
+        check_still_stacked(self.qkv_linear.weight, self.q_proj.weight, self.layer_name)
+        qkv = self.qkv_linear(hidden_states)
         # [N, Hq + 2 Hkv, Dh]: query heads, key heads, value heads.
         qkv = qkv.view(num_tokens, self.heads + 2 * self.head_groups, self.head_size)
         query_key, value = qkv.split([self.heads + self.head_groups, self.head_groups], dim=1)
@@ -116,7 +127,7 @@ class VllmAttention(ReferenceAttention):
         query, key = query_key.split([self.heads, self.head_groups], dim=1)
         metadata = _layer_metadata(self.layer_name)
         if metadata is None:  # dummy run: no cache to read or write
-            return self.o_proj(torch.zeros_like(query).flatten(1))
+            return self.output_linear(torch.zeros_like(query).flatten(1))
         attended = self.paged_attention(
             query,
             key,
@@ -128,7 +139,7 @@ class VllmAttention(ReferenceAttention):
             self.scale,
             self.window_size,
         )
-        return self.o_proj(attended.flatten(1))
+        return self.output_linear(attended.flatten(1))
 
 
 class _LinearMixerLayer(MambaBase):
@@ -269,18 +280,18 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
         self.recurrent_shape = (self.num_value_heads, self.key_head_dim, self.value_head_dim)
         self._init_vllm(vllm_config, prefix)
         self.uses_cpu_kernel = uses_gdn_cpu_kernel(self.model_dtype, vllm_config.device_config.device_type)
-        if self.uses_cpu_kernel:
-            # Views: the checkpoint's in_proj_qkvz and in_proj_ba weights are rows of this (gdn_decode_cpu).
-            self.stacked_input_weight = stack_parameters([self.in_proj_qkvz, self.in_proj_ba])
+        # The checkpoint's in_proj_qkvz and in_proj_ba weights become rows of one (gdn_decode_cpu).
+        self.decode_weights = GDNDecodeWeights.stack(self) if self.uses_cpu_kernel else None
+
+    def packed_linears(self) -> list[PackedLinear]:
+        return self.decode_weights.linears() if self.decode_weights else []
 
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_kernel:
             return super().decode(hidden_states, slots)
-        check_still_stacked(self.stacked_input_weight, self.in_proj_qkvz.weight, self.layer_name)
+        check_still_stacked(self.decode_weights.input.weight, self.in_proj_qkvz.weight, self.layer_name)
         conv_pages, recurrent_pages = self.kv_cache
-        return gdn_decode_cpu(
-            self, self.stacked_input_weight, hidden_states, conv_pages, recurrent_pages, slots
-        )
+        return gdn_decode_cpu(self, self.decode_weights, hidden_states, conv_pages, recurrent_pages, slots)
 
 
 class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
@@ -292,27 +303,18 @@ class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
         self.recurrent_shape = (config.heads, config.head_dim, config.head_dim)
         self._init_vllm(vllm_config, prefix)
         self.uses_cpu_step = vllm_config.device_config.device_type == "cpu"
-        if self.uses_cpu_step:
-            # Views: the checkpoint's q_proj, ..., v_conv weights are rows of these (kda_decode_cpu).
-            self.stacked_input_weight = stack_parameters(
-                [self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj]
-            )
-            self.stacked_conv_weight = stack_parameters([self.q_conv, self.k_conv, self.v_conv])
+        # The checkpoint's q_proj, ..., v_conv weights become rows of stacked ones (kda_decode_cpu).
+        self.decode_weights = KDADecodeWeights.stack(self) if self.uses_cpu_step else None
+
+    def packed_linears(self) -> list[PackedLinear]:
+        return self.decode_weights.linears() if self.decode_weights else []
 
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_step:
             return super().decode(hidden_states, slots)
-        check_still_stacked(self.stacked_input_weight, self.q_proj.weight, self.layer_name)
+        check_still_stacked(self.decode_weights.input.weight, self.q_proj.weight, self.layer_name)
         conv_pages, recurrent_pages = self.kv_cache
-        return kda_decode_cpu(
-            self,
-            self.stacked_input_weight,
-            self.stacked_conv_weight,
-            hidden_states,
-            conv_pages,
-            recurrent_pages,
-            slots,
-        )
+        return kda_decode_cpu(self, self.decode_weights, hidden_states, conv_pages, recurrent_pages, slots)
 
 
 def build_vllm_mixer(config, hidden_size: int, vllm_config: VllmConfig, prefix: str):

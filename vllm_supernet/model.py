@@ -37,13 +37,37 @@ from shared_spec import (
 )
 from vllm_supernet.mixers import StepRequests, build_vllm_mixer, state_specs
 from vllm_supernet.norms import VllmRMSNorm
+from vllm_supernet.packed_linear import PackedLinear
 from vllm_supernet.placements import ServingPlacements, SupernetBatch
+from vllm_supernet.stacked_weights import stack_parameters
 
 
 def _rms_norm(config, hidden_size: int, vllm_config: VllmConfig) -> VllmRMSNorm:
     if config.type != "rms_norm":
         raise ValueError(f"normalization type {config.type!r} is not supported; valid choices: rms_norm")
     return VllmRMSNorm(hidden_size, config.epsilon, vllm_config.device_config.device_type)
+
+
+class VllmMLP(MLP):
+    """The reference MLP (same parameters) with gate|up as one matmul, both matmuls `PackedLinear`s."""
+
+    def __init__(self, config, hidden_size: int):
+        super().__init__(config, hidden_size)
+        into = [self.gate_proj, self.up_proj] if self.gated else [self.up_proj]
+        self.input_linear = PackedLinear(
+            stack_parameters(into), stack_parameters(into, "bias", missing_as_zeros=True)
+        )
+        self.output_linear = PackedLinear.of(self.down_proj)
+
+    def packed_linears(self) -> list[PackedLinear]:
+        return [self.input_linear, self.output_linear]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        projected = self.input_linear(hidden_states)
+        if self.gated:
+            gate, up = projected.chunk(2, dim=-1)
+            return self.output_linear(self.activation(gate) * up)
+        return self.output_linear(self.activation(projected))
 
 
 class SupernetStochasticMixer(nn.Module):
@@ -83,7 +107,7 @@ class SupernetDecoderBlock(nn.Module):
         super().__init__()
         self.input_layernorm = _rms_norm(config.normalization, hidden_size, vllm_config)
         self.post_attention_layernorm = _rms_norm(config.normalization, hidden_size, vllm_config)
-        self.mlp = MLP(config.mlp, hidden_size)
+        self.mlp = VllmMLP(config.mlp, hidden_size)
         self.is_stochastic = isinstance(config.mixer, StochasticMixerConfig)
         if self.is_stochastic:
             self.mixer = SupernetStochasticMixer(
@@ -203,6 +227,14 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         for block, groups in zip(self.model.decoder.blocks, layer_groups, strict=True):
             hidden_states = block(hidden_states, positions, groups)
         return self.model.norm(hidden_states)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, run once the checkpoint is loaded: oneDNN packs (on CPU) the
+        weights of every matmul a decode step runs (`packed_linear.py`)."""
+        for module in self.modules():
+            if hasattr(module, "packed_linears"):
+                for linear in module.packed_linears():
+                    linear.pack()
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

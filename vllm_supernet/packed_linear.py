@@ -1,0 +1,57 @@
+"""The serving model's matmuls through vLLM's CPU GEMM: oneDNN with the weight prepacked.
+
+vLLM's own linear layers run `ops.onednn_mm` on CPU (vllm/model_executor/layers/utils.py:
+`dispatch_cpu_unquantized_gemm`), with the weight reordered once for oneDNN after loading. The
+mixers here are the reference modules, whose `nn.Linear`s run `F.linear`; on this build a bf16
+`F.linear` of the few rows of a decode step costs about twice as much (hidden 512, one row: 1736
+outputs 86 us against 36 us, 512 outputs 35 against 14), and matmuls are the largest part of a
+decode step. So every matmul of a decode step (and of the block MLP) goes through a `PackedLinear`.
+
+The packed copy is oneDNN's own (it does not follow later writes to the weight), so it is made in
+the model's `process_weights_after_loading`, once the checkpoint is in, and the parameters stay
+where they are (the reference `forward` that prefills run reads them): on CPU the decode weights
+are held twice. Elsewhere (GPU, a build without oneDNN) a `PackedLinear` is `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def onednn_available(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    from vllm import _custom_ops as ops
+
+    return bool(getattr(ops, "_supports_onednn", False))
+
+
+class PackedLinear:
+    """y = x W^T + b for x [..., K], W [N, K]; W may be a view (a stacked weight, `stacked_weights.py`).
+
+    Not an `nn.Module`: the weight belongs to the module that declares it (checkpoint names), this
+    only computes with it. Call `pack()` after the weights are loaded."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+        self._onednn = None  # vLLM's handler, holding oneDNN's reordered copy of the weight
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> PackedLinear:
+        return cls(linear.weight, linear.bias)
+
+    def pack(self) -> None:
+        if not onednn_available(self.weight.device):
+            return
+        from vllm import _custom_ops as ops
+
+        self._onednn = ops.create_onednn_mm(self.weight.detach().t(), 32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._onednn is None:
+            return F.linear(x, self.weight, self.bias)
+        from vllm import _custom_ops as ops
+
+        return ops.onednn_mm(self._onednn, x, self.bias)
