@@ -1,7 +1,7 @@
 """Decode throughput and cache memory of the vLLM supernet plugin, against vLLM's own models.
 
-    .venv/bin/python benchmarks/bench_vllm.py            # full run (~30 min on 2 cores)
-    .venv/bin/python benchmarks/bench_vllm.py --quick    # ~5 min: short contexts, one repetition
+    .venv/bin/python benchmarks/bench_vllm.py            # full run (10-40 min on 2 cores)
+    .venv/bin/python benchmarks/bench_vllm.py --quick    # a few minutes: short contexts, one repetition
 
 What it measures (CPU build of vLLM, bf16 weights, eager mode, greedy, ignore_eos), in one run so
 that ratios share the machine's state:
@@ -11,8 +11,9 @@ that ratios share the machine's state:
 2. each single-mixer placement against vLLM's own model of that mixer at equal sizes: Llama
    (attention), Mistral with `sliding_window` (SWA), dense Qwen3.5 with GDN in every layer;
 3. a batch of four requests with four different placements against the uniform batches' average,
-   and (at the shortest context) the same with `--mixed-batch` requests, a quarter per placement:
-   at batch 4 each mixer's weights are read for one token, at larger batches for several;
+   and (at the shortest context) the same for each `--mixed-batch` size (16 and 64), a quarter per
+   placement: at batch 4 each mixer's weights are read for one token, at larger batches for several
+   (beside each, the ratio the batch would reach if a step took the time of reading its weights);
 4. KV/state cache bytes per request of thinned deployments against the unthinned one, from vLLM's
    own start-up report (KV cache size, max concurrency) at the same cache budget.
 
@@ -201,6 +202,40 @@ def make_checkpoints(workdir: Path, window: int) -> dict[str, Path]:
     return paths
 
 
+def weight_read_ratio(checkpoint: Path) -> float:
+    """The mixed / uniform-average ratio of the `MIXED` batch if a decode step took the time it takes
+    to read the weights it multiplies by (about so for small batches on a CPU, see benchmarks/README):
+    a uniform step reads one mixer per layer, the mixed step every mixer some request uses, and
+    both read the MLPs and the head. tok/s is then proportional to 1 / bytes read, so the uniform
+    average is mean(1 / bytes_p) and the ratio 1 / (bytes_mixed * mean(1 / bytes_p)). What every
+    step pays alike (scheduling, sampling) moves the measured ratio up from it, per-call costs down;
+    KV/state reads are left out (they slow long-context all-FA, which moves it up)."""
+    from safetensors import safe_open
+
+    mixer_sizes: dict[tuple[int, str], int] = {}  # parameters; one dtype, so proportional to bytes
+    shared_size = 0
+    for path in checkpoint.glob("*.safetensors"):
+        with safe_open(path, "pt") as tensors:
+            for name in tensors.keys():
+                if "embed_tokens" in name:
+                    continue  # a step reads one embedding row per token
+                size = math.prod(tensors.get_slice(name).get_shape())
+                match = re.match(r"model\.decoder\.blocks\.(\d+)\.mixer\.mixers\.([^.]+)\.", name)
+                if match:
+                    key = (int(match.group(1)), match.group(2))
+                    mixer_sizes[key] = mixer_sizes.get(key, 0) + size
+                else:
+                    shared_size += size
+    layers = sorted({layer for layer, _ in mixer_sizes})
+    names = [PLACEMENTS[m].rstrip("*") for m in MIXED]  # the single-mixer placements: "gdn*" -> gdn
+
+    def step_reads(used: list[str]) -> int:
+        return shared_size + sum(mixer_sizes[(layer, name)] for layer in layers for name in used)
+
+    uniform_mean_inverse = statistics.mean(1 / step_reads([name]) for name in names)
+    return 1 / (step_reads(names) * uniform_mean_inverse)
+
+
 # ----------------------------------------------------------------------------- engine worker
 
 
@@ -342,8 +377,9 @@ def _empty_results(args) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                   "intermediate": INTERMEDIATE, "vocab": VOCAB, "window": args.window, "dtype": "bfloat16"},
-        "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {}, "mixed_large": {},
-        "uniform_beside_mixed_large": {}, "memory": {}, "blocked": [],
+        "decode": {}, "native": {}, "mixed": {}, "uniform_beside_mixed": {},
+        "larger_mixed": {},  # batch size -> {"mixed", "uniform" (per placement), "uniform_average"}
+        "memory": {}, "blocked": [],
     }  # fmt: skip
 
 
@@ -355,9 +391,10 @@ def run(args) -> dict:
     checkpoints = make_checkpoints(workdir, args.window)
     stub = write_torchvision_stub(workdir / "torchvision_stub")
     max_len = max(args.contexts) + args.new_tokens + 16
-    options = {"max_model_len": max_len, "max_num_seqs": max(args.batch, args.mixed_batch, 4),
+    options = {"max_model_len": max_len, "max_num_seqs": max(args.batch, *args.mixed_batch, 4),
                "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}  # fmt: skip
     results = _empty_results(args)
+    results["mixed_weight_read_ratio"] = weight_read_ratio(checkpoints["supernet"])
     samples: dict[tuple, list[float]] = {}
 
     def record(key: tuple, rate: float) -> None:
@@ -423,10 +460,10 @@ def run(args) -> dict:
             # The uniform batches the mixed one is compared with are timed here again, next to it.
             order = [("supernet", n) for n in rest] + [("mixed", "mixed")] + [("uniform", m) for m in MIXED]
             time_alternated(order, context, rep, args.batch)
-            if context == args.contexts[0] and args.mixed_batch:
-                # The larger mixed batch, a quarter of it per placement, beside uniform batches of that size.
-                order = [("mixed_large", "mixed")] + [("uniform_large", m) for m in MIXED]
-                time_alternated(order, context, rep, args.mixed_batch)
+            for size in args.mixed_batch if context == args.contexts[0] else []:
+                # A larger mixed batch, a quarter of it per placement, beside uniform batches of that size.
+                order = [(f"mixed_{size}", "mixed")] + [(f"uniform_{size}", m) for m in MIXED]
+                time_alternated(order, context, rep, size)
     finally:
         for engine in engines:
             engine.stop()
@@ -490,28 +527,35 @@ def memory_only(args, checkpoints, options, logdir, results, started) -> dict:
 def summarise(results: dict, samples: dict[tuple, list[float]]) -> None:
     """Medians of the raw samples into the results' tables."""
     median = {key: statistics.median(values) for key, values in samples.items()}
+    tables = {"supernet": results["decode"], "native": results["native"], "mixed": results["mixed"],
+              "uniform": results["uniform_beside_mixed"]}  # fmt: skip
+    mixed_sections = [(results["mixed"], results["uniform_beside_mixed"])]
+    for size in results["settings"]["mixed_batch"]:  # sides "mixed_16", "uniform_16", ...
+        section = results["larger_mixed"].setdefault(str(size), {"mixed": {}, "uniform": {}})
+        tables[f"mixed_{size}"], tables[f"uniform_{size}"] = section, section["uniform"]
+        mixed_sections.append((section, section["uniform"]))
     for (side, name, context), value in median.items():
-        target = {"supernet": results["decode"], "native": results["native"], "mixed": results["mixed"],
-                  "uniform": results["uniform_beside_mixed"], "mixed_large": results["mixed_large"],
-                  "uniform_large": results["uniform_beside_mixed_large"]}[side]  # fmt: skip
-        target.setdefault(name, {})[str(context)] = value
-    for mixed_key, uniform_key in (("mixed", "uniform_beside_mixed"), ("mixed_large", "uniform_beside_mixed_large")):
+        tables[side].setdefault(name, {})[str(context)] = value
+    for mixed, uniform_batches in mixed_sections:
         for context in results["settings"]["contexts"]:
-            uniform = [results[uniform_key].get(m, {}).get(str(context)) for m in MIXED]
-            mixed = results[mixed_key].get("mixed", {}).get(str(context))
-            if mixed and all(uniform):
-                results[mixed_key].setdefault("uniform_average", {})[str(context)] = sum(uniform) / len(uniform)
+            uniform = [uniform_batches.get(m, {}).get(str(context)) for m in MIXED]
+            if mixed.get("mixed", {}).get(str(context)) and all(uniform):
+                mixed.setdefault("uniform_average", {})[str(context)] = statistics.mean(uniform)
     results["samples"] = {"|".join(map(str, key)): values for key, values in samples.items()}
 
 
 def from_partial_samples(args) -> dict:
     """Tables from the raw samples a run has written so far (`--from-samples`), e.g. of a run cut short."""
     results = _empty_results(args)
+    supernet = make_checkpoints(args.workdir, args.window)["supernet"]
+    results["mixed_weight_read_ratio"] = weight_read_ratio(supernet)
     raw = json.loads((args.workdir / "samples_partial.json").read_text())
     samples = {(side, name, int(context)): values
                for key, values in raw.items() for side, name, context in [key.split("|")]}  # fmt: skip
     args.contexts = sorted({key[2] for key in samples})
-    results["settings"]["contexts"] = args.contexts
+    larger = {side for side, _, _ in samples if side.startswith("mixed_")}  # "mixed_16", ...
+    args.mixed_batch = sorted(int(side.split("_")[1]) for side in larger)
+    results["settings"]["contexts"], results["settings"]["mixed_batch"] = args.contexts, args.mixed_batch
     summarise(results, samples)
     budget = args.kv_cache_gib * 2**30
     logs = {"unthinned": "supernet"} | {label: f"thinned_{i}" for i, label in enumerate(THINNED)}
@@ -572,20 +616,25 @@ def markdown(results: dict, command: str) -> str:
                 f"{ours:.1f} / {theirs:.1f} = **{ours / theirs:.2f}x**" if ours and theirs else "n/a"
             )
         lines.append(f"| {name} | {native_names[kind]} | " + " | ".join(cells) + " |")
+    by_reads = results.get("mixed_weight_read_ratio")
+    by_reads_text = f"{by_reads:.2f}x" if by_reads else "n/a"
+
     def mixed_table(title: str, section: dict) -> list[str]:
-        rows = ["", title, "", "| context | mixed tok/s | uniform average tok/s | ratio |", "|---|---|---|---|"]
+        header = "| context | mixed tok/s | uniform average tok/s | ratio | ratio if time ∝ weights read |"
+        rows = ["", title, "", header, "|---|---|---|---|---|"]
         for c in contexts:
             ours, average = section.get("mixed", {}).get(c), section.get("uniform_average", {}).get(c)
             if ours and average:
-                rows.append(f"| {c} | {ours:.1f} | {average:.1f} | **{ours / average:.2f}x** |")
+                ratio = f"**{ours / average:.2f}x**"
+                rows.append(f"| {c} | {ours:.1f} | {average:.1f} | {ratio} | {by_reads_text} |")
         return rows
 
     lines += mixed_table("### Mixed batch (one request each of " + ", ".join(MIXED) + ") vs uniform batches", mixed)
-    large = results.get("mixed_large", {})
-    if large.get("mixed"):
-        size = settings["mixed_batch"]
-        lines += mixed_table(f"### Mixed batch of {size} ({size // len(MIXED)} requests each of "
-                             + ", ".join(MIXED) + f") vs uniform batches of {size}", large)  # fmt: skip
+    for size, section in results["larger_mixed"].items():
+        if section.get("mixed"):
+            share = int(size) // len(MIXED)
+            lines += mixed_table(f"### Mixed batch of {size} ({share} requests each of "
+                                 + ", ".join(MIXED) + f") vs uniform batches of {size}", section)  # fmt: skip
     memory = results["memory"]
     base = memory.get("unthinned", {}).get("bytes_per_request_at_max_len")
     lines += ["", f"### Cache memory per request (same budget {settings['kv_cache_gib']} GiB, "
@@ -643,12 +692,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 4096])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--mixed-batch", type=int, default=16,
-                        help="size of the larger mixed batch, timed at the shortest context (0: skip)")
+    parser.add_argument("--mixed-batch", type=int, nargs="*", default=[16, 64],
+                        help="sizes of larger mixed batches, timed at the shortest context (none: skip)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--kv-cache-gib", type=float, default=0.25, help="cache budget per engine")
+    # 0.5 GiB: the mixed batch of 64 at 512 tokens fits (unthinned, ~5 MiB per request).
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="cache budget per engine")
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="only the cache-memory comparison")
@@ -657,8 +707,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.mixed_batch % len(MIXED):
-        parser.error(f"--mixed-batch {args.mixed_batch}: must be a multiple of {len(MIXED)} (one share per placement)")
+    for size in args.mixed_batch:
+        if size <= 0 or size % len(MIXED):
+            parser.error(f"--mixed-batch {size}: must be a positive multiple of {len(MIXED)} (a share each)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the engines on the way out
     if args.quick:
         args.contexts, args.new_tokens, args.reps = [128, 256, 512], 16, 1

@@ -27,15 +27,20 @@ def _synthetic_results(bench, contexts):
     rate = {str(c): 100.0 / (i + 1) for i, c in enumerate(contexts)}
     budget = 2**30
     return {
-        "settings": {"contexts": contexts, "batch": 4, "mixed_batch": 16, "new_tokens": 8, "reps": 1,
+        "settings": {"contexts": contexts, "batch": 4, "mixed_batch": [16], "new_tokens": 8, "reps": 1,
                      "kv_cache_gib": 1.0},  # fmt: skip
         "model": {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 4, "head_dim": 64, "window": 512},
         "decode": {name: dict(rate) for name in bench.PLACEMENTS},
         "native": {name: dict(rate) for name in bench.NATIVE_FOR},
         "mixed": {"mixed": dict(rate), "uniform_average": dict(rate)},
         "uniform_beside_mixed": {name: dict(rate) for name in bench.MIXED},
-        "mixed_large": {"mixed": {str(contexts[0]): 80.0}, "uniform_average": {str(contexts[0]): 100.0}},
-        "uniform_beside_mixed_large": {name: {str(contexts[0]): 100.0} for name in bench.MIXED},
+        "larger_mixed": {
+            "16": {
+                "mixed": {str(contexts[0]): 80.0},
+                "uniform": {name: {str(contexts[0]): 100.0} for name in bench.MIXED},
+                "uniform_average": {str(contexts[0]): 100.0},
+            },
+        },
         "memory": {
             "unthinned": {
                 "kv_cache_tokens": 1000,
@@ -49,6 +54,7 @@ def _synthetic_results(bench, contexts):
                 "bytes_per_request_at_max_len": budget / 20.0,
             },  # fmt: skip
         },
+        "mixed_weight_read_ratio": 0.57,
         "blocked": [],
         "wall_seconds": 60.0,
     }
@@ -61,9 +67,28 @@ def test_table_from_results():
     for name in bench.PLACEMENTS:
         assert f"| {name} |" in table
     assert "Llama" in table and "Mistral" in table and "Qwen3.5" in table
-    assert "| 128 | 50.0 | 50.0 | **1.00x** |" in table  # mixed batch row
+    assert "| 128 | 50.0 | 50.0 | **1.00x** | 0.57x |" in table  # mixed batch row
     assert "Mixed batch of 16 (4 requests each of" in table and "| 64 | 80.0 | 100.0 | **0.80x** |" in table
     assert "| thinned: all-GDN only | 9000 | 20.0 | 51.2 | 0.10x |" in table
+
+
+def test_weight_read_ratio_counts_each_mixer_a_step_reads(tmp_path):
+    """One layer: MLP 10 parameters, attention and SWA 2 each, GDN and KDA 4 each (embeddings skipped)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    bench = _load_bench()
+    prefix = "model.decoder.blocks.0.mixer.mixers"
+    tensors = {"model.decoder.blocks.0.mlp.up_proj.weight": torch.zeros(10),
+               "model.embed_tokens.weight": torch.zeros(1000),
+               f"{prefix}.attention.q_proj.weight": torch.zeros(2),
+               f"{prefix}.sliding_window.q_proj.weight": torch.zeros(2),
+               f"{prefix}.gdn.in_proj_qkvz.weight": torch.zeros(3), f"{prefix}.gdn.A_log": torch.zeros(1),
+               f"{prefix}.kda.q_proj.weight": torch.zeros(4)}  # fmt: skip
+    save_file(tensors, tmp_path / "model.safetensors")
+    # Uniform steps read 12, 12, 14, 14; the mixed step reads 10 + 2 + 2 + 4 + 4 = 22.
+    expected = 1 / (22 * (1 / 12 + 1 / 12 + 1 / 14 + 1 / 14) / 4)
+    assert bench.weight_read_ratio(tmp_path) == pytest.approx(expected)
 
 
 @pytest.mark.slow  # matplotlib's import alone takes seconds on 2 cores
@@ -91,7 +116,8 @@ def test_benchmark_runs_end_to_end(tmp_path):
         assert all(rate > 0 for rate in results["decode"][name].values())
     assert set(results["native"]) == {"all-FA"}
     assert set(results["mixed"]["uniform_average"]) == {"32", "64"}
-    assert set(results["mixed_large"]["uniform_average"]) == {"32"}  # the shortest context only
+    assert set(results["larger_mixed"]["8"]["uniform_average"]) == {"32"}  # the shortest context only
+    assert 0 < results["mixed_weight_read_ratio"] < 1
     memory = results["memory"]
     assert memory["unthinned"]["kv_cache_tokens"] > 0
     assert memory["thinned: all-GDN only"]["bytes_per_request_at_max_len"] > 0
