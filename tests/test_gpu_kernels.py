@@ -1,0 +1,52 @@
+"""flash-linear-attention against the PyTorch kernels, on a CUDA GPU (skipped without one).
+
+On CUDA the GDN and KDA mixers run fla's Triton kernels (`fast_llm_supernet.fla_kernels`), for
+training, prefill and decode alike; everywhere else they run `fast_llm_supernet.kernels`, which the
+rest of the suite checks against the token-by-token recurrence. These tests hold fla to the same
+numbers: chunked and recurrent kernels, scalar (GDN) and per-channel (KDA) decay, with a starting
+state. They need a CUDA device and `pip install flash-linear-attention`.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fast_llm_supernet import fla_kernels, kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("fla") is None,
+        reason="needs flash-linear-attention (pip install flash-linear-attention)",
+    ),
+]
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn_scalar_decay", "kda_per_channel_decay"])
+@pytest.mark.parametrize("recurrent", [False, True], ids=["chunked", "recurrent"])
+def test_fla_matches_the_torch_kernels(per_channel, recurrent):
+    torch.manual_seed(0)
+    batch, length, heads, key_dim, value_dim = 2, 8 if recurrent else 150, 4, 64, 64
+    query = kernels.l2norm(torch.randn(batch, length, heads, key_dim))
+    key = kernels.l2norm(torch.randn(batch, length, heads, key_dim))
+    value = torch.randn(batch, length, heads, value_dim)
+    decay_shape = (batch, length, heads, key_dim) if per_channel else (batch, length, heads)
+    log_decay = F.logsigmoid(torch.randn(decay_shape) + 2)  # decays in (0, 1), mostly near 1
+    beta = torch.rand(batch, length, heads)
+    initial_state = 0.1 * torch.randn(batch, heads, key_dim, value_dim)
+
+    reference = kernels.recurrent_gated_delta_rule if recurrent else kernels.chunk_gated_delta_rule
+    expected_out, expected_state = reference(query, key, value, log_decay, beta, initial_state=initial_state)
+
+    on_gpu = [x.cuda() for x in (query, key, value, log_decay, beta, initial_state)]
+    assert fla_kernels.uses_fla(on_gpu[0].device)
+    out, state = fla_kernels.gated_delta_rule(
+        *on_gpu[:5], initial_state=on_gpu[5], output_final_state=True, recurrent=recurrent
+    )
+    # Outputs here are ~0.1 and states ~1. fla's chunked kernels may multiply in TF32 on recent GPUs:
+    # agreement to about 1 % of the outputs, not to float32's last bits (the torch kernels agree to 1e-7).
+    torch.testing.assert_close(out.float().cpu(), expected_out.float(), atol=1e-3, rtol=1e-2)
+    torch.testing.assert_close(state.float().cpu(), expected_state.float(), atol=1e-3, rtol=1e-2)
