@@ -180,3 +180,37 @@ def test_packed_linear_matches_f_linear(dtype, rows):
     torch.testing.assert_close(
         out.float(), expected, **({} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2})
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_served_mlp_packed_and_freed_matches_the_reference(dtype, gated):
+    """The block MLP as served: gate|up stacked, both matmuls packed, the original weights freed."""
+    from fast_llm_supernet.model import MLP
+    from shared_spec import MLPConfig
+    from vllm_supernet.model import VllmMLP
+    from vllm_supernet.packed_linear import onednn_available
+
+    config = MLPConfig(intermediate_size=96, gated=gated)  # with biases (Fast-LLM's default)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the model dtype, as vLLM builds it (no .to() after stacking)
+    try:
+        torch.manual_seed(0)
+        reference, served = MLP(config, HIDDEN), VllmMLP(config, HIDDEN)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.uniform_(-0.3, 0.3)
+        served.load_state_dict(reference.state_dict())  # writes through the stacked views
+    hidden = torch.randn(5, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        expected = reference(hidden)
+        for linear in served.packed_linears():
+            linear.pack()
+        served.free_packed_weights()
+        out = served(hidden)
+    if onednn_available(hidden.device):
+        assert all(linear.weight.numel() == 0 for linear in (served.up_proj, served.down_proj))
+    tolerance = {} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out, expected, **tolerance)

@@ -54,10 +54,10 @@ from vllm_supernet.delta_rule_kernels import (
     kda_decode_cpu,
     uses_gdn_cpu_kernel,
 )
-from vllm_supernet.packed_linear import PackedLinear
+from vllm_supernet.packed_linear import PackedLinear, free_weights
 from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
-from vllm_supernet.stacked_weights import check_still_stacked, stack_parameters
+from vllm_supernet.stacked_weights import stack_parameters
 
 
 def _layer_metadata(layer_name: str):
@@ -111,10 +111,15 @@ class VllmAttention(ReferenceAttention):
     def packed_linears(self) -> list[PackedLinear]:
         return [self.qkv_linear, self.output_linear]
 
+    def free_packed_weights(self) -> None:
+        """Once packed, `run` multiplies only by the packed copies (prefill too)."""
+        if self.qkv_linear.packed and self.output_linear.packed:
+            free_weights([self.q_proj, self.k_proj, self.v_proj, self.o_proj])
+
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
         num_tokens = hidden_states.shape[0]
-        check_still_stacked(self.qkv_linear.weight, self.q_proj.weight, self.layer_name)
+        self.qkv_linear.check_still_stacked(self.q_proj.weight, self.layer_name)
         qkv = self.qkv_linear(hidden_states)
         # [N, Hq + 2 Hkv, Dh]: query heads, key heads, value heads.
         qkv = qkv.view(num_tokens, self.heads + 2 * self.head_groups, self.head_size)
@@ -289,7 +294,7 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_kernel:
             return super().decode(hidden_states, slots)
-        check_still_stacked(self.decode_weights.input.weight, self.in_proj_qkvz.weight, self.layer_name)
+        self.decode_weights.input.check_still_stacked(self.in_proj_qkvz.weight, self.layer_name)
         conv_pages, recurrent_pages = self.kv_cache
         return gdn_decode_cpu(self, self.decode_weights, hidden_states, conv_pages, recurrent_pages, slots)
 
@@ -312,7 +317,7 @@ class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_step:
             return super().decode(hidden_states, slots)
-        check_still_stacked(self.decode_weights.input.weight, self.q_proj.weight, self.layer_name)
+        self.decode_weights.input.check_still_stacked(self.q_proj.weight, self.layer_name)
         conv_pages, recurrent_pages = self.kv_cache
         return kda_decode_cpu(self, self.decode_weights, hidden_states, conv_pages, recurrent_pages, slots)
 

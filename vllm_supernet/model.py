@@ -37,7 +37,7 @@ from shared_spec import (
 )
 from vllm_supernet.mixers import StepRequests, build_vllm_mixer, state_specs
 from vllm_supernet.norms import VllmRMSNorm
-from vllm_supernet.packed_linear import PackedLinear
+from vllm_supernet.packed_linear import PackedLinear, free_weights
 from vllm_supernet.placements import ServingPlacements, SupernetBatch
 from vllm_supernet.stacked_weights import stack_parameters
 
@@ -61,6 +61,11 @@ class VllmMLP(MLP):
 
     def packed_linears(self) -> list[PackedLinear]:
         return [self.input_linear, self.output_linear]
+
+    def free_packed_weights(self) -> None:
+        """Once packed, `forward` multiplies only by the packed copies."""
+        if self.input_linear.packed and self.output_linear.packed:
+            free_weights([self.up_proj, self.down_proj] + ([self.gate_proj] if self.gated else []))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         projected = self.input_linear(hidden_states)
@@ -230,11 +235,14 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     def process_weights_after_loading(self) -> None:
         """vLLM's model-level hook, run once the checkpoint is loaded: oneDNN packs (on CPU) the
-        weights of every matmul a decode step runs (`packed_linear.py`)."""
-        for module in self.modules():
+        weights of every matmul a decode step runs, and the originals that nothing reads any more
+        are freed (`packed_linear.py`)."""
+        for module in list(self.modules()):
             if hasattr(module, "packed_linears"):
                 for linear in module.packed_linears():
                     linear.pack()
+            if hasattr(module, "free_packed_weights"):
+                module.free_packed_weights()
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -8,9 +8,12 @@ outputs 86 us against 36 us, 512 outputs 35 against 14), and matmuls are the lar
 decode step. So every matmul of a decode step (and of the block MLP) goes through a `PackedLinear`.
 
 The packed copy is oneDNN's own (it does not follow later writes to the weight), so it is made in
-the model's `process_weights_after_loading`, once the checkpoint is in, and the parameters stay
-where they are (the reference `forward` that prefills run reads them): on CPU the decode weights
-are held twice. Elsewhere (GPU, a build without oneDNN) a `PackedLinear` is `F.linear`.
+the model's `process_weights_after_loading`, once the checkpoint is in. Where nothing else reads the
+weights afterwards (attention mixers and MLPs compute only through their `PackedLinear`s) the
+parameters are then freed, as vLLM frees its own CPU linear weights (`remove_weight=True`), so a
+served model cannot reload weights in place. GDN and KDA keep theirs: the reference `forward` that
+runs their prefills reads them, so on CPU their decode weights are held twice. Elsewhere (GPU, a
+build without oneDNN) a `PackedLinear` is `F.linear` and nothing is freed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vllm_supernet.stacked_weights import check_still_stacked
 
 
 def onednn_available(device: torch.device) -> bool:
@@ -42,12 +47,22 @@ class PackedLinear:
     def of(cls, linear: nn.Linear) -> PackedLinear:
         return cls(linear.weight, linear.bias)
 
+    @property
+    def packed(self) -> bool:
+        return self._onednn is not None
+
     def pack(self) -> None:
-        if not onednn_available(self.weight.device):
+        if self.packed or not onednn_available(self.weight.device):
             return
         from vllm import _custom_ops as ops
 
         self._onednn = ops.create_onednn_mm(self.weight.detach().t(), 32)
+        self.weight = None  # the owner's parameters keep (or free) the original
+
+    def check_still_stacked(self, first_parameter: torch.Tensor, owner: str) -> None:
+        """For a stacked weight not packed (yet): raise if its parameters no longer share its storage."""
+        if not self.packed:
+            check_still_stacked(self.weight, first_parameter, owner)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._onednn is None:
@@ -55,3 +70,10 @@ class PackedLinear:
         from vllm import _custom_ops as ops
 
         return ops.onednn_mm(self._onednn, x, self.bias)
+
+
+def free_weights(linears: list[nn.Linear]) -> None:
+    """Replace the modules' weights with empty parameters (biases stay: a packed matmul adds them).
+    Only for weights that nothing reads once packed."""
+    for linear in linears:
+        linear.weight = nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
