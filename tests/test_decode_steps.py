@@ -182,6 +182,18 @@ def test_packed_linear_matches_f_linear(dtype, rows):
     )
 
 
+def _built_in(dtype, *builders):
+    """Modules built with `dtype` as the default, as vLLM builds its model: stacked weights (views) stay
+    stacked, where a `.to(dtype)` afterwards would copy the parameters out of the stack."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        return [build() for build in builders]
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 def test_served_mlp_packed_and_freed_matches_the_reference(dtype, gated):
@@ -192,13 +204,7 @@ def test_served_mlp_packed_and_freed_matches_the_reference(dtype, gated):
     from vllm_supernet.packed_linear import onednn_available
 
     config = MLPConfig(intermediate_size=96, gated=gated)  # with biases (Fast-LLM's default)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in the model dtype, as vLLM builds it (no .to() after stacking)
-    try:
-        torch.manual_seed(0)
-        reference, served = MLP(config, HIDDEN), VllmMLP(config, HIDDEN)
-    finally:
-        torch.set_default_dtype(previous)
+    reference, served = _built_in(dtype, lambda: MLP(config, HIDDEN), lambda: VllmMLP(config, HIDDEN))
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.uniform_(-0.3, 0.3)
@@ -214,3 +220,50 @@ def test_served_mlp_packed_and_freed_matches_the_reference(dtype, gated):
         assert all(linear.weight.numel() == 0 for linear in (served.up_proj, served.down_proj))
     tolerance = {} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
     torch.testing.assert_close(out, expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["gdn", "kda"])
+def test_prefill_runs_on_packed_weights_once_the_originals_are_freed(kind, dtype):
+    """The reference `forward` (what the served GDN/KDA run for prefills) through the served mixin:
+    input projections from the packed stacked matmul, the other linear layers routed through their
+    packed copies, the original weights freed; outputs and carried states match the reference's."""
+    from vllm_supernet.mixers import _PackedInputProjections
+    from vllm_supernet.packed_linear import onednn_available
+
+    if kind == "gdn":
+        config = GDNMixerConfig(
+            value_heads=4,
+            key_heads=2,
+            key_head_dim=16,
+            value_head_dim=16,
+            convolution_layer={"kernel_size": 4},
+        )
+        reference_class, stack = GatedDeltaNet, delta_rule_kernels.GDNDecodeWeights.stack
+    else:
+        config = KDAMixerConfig.model_validate(
+            {"type": "kda", "heads": 2, "head_dim": 16, "convolution_layer": {"kernel_size": 4}}
+        )
+        reference_class, stack = KimiDeltaAttention, delta_rule_kernels.KDADecodeWeights.stack
+    served_class = type("Served", (_PackedInputProjections, reference_class), {})
+    reference, served = _built_in(
+        dtype, lambda: reference_class(config, HIDDEN).eval(), lambda: served_class(config, HIDDEN).eval()
+    )
+    served.decode_weights = stack(served)
+    with torch.no_grad():
+        served.load_state_dict(reference.state_dict())  # writes through the stacked views
+        for linear in served.packed_linears():
+            linear.pack()
+        served.free_packed_weights()
+        if onednn_available(torch.device("cpu")):
+            assert all(
+                module.weight.numel() == 0 for module in served.modules() if isinstance(module, nn.Linear)
+            )
+        hidden = torch.randn(3, 9, HIDDEN, dtype=dtype)
+        caches = [mixer.new_cache(3, "cpu", dtype) for mixer in (reference, served)]
+        for chunk in (slice(0, 6), slice(6, 9)):  # a prefill, then a continuation of the carried state
+            expected, out = reference(hidden[:, chunk], caches[0]), served(hidden[:, chunk], caches[1])
+            torch.testing.assert_close(
+                out, expected, **({} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2})
+            )
+    torch.testing.assert_close(caches[1].recurrent_state, caches[0].recurrent_state, atol=2e-2, rtol=1e-2)

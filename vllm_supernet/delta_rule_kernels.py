@@ -32,24 +32,39 @@ from fast_llm_supernet import kernels
 from fast_llm_supernet.mixers.gdn import GatedDeltaNet
 from fast_llm_supernet.mixers.kda import KimiDeltaAttention
 from vllm_supernet.norms import gated_rms_norm
-from vllm_supernet.packed_linear import PackedLinear
+from vllm_supernet.packed_linear import PackedLinear, free_weights, route_through
 from vllm_supernet.stacked_weights import stack_parameters
 
 
 @dataclass
 class GDNDecodeWeights:
-    """input: in_proj_qkvz|in_proj_ba as one matmul (the mixer's parameters become views of it)."""
+    """input: in_proj_qkvz|in_proj_ba as one matmul (the mixer's parameters become views of it);
+    input_sizes: how its output splits into what the mixer's `project_inputs` returns."""
 
     input: PackedLinear
     output: PackedLinear
+    input_sizes: list[int]
 
     @classmethod
     def stack(cls, mixer: GatedDeltaNet) -> GDNDecodeWeights:
         stacked = stack_parameters([mixer.in_proj_qkvz, mixer.in_proj_ba])
-        return cls(input=PackedLinear(stacked), output=PackedLinear.of(mixer.out_proj))
+        heads = mixer.num_value_heads
+        return cls(
+            input=PackedLinear(stacked),
+            output=PackedLinear.of(mixer.out_proj),
+            input_sizes=[mixer.conv_dim, mixer.value_dim, heads, heads],  # Q|K|V, Z, beta logits, alpha
+        )
 
     def linears(self) -> list[PackedLinear]:
         return [self.input, self.output]
+
+    def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.input(hidden_states).split(self.input_sizes, dim=-1)
+
+    def free_originals(self, mixer: GatedDeltaNet) -> None:
+        """Once packed: the projections then run only through this (and `project_inputs`)."""
+        free_weights([mixer.in_proj_qkvz, mixer.in_proj_ba])
+        route_through(mixer.out_proj, self.output)
 
 
 @dataclass
@@ -63,20 +78,36 @@ class KDADecodeWeights:
     gate: PackedLinear
     output: PackedLinear
     conv: torch.Tensor
+    input_sizes: list[int]  # q, k, v, f_a, g_a, beta: what the mixer's `project_inputs` returns
 
     @classmethod
     def stack(cls, mixer: KimiDeltaAttention) -> KDADecodeWeights:
-        inputs = [mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.f_a_proj, mixer.g_a_proj, mixer.beta_proj]
+        inputs = _kda_input_projections(mixer)
         return cls(
             input=PackedLinear(stack_parameters(inputs)),
             decay=PackedLinear.of(mixer.f_b_proj),
             gate=PackedLinear.of(mixer.g_b_proj),
             output=PackedLinear.of(mixer.o_proj),
             conv=stack_parameters([mixer.q_conv, mixer.k_conv, mixer.v_conv]),
+            input_sizes=[linear.out_features for linear in inputs],
         )
 
     def linears(self) -> list[PackedLinear]:
         return [self.input, self.decay, self.gate, self.output]
+
+    def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.input(hidden_states).split(self.input_sizes, dim=-1)
+
+    def free_originals(self, mixer: KimiDeltaAttention) -> None:
+        """Once packed: the projections then run only through this (and `project_inputs`)."""
+        free_weights(_kda_input_projections(mixer))
+        route_through(mixer.f_b_proj, self.decay)
+        route_through(mixer.g_b_proj, self.gate)
+        route_through(mixer.o_proj, self.output)
+
+
+def _kda_input_projections(mixer: KimiDeltaAttention) -> list[torch.nn.Linear]:
+    return [mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.f_a_proj, mixer.g_a_proj, mixer.beta_proj]
 
 
 def uses_gdn_cpu_kernel(dtype: torch.dtype, device_type: str) -> bool:
@@ -99,9 +130,8 @@ def gdn_decode_cpu(
     from vllm import _custom_ops as ops
 
     batch_size, dtype = hidden_states.shape[0], hidden_states.dtype
-    conv_dim, value_dim, value_heads = mixer.conv_dim, mixer.value_dim, mixer.num_value_heads
-    projected = weights.input(hidden_states)
-    qkv, z, beta_logits, alpha = projected.split([conv_dim, value_dim, value_heads, value_heads], dim=-1)
+    value_heads = mixer.num_value_heads
+    qkv, z, beta_logits, alpha = weights.project_inputs(hidden_states)
     qkv = convolution_step(qkv, mixer.convolution.weight, conv_pages, slots)
     # The kernel reads a flat token dimension: [1, B, heads, dim], one token per request.
     query, key, value = (x.contiguous() for x in mixer.split_heads(qkv[None]))

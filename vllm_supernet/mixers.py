@@ -234,6 +234,29 @@ class _LinearMixerLayer(MambaBase):
         return output
 
 
+class _PackedInputProjections:
+    """Mixed in first: once `decode_weights` are packed, the reference `forward` (prefills) takes its
+    input projections from the stacked packed matmul too, and the original weights are freed."""
+
+    decode_weights: GDNDecodeWeights | KDADecodeWeights | None
+
+    def _packed(self) -> bool:
+        weights = self.decode_weights
+        return weights is not None and all(linear.packed for linear in weights.linears())
+
+    def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._packed():
+            return self.decode_weights.project_inputs(hidden_states)
+        return super().project_inputs(hidden_states)
+
+    def packed_linears(self) -> list[PackedLinear]:
+        return self.decode_weights.linears() if self.decode_weights else []
+
+    def free_packed_weights(self) -> None:
+        if self._packed():
+            self.decode_weights.free_originals(self)
+
+
 @dataclass
 class _DecodeSplit:
     """How a step's requests on one linear mixer split into one-token continuations (decoded together)
@@ -277,7 +300,7 @@ class _DecodeSplit:
         )
 
 
-class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
+class VllmGatedDeltaNet(_PackedInputProjections, GatedDeltaNet, _LinearMixerLayer):
     def __init__(self, config: GDNMixerConfig, hidden_size: int, vllm_config: VllmConfig, prefix: str):
         GatedDeltaNet.__init__(self, config, hidden_size)
         self.conv_channels = {"convolution": self.conv_dim}
@@ -288,9 +311,6 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
         # The checkpoint's in_proj_qkvz and in_proj_ba weights become rows of one (gdn_decode_cpu).
         self.decode_weights = GDNDecodeWeights.stack(self) if self.uses_cpu_kernel else None
 
-    def packed_linears(self) -> list[PackedLinear]:
-        return self.decode_weights.linears() if self.decode_weights else []
-
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_kernel:
             return super().decode(hidden_states, slots)
@@ -299,7 +319,7 @@ class VllmGatedDeltaNet(GatedDeltaNet, _LinearMixerLayer):
         return gdn_decode_cpu(self, self.decode_weights, hidden_states, conv_pages, recurrent_pages, slots)
 
 
-class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
+class VllmKimiDeltaAttention(_PackedInputProjections, KimiDeltaAttention, _LinearMixerLayer):
     def __init__(self, config: KDAMixerConfig, hidden_size: int, vllm_config: VllmConfig, prefix: str):
         KimiDeltaAttention.__init__(self, config, hidden_size)
         width = config.heads * config.head_dim
@@ -310,9 +330,6 @@ class VllmKimiDeltaAttention(KimiDeltaAttention, _LinearMixerLayer):
         self.uses_cpu_step = vllm_config.device_config.device_type == "cpu"
         # The checkpoint's q_proj, ..., v_conv weights become rows of stacked ones (kda_decode_cpu).
         self.decode_weights = KDADecodeWeights.stack(self) if self.uses_cpu_step else None
-
-    def packed_linears(self) -> list[PackedLinear]:
-        return self.decode_weights.linears() if self.decode_weights else []
 
     def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if not self.uses_cpu_step:

@@ -8,11 +8,11 @@ outputs 86 us against 36 us, 512 outputs 35 against 14), and matmuls are the lar
 decode step. So every matmul of a decode step (and of the block MLP) goes through a `PackedLinear`.
 
 The packed copy is oneDNN's own (it does not follow later writes to the weight), so it is made in
-the model's `process_weights_after_loading`, once the checkpoint is in. Where nothing else reads the
-weights afterwards (attention mixers and MLPs compute only through their `PackedLinear`s) the
-parameters are then freed, as vLLM frees its own CPU linear weights (`remove_weight=True`), so a
-served model cannot reload weights in place. GDN and KDA keep theirs: the reference `forward` that
-runs their prefills reads them, so on CPU their decode weights are held twice. Elsewhere (GPU, a
+the model's `process_weights_after_loading`, once the checkpoint is in. The original weights are then
+freed, as vLLM frees its own CPU linear weights (`remove_weight=True`), so a served model cannot
+reload weights in place: attention mixers and MLPs compute only through their `PackedLinear`s, and
+the reference `forward` that GDN and KDA prefills run takes its stacked input projections from an
+overridden `project_inputs` and its other linear layers through `route_through`. Elsewhere (GPU, a
 build without oneDNN) a `PackedLinear` is `F.linear` and nothing is freed.
 """
 
@@ -77,3 +77,10 @@ def free_weights(linears: list[nn.Linear]) -> None:
     Only for weights that nothing reads once packed."""
     for linear in linears:
         linear.weight = nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
+
+
+def route_through(linear: nn.Linear, packed: PackedLinear) -> None:
+    """Calls of the module (`self.o_proj(x)` in a reference `forward`) run its packed copy; its weight
+    is freed."""
+    linear.forward = packed
+    free_weights([linear])

@@ -72,26 +72,35 @@ class KimiDeltaAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cache: LinearMixerCache | None = None) -> torch.Tensor:
         """hidden_states [B, T, D] (continuing `cache`'s sequences if given; cache updated in place) -> [B, T, D]."""
         heads = (self.num_heads, self.head_dim)
+        *qkv, decay_low, gate_low, beta_logits = self.project_inputs(hidden_states)
         query, key, value = (
-            self._convolve(name, projection(hidden_states), cache).unflatten(-1, heads)  # [B, T, H, D]
-            for name, projection in zip(CONVOLUTIONS, (self.q_proj, self.k_proj, self.v_proj), strict=True)
+            self._convolve(name, x, cache).unflatten(-1, heads)  # [B, T, H, D]
+            for name, x in zip(CONVOLUTIONS, qkv, strict=True)
         )
 
         # Log-decay per head and key channel [B, T, H, D], float32 for bf16/float32 weights (upstream's .float()).
         decay_dtype = compute_dtype(hidden_states.dtype)
-        gate_logits = self.f_b_proj(self.f_a_proj(hidden_states)).unflatten(-1, heads).to(decay_dtype)
+        gate_logits = self.f_b_proj(decay_low).unflatten(-1, heads).to(decay_dtype)
         log_decay = -self.A_log.to(decay_dtype).exp().unsqueeze(-1) * F.softplus(
             gate_logits + self.dt_bias.view(heads)
         )
-        beta = self.beta_proj(hidden_states).to(decay_dtype).sigmoid()  # [B, T, H]
+        beta = beta_logits.to(decay_dtype).sigmoid()  # [B, T, H]
         out = run_delta_rule(query, key, value, log_decay, beta, cache)  # [B, T, H, D]
         out = out.to(hidden_states.dtype)
         if cache is not None:
             cache.seen_tokens += hidden_states.shape[1]
 
-        output_gate = self.g_b_proj(self.g_a_proj(hidden_states)).unflatten(-1, heads)
+        output_gate = self.g_b_proj(gate_low).unflatten(-1, heads)
         out = self.norm(out, output_gate)
         return self.o_proj(out.flatten(-2))
+
+    # A step of `forward` that serving reuses with its projections stacked into one matmul (vllm_supernet).
+
+    def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, T, D] -> q, k, v before their convolutions [B, T, H*D], the low-rank decay and output-gate
+        inputs [B, T, D] (f_a, g_a) and the beta logits [B, T, H]."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj)
+        return tuple(projection(hidden_states) for projection in projections)
 
     def _convolve(self, name: str, x: torch.Tensor, cache: LinearMixerCache | None) -> torch.Tensor:
         """Run convolution `name` over x [B, T, H*D], carrying its state in the cache."""
