@@ -201,7 +201,7 @@ def test_served_mlp_packed_and_freed_matches_the_reference(dtype, gated):
     from fast_llm_supernet.model import MLP
     from shared_spec import MLPConfig
     from vllm_supernet.model import VllmMLP
-    from vllm_supernet.packed_linear import onednn_available
+    from vllm_supernet.packed_linear import onednn_available, pack_and_free
 
     config = MLPConfig(intermediate_size=96, gated=gated)  # with biases (Fast-LLM's default)
     reference, served = _built_in(dtype, lambda: MLP(config, HIDDEN), lambda: VllmMLP(config, HIDDEN))
@@ -212,9 +212,7 @@ def test_served_mlp_packed_and_freed_matches_the_reference(dtype, gated):
     hidden = torch.randn(5, HIDDEN, dtype=dtype)
     with torch.no_grad():
         expected = reference(hidden)
-        for linear in served.packed_linears():
-            linear.pack()
-        served.free_packed_weights()
+        pack_and_free(served)  # what the served model does after loading
         out = served(hidden)
     if onednn_available(hidden.device):
         assert all(linear.weight.numel() == 0 for linear in (served.up_proj, served.down_proj))
@@ -229,7 +227,7 @@ def test_prefill_runs_on_packed_weights_once_the_originals_are_freed(kind, dtype
     input projections from the packed stacked matmul, the other linear layers routed through their
     packed copies, the original weights freed; outputs and carried states match the reference's."""
     from vllm_supernet.mixers import _PackedInputProjections
-    from vllm_supernet.packed_linear import onednn_available
+    from vllm_supernet.packed_linear import onednn_available, pack_and_free
 
     if kind == "gdn":
         config = GDNMixerConfig(
@@ -252,9 +250,7 @@ def test_prefill_runs_on_packed_weights_once_the_originals_are_freed(kind, dtype
     served.decode_weights = stack(served)
     with torch.no_grad():
         served.load_state_dict(reference.state_dict())  # writes through the stacked views
-        for linear in served.packed_linears():
-            linear.pack()
-        served.free_packed_weights()
+        pack_and_free(served)  # what the served model does after loading
         if onednn_available(torch.device("cpu")):
             assert all(
                 module.weight.numel() == 0 for module in served.modules() if isinstance(module, nn.Linear)

@@ -47,10 +47,9 @@ class GDNDecodeWeights:
 
     @classmethod
     def stack(cls, mixer: GatedDeltaNet) -> GDNDecodeWeights:
-        stacked = stack_parameters([mixer.in_proj_qkvz, mixer.in_proj_ba])
         heads = mixer.num_value_heads
         return cls(
-            input=PackedLinear(stacked),
+            input=PackedLinear.stacked([mixer.in_proj_qkvz, mixer.in_proj_ba]),
             output=PackedLinear.of(mixer.out_proj),
             input_sizes=[mixer.conv_dim, mixer.value_dim, heads, heads],  # Q|K|V, Z, beta logits, alpha
         )
@@ -62,7 +61,7 @@ class GDNDecodeWeights:
         return self.input(hidden_states).split(self.input_sizes, dim=-1)
 
     def free_originals(self, mixer: GatedDeltaNet) -> None:
-        """Once packed: the projections then run only through this (and `project_inputs`)."""
+        """Once packed: the projections then run only through these (`project_inputs` among them)."""
         free_weights([mixer.in_proj_qkvz, mixer.in_proj_ba])
         route_through(mixer.out_proj, self.output)
 
@@ -82,9 +81,9 @@ class KDADecodeWeights:
 
     @classmethod
     def stack(cls, mixer: KimiDeltaAttention) -> KDADecodeWeights:
-        inputs = _kda_input_projections(mixer)
+        inputs = mixer.input_projections()
         return cls(
-            input=PackedLinear(stack_parameters(inputs)),
+            input=PackedLinear.stacked(inputs),
             decay=PackedLinear.of(mixer.f_b_proj),
             gate=PackedLinear.of(mixer.g_b_proj),
             output=PackedLinear.of(mixer.o_proj),
@@ -99,15 +98,11 @@ class KDADecodeWeights:
         return self.input(hidden_states).split(self.input_sizes, dim=-1)
 
     def free_originals(self, mixer: KimiDeltaAttention) -> None:
-        """Once packed: the projections then run only through this (and `project_inputs`)."""
-        free_weights(_kda_input_projections(mixer))
+        """Once packed: the projections then run only through these (`project_inputs` among them)."""
+        free_weights(mixer.input_projections())
         route_through(mixer.f_b_proj, self.decay)
         route_through(mixer.g_b_proj, self.gate)
         route_through(mixer.o_proj, self.output)
-
-
-def _kda_input_projections(mixer: KimiDeltaAttention) -> list[torch.nn.Linear]:
-    return [mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.f_a_proj, mixer.g_a_proj, mixer.beta_proj]
 
 
 def uses_gdn_cpu_kernel(dtype: torch.dtype, device_type: str) -> bool:
@@ -208,10 +203,11 @@ def kda_decode_cpu(
     """
     batch_size, dtype = hidden_states.shape[0], hidden_states.dtype
     heads, head_dim = mixer.num_heads, mixer.head_dim
-    width = heads * head_dim
     state_dtype = kernels.compute_dtype(dtype)
+    # The stacked projections' layout: q|k|v (kept together for the one conv), f_a, g_a, beta.
+    q_size, k_size, v_size, *rest = weights.input_sizes
     projected = weights.input(hidden_states)
-    qkv, decay_low, gate_low, beta_logits = projected.split([3 * width, head_dim, head_dim, heads], dim=-1)
+    qkv, decay_low, gate_low, beta_logits = projected.split([q_size + k_size + v_size, *rest], dim=-1)
 
     # The three convolutions as one: their states lie side by side in the page.
     qkv = convolution_step(qkv, weights.conv, conv_pages, slots)

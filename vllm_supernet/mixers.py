@@ -57,7 +57,6 @@ from vllm_supernet.delta_rule_kernels import (
 from vllm_supernet.packed_linear import PackedLinear, free_weights
 from vllm_supernet.paged_attention import paged_attention_cpu, paged_attention_reference, uses_cpu_kernel
 from vllm_supernet.placements import StepRequests
-from vllm_supernet.stacked_weights import stack_parameters
 
 
 def _layer_metadata(layer_name: str):
@@ -102,19 +101,15 @@ class VllmAttention(ReferenceAttention):
                 rotary_cos_sin(self._angle_scales, 0, max_positions, self._attention_factor, "cpu"), dim=-1
             )
         # Views: the checkpoint's q_proj, k_proj, v_proj weights (and biases) are rows of these.
-        projections = [self.q_proj, self.k_proj, self.v_proj]
-        self.qkv_linear = PackedLinear(
-            stack_parameters(projections), stack_parameters(projections, "bias", missing_as_zeros=True)
-        )
+        self.qkv_linear = PackedLinear.stacked([self.q_proj, self.k_proj, self.v_proj])
         self.output_linear = PackedLinear.of(self.o_proj)
 
     def packed_linears(self) -> list[PackedLinear]:
         return [self.qkv_linear, self.output_linear]
 
     def free_packed_weights(self) -> None:
-        """Once packed, `run` multiplies only by the packed copies (prefill too)."""
-        if self.qkv_linear.packed and self.output_linear.packed:
-            free_weights([self.q_proj, self.k_proj, self.v_proj, self.o_proj])
+        """Called once `packed_linears` are packed: `run` then multiplies only by the packed copies."""
+        free_weights([self.q_proj, self.k_proj, self.v_proj, self.o_proj])
 
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
@@ -253,8 +248,8 @@ class _PackedInputProjections:
         return self.decode_weights.linears() if self.decode_weights else []
 
     def free_packed_weights(self) -> None:
-        if self._packed():
-            self.decode_weights.free_originals(self)
+        """Called once `packed_linears` are packed."""
+        self.decode_weights.free_originals(self)
 
 
 @dataclass

@@ -37,9 +37,8 @@ from shared_spec import (
 )
 from vllm_supernet.mixers import StepRequests, build_vllm_mixer, state_specs
 from vllm_supernet.norms import VllmRMSNorm
-from vllm_supernet.packed_linear import PackedLinear, free_weights
+from vllm_supernet.packed_linear import PackedLinear, free_weights, pack_and_free
 from vllm_supernet.placements import ServingPlacements, SupernetBatch
-from vllm_supernet.stacked_weights import stack_parameters
 
 
 def _rms_norm(config, hidden_size: int, vllm_config: VllmConfig) -> VllmRMSNorm:
@@ -53,9 +52,8 @@ class VllmMLP(MLP):
 
     def __init__(self, config, hidden_size: int):
         super().__init__(config, hidden_size)
-        into = [self.gate_proj, self.up_proj] if self.gated else [self.up_proj]
-        self.input_linear = PackedLinear(
-            stack_parameters(into), stack_parameters(into, "bias", missing_as_zeros=True)
+        self.input_linear = PackedLinear.stacked(
+            [self.gate_proj, self.up_proj] if self.gated else [self.up_proj]
         )
         self.output_linear = PackedLinear.of(self.down_proj)
 
@@ -63,9 +61,8 @@ class VllmMLP(MLP):
         return [self.input_linear, self.output_linear]
 
     def free_packed_weights(self) -> None:
-        """Once packed, `forward` multiplies only by the packed copies."""
-        if self.input_linear.packed and self.output_linear.packed:
-            free_weights([self.up_proj, self.down_proj] + ([self.gate_proj] if self.gated else []))
+        """Called once `packed_linears` are packed: `forward` then multiplies only by the packed copies."""
+        free_weights([self.up_proj, self.down_proj] + ([self.gate_proj] if self.gated else []))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         projected = self.input_linear(hidden_states)
@@ -237,12 +234,9 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         """vLLM's model-level hook, run once the checkpoint is loaded: oneDNN packs (on CPU) the
         weights of every matmul a decode step runs, and the originals that nothing reads any more
         are freed (`packed_linear.py`)."""
-        for module in list(self.modules()):
+        for module in self.modules():
             if hasattr(module, "packed_linears"):
-                for linear in module.packed_linears():
-                    linear.pack()
-            if hasattr(module, "free_packed_weights"):
-                module.free_packed_weights()
+                pack_and_free(module)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

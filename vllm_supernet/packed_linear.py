@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_supernet.stacked_weights import check_still_stacked
+from vllm_supernet.stacked_weights import check_still_stacked, stack_parameters
 
 
 def onednn_available(device: torch.device) -> bool:
@@ -47,6 +47,12 @@ class PackedLinear:
     def of(cls, linear: nn.Linear) -> PackedLinear:
         return cls(linear.weight, linear.bias)
 
+    @classmethod
+    def stacked(cls, linears: list[nn.Linear]) -> PackedLinear:
+        """The layers as one matmul: their weights (and biases, zeros for a layer without) become
+        views of stacked tensors (`stacked_weights.stack_parameters`), outputs side by side."""
+        return cls(stack_parameters(linears), stack_parameters(linears, "bias", missing_as_zeros=True))
+
     @property
     def packed(self) -> bool:
         return self._onednn is not None
@@ -70,6 +76,16 @@ class PackedLinear:
         from vllm import _custom_ops as ops
 
         return ops.onednn_mm(self._onednn, x, self.bias)
+
+
+def pack_and_free(module: nn.Module) -> None:
+    """Pack a module's `packed_linears()`; where all of them packed (CPU with oneDNN), free the
+    original weights with its `free_packed_weights()`."""
+    linears = module.packed_linears()
+    for linear in linears:
+        linear.pack()
+    if linears and all(linear.packed for linear in linears):
+        module.free_packed_weights()
 
 
 def free_weights(linears: list[nn.Linear]) -> None:

@@ -99,8 +99,11 @@ class KimiDeltaAttention(nn.Module):
     def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """[B, T, D] -> q, k, v before their convolutions [B, T, H*D], the low-rank decay and output-gate
         inputs [B, T, D] (f_a, g_a) and the beta logits [B, T, H]."""
-        projections = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj)
-        return tuple(projection(hidden_states) for projection in projections)
+        return tuple(projection(hidden_states) for projection in self.input_projections())
+
+    def input_projections(self) -> list[nn.Linear]:
+        """The linear layers of `project_inputs`, in the order of its outputs."""
+        return [self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj]
 
     def _convolve(self, name: str, x: torch.Tensor, cache: LinearMixerCache | None) -> torch.Tensor:
         """Run convolution `name` over x [B, T, H*D], carrying its state in the cache."""
