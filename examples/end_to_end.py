@@ -34,7 +34,7 @@ def stage(title: str) -> None:
 
 
 def make_teacher(workdir: Path, steps: int) -> Path:
-    from fast_llm_supernet.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
+    from fast_llm_supernet.tools.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
 
     teacher = workdir / "teacher"
     if not (teacher / "model.safetensors").exists():
@@ -43,7 +43,7 @@ def make_teacher(workdir: Path, steps: int) -> Path:
 
 
 def convert_teacher(teacher: Path, workdir: Path, window_size: int) -> Path:
-    from fast_llm_supernet.convert import convert
+    from fast_llm_supernet.tools.convert import convert
 
     supernet = workdir / "supernet"
     if not (supernet / "model.safetensors").exists():
@@ -54,9 +54,9 @@ def convert_teacher(teacher: Path, workdir: Path, window_size: int) -> Path:
 
 def distil(supernet: Path, workdir: Path, steps: int) -> Path:
     """Short stochastic distillation with the tiny example's config; prints KL before -> after."""
-    from fast_llm_supernet.data import load_tokenizer  # noqa: F401  (fails early if transformers is broken)
-    from fast_llm_supernet.train_config import load_config
-    from fast_llm_supernet.trainer import Trainer, format_comparison
+    from fast_llm_supernet.training.config import load_config
+    from fast_llm_supernet.training.data import load_tokenizer  # noqa: F401  (fails early if transformers is broken)
+    from fast_llm_supernet.training.trainer import Trainer, format_comparison
 
     data = workdir / "data"
     if not (data / "text.jsonl").exists():
@@ -89,9 +89,9 @@ def compare_placements(checkpoint: Path, teacher_dir: Path, held_out: str) -> No
     """Per placement: greedy text for each prompt, and per-token KL(teacher || placement) on held-out text."""
     from transformers import AutoModelForCausalLM
 
-    from fast_llm_supernet.data import load_tokenizer
-    from fast_llm_supernet.distill_loss import forward_kl
     from fast_llm_supernet.model import SupernetForCausalLM
+    from fast_llm_supernet.training.data import load_tokenizer
+    from fast_llm_supernet.training.loss import forward_kl
 
     tokenizer = load_tokenizer(checkpoint)
     model = SupernetForCausalLM.from_pretrained(checkpoint).eval()
@@ -147,8 +147,8 @@ def serve_and_query(checkpoint: Path, workdir: Path) -> None:
 
 
 def held_out_text() -> str:
-    import this  # noqa: F401  (the Zen of Python, encoded in the module; decoded below)
     import codecs
+    import this  # noqa: F401  (the Zen of Python, encoded in the module; decoded below)
 
     return codecs.decode(sys.modules["this"].s, "rot13")
 

@@ -2,7 +2,7 @@
 
     python examples/make_tiny_data.py --output runs/tiny/data
 
-* `text.jsonl`: one `{"text": ...}` per docstring of the stdlib modules in `fast_llm_supernet.corpus`
+* `text.jsonl`: one `{"text": ...}` per docstring of the stdlib modules in `fast_llm_supernet.training.corpus`
   (the tiny teacher's own pre-training text), for stochastic distillation. The trainer holds out every
   20th document for evaluation.
 * `chat.jsonl`: one conversation per documented stdlib function or class,
@@ -18,7 +18,7 @@ import json
 import sysconfig
 from pathlib import Path
 
-from fast_llm_supernet.corpus import STDLIB_FILES, stdlib_documents
+from fast_llm_supernet.training.corpus import STDLIB_FILES, stdlib_documents
 
 
 def chat_examples(max_answer_chars: int = 400) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Training side of the supernet: PyTorch mixers, the supernet model, checkpoints, the trainer.
+"""Training side of the supernet: the PyTorch reference model (`model`), the single-machine trainer
+(`training`), command-line tools (`tools`) and the Fast-LLM plugin (`fast_llm_adapter`).
 
 Importing the package is cheap (no torch import); the heavy names load on first use.
 """
@@ -8,14 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fast_llm_supernet.checkpoint import CheckpointError
-    from fast_llm_supernet.model import SupernetCaches, SupernetForCausalLM, SupernetOutput
+    from fast_llm_supernet.model.checkpoint import CheckpointError
+    from fast_llm_supernet.model.supernet import SupernetCaches, SupernetForCausalLM, SupernetOutput
 
 _LAZY = {
-    "SupernetForCausalLM": "fast_llm_supernet.model",
-    "SupernetCaches": "fast_llm_supernet.model",
-    "SupernetOutput": "fast_llm_supernet.model",
-    "CheckpointError": "fast_llm_supernet.checkpoint",
+    "SupernetForCausalLM": "fast_llm_supernet.model.supernet",
+    "SupernetCaches": "fast_llm_supernet.model.supernet",
+    "SupernetOutput": "fast_llm_supernet.model.supernet",
+    "CheckpointError": "fast_llm_supernet.model.checkpoint",
 }
 
 __all__ = ["CheckpointError", "SupernetCaches", "SupernetForCausalLM", "SupernetOutput"]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from fast_llm_supernet import kernels
-from fast_llm_supernet.mixers.gdn import GatedDeltaNet
-from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
-from fast_llm_supernet.mixers.kda import KimiDeltaAttention
+from fast_llm_supernet.model import ops
+from fast_llm_supernet.model.gdn import GatedDeltaNet
+from fast_llm_supernet.model.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
+from fast_llm_supernet.model.kda import KimiDeltaAttention
 from shared_spec import GDNMixerConfig, KDAMixerConfig
 
 pytest.importorskip("vllm", reason="the decode steps run vLLM's CPU ops (pip install -e '.[cpu]')")
@@ -45,16 +45,16 @@ def test_stack_parameters_makes_views_that_loading_writes_through():
 def test_gated_delta_rule_step_is_one_token_of_the_recurrence(per_channel):
     generator = torch.Generator().manual_seed(0)
     batch, heads, key_dim, value_dim = 3, 2, 8, 5
-    q = kernels.l2norm(torch.randn(batch, 1, heads, key_dim, generator=generator))
-    k = kernels.l2norm(torch.randn(batch, 1, heads, key_dim, generator=generator))
+    q = ops.l2norm(torch.randn(batch, 1, heads, key_dim, generator=generator))
+    k = ops.l2norm(torch.randn(batch, 1, heads, key_dim, generator=generator))
     v = torch.randn(batch, 1, heads, value_dim, generator=generator)
     g = -torch.rand(batch, 1, heads, *((key_dim,) if per_channel else ()), generator=generator)
     beta = torch.rand(batch, 1, heads, generator=generator)
     state = torch.randn(batch, heads, key_dim, value_dim, generator=generator)
-    expected_out, expected_state = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    expected_out, expected_state = ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
 
     log_decay = g[:, 0] if per_channel else g[:, 0, :, None]
-    out = delta_rule_kernels.gated_delta_rule_step(
+    out = ops.gated_delta_rule_step(
         q[:, 0], k[:, 0], v[:, 0], log_decay, beta[:, 0], state, key_dim**-0.5
     )
     torch.testing.assert_close(out, expected_out[:, 0], atol=1e-6, rtol=1e-5)
@@ -63,7 +63,7 @@ def test_gated_delta_rule_step_is_one_token_of_the_recurrence(per_channel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norms_match_the_reference(dtype):
-    from fast_llm_supernet.model import RMSNorm
+    from fast_llm_supernet.model.supernet import RMSNorm
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 16, generator=generator).to(dtype)
@@ -78,7 +78,7 @@ def test_rms_norms_match_the_reference(dtype):
     torch.testing.assert_close(served(x), reference(x), **tolerance)
     torch.testing.assert_close(
         norms.gated_rms_norm(x, gate, reference.weight, 1e-5),
-        kernels.gated_rms_norm(x, gate, reference.weight, 1e-5),
+        ops.gated_rms_norm(x, gate, reference.weight, 1e-5),
         **tolerance,
     )
 
@@ -198,7 +198,7 @@ def _built_in(dtype, *builders):
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 def test_served_mlp_packed_and_freed_matches_the_reference(dtype, gated):
     """The block MLP as served: gate|up stacked, both matmuls packed, the original weights freed."""
-    from fast_llm_supernet.model import MLP
+    from fast_llm_supernet.model.supernet import MLP
     from shared_spec import MLPConfig
     from vllm_supernet.model import VllmMLP
     from vllm_supernet.packed_linear import onednn_available, pack_and_free

@@ -1,7 +1,7 @@
 """flash-linear-attention against the PyTorch kernels, on a CUDA GPU (skipped without one).
 
-On CUDA the GDN and KDA mixers run fla's Triton kernels (`fast_llm_supernet.fla_kernels`), for
-training, prefill and decode alike; everywhere else they run `fast_llm_supernet.kernels`, which the
+On CUDA the GDN and KDA mixers run fla's Triton kernels (`ops.gated_delta_rule` of `fast_llm_supernet.model.ops`), for
+training, prefill and decode alike; everywhere else they run its PyTorch kernels, which the
 rest of the suite checks against the token-by-token recurrence. These tests hold fla to the same
 numbers: chunked and recurrent kernels, scalar (GDN) and per-channel (KDA) decay, with a starting
 state. They need a CUDA device and `pip install flash-linear-attention`.
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_llm_supernet import fla_kernels, kernels
+from fast_llm_supernet.model import ops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,20 +30,20 @@ pytestmark = [
 def test_fla_matches_the_torch_kernels(per_channel, recurrent):
     torch.manual_seed(0)
     batch, length, heads, key_dim, value_dim = 2, 8 if recurrent else 150, 4, 64, 64
-    query = kernels.l2norm(torch.randn(batch, length, heads, key_dim))
-    key = kernels.l2norm(torch.randn(batch, length, heads, key_dim))
+    query = ops.l2norm(torch.randn(batch, length, heads, key_dim))
+    key = ops.l2norm(torch.randn(batch, length, heads, key_dim))
     value = torch.randn(batch, length, heads, value_dim)
     decay_shape = (batch, length, heads, key_dim) if per_channel else (batch, length, heads)
     log_decay = F.logsigmoid(torch.randn(decay_shape) + 2)  # decays in (0, 1), mostly near 1
     beta = torch.rand(batch, length, heads)
     initial_state = 0.1 * torch.randn(batch, heads, key_dim, value_dim)
 
-    reference = kernels.recurrent_gated_delta_rule if recurrent else kernels.chunk_gated_delta_rule
+    reference = ops.recurrent_gated_delta_rule if recurrent else ops.chunk_gated_delta_rule
     expected_out, expected_state = reference(query, key, value, log_decay, beta, initial_state=initial_state)
 
     on_gpu = [x.cuda() for x in (query, key, value, log_decay, beta, initial_state)]
-    assert fla_kernels.uses_fla(on_gpu[0].device)
-    out, state = fla_kernels.gated_delta_rule(
+    assert ops.uses_fla(on_gpu[0].device)
+    out, state = ops.gated_delta_rule(
         *on_gpu[:5], initial_state=on_gpu[5], output_final_state=True, recurrent=recurrent
     )
     # Outputs here are ~0.1 and states ~1. fla's chunked kernels may multiply in TF32 on recent GPUs:

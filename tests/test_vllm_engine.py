@@ -210,10 +210,10 @@ def _kernel_requests() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def kernel_checkpoint(tmp_path_factory):
-    from fast_llm_supernet.convert import convert
     from fast_llm_supernet.model import SupernetForCausalLM
-    from tests.test_convert import make_teacher
-    from tests.test_model import randomised
+    from fast_llm_supernet.tools.convert import convert
+    from tests.test_model_supernet import randomised
+    from tests.test_tools_convert import make_teacher
 
     root = tmp_path_factory.mktemp("kernel_supernet")
     make_teacher(root / "teacher", hidden_size=64, head_dim=32)

@@ -131,7 +131,8 @@ KERNELS = [
 def test_paged_attention_equals_reference_mixer_over_chunks_and_decode(kernel, window):
     """Three sequences, prefilled in chunks then decoded, in scattered cache blocks, some steps on a
     subset of the batch, against the reference mixer's full-sequence forward."""
-    from fast_llm_supernet.mixers.attention import Attention, apply_rotary, rotary_cos_sin
+    from fast_llm_supernet.model.attention import Attention
+    from fast_llm_supernet.model.ops import apply_rotary, rotary_cos_sin
 
     if kernel is paged_attention_cpu:
         pytest.importorskip("vllm")

@@ -34,8 +34,8 @@ def copy_fixture(dest: Path, tokenizer: bool = False, presets: dict | None = Non
     for name in ("config.json", "model.safetensors"):
         shutil.copy(FIXTURE_CHECKPOINT / name, dest / name)
     if tokenizer:
-        from fast_llm_supernet.corpus import stdlib_documents
-        from fast_llm_supernet.tiny_teacher import save_tokenizer, train_tokenizer
+        from fast_llm_supernet.tools.tiny_teacher import save_tokenizer, train_tokenizer
+        from fast_llm_supernet.training.corpus import stdlib_documents
 
         # Vocabulary <= the model's 320 rows; ids 0/1/2 = pad/bos/eos as in the fixture's config.
         save_tokenizer(train_tokenizer(stdlib_documents(max_files=3), vocab_size=300), dest)

@@ -14,11 +14,11 @@ multiplies by, built from the mixer's own parameters.
   and updates each request's [Hv, Dk, Dv] state where it lies in the page pool. It takes bfloat16
   only: float32 GDN models (the upstream fixture's tests) run the reference.
 * `kda_decode_cpu`: vLLM has no CPU kernel for a per-channel decay. The three convolutions run as
-  one (their states lie side by side in the page) and the delta rule as `gated_delta_rule_step`.
+  one (their states lie side by side in the page) and the delta rule as `ops.gated_delta_rule_step`.
 
 The reference for both is the mixer's own `forward` on a cache copied out of the pages (what
-`_LinearMixerLayer` runs for everything these steps do not take), i.e. `kernels.causal_conv1d` and
-`kernels.recurrent_gated_delta_rule` for one token; tests/test_decode_steps.py checks them against it.
+`_LinearMixerLayer` runs for everything these steps do not take), i.e. `ops.causal_conv1d` and
+`ops.recurrent_gated_delta_rule` for one token; tests/test_decode_steps.py checks them against it.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fast_llm_supernet import kernels
-from fast_llm_supernet.mixers.gdn import GatedDeltaNet
-from fast_llm_supernet.mixers.kda import KimiDeltaAttention
+from fast_llm_supernet.model import ops
+from fast_llm_supernet.model.gdn import GatedDeltaNet
+from fast_llm_supernet.model.kda import KimiDeltaAttention
+from fast_llm_supernet.model.ops import gated_delta_rule_step
 from vllm_supernet.norms import gated_rms_norm
 from vllm_supernet.packed_linear import PackedLinear, free_weights, route_through
 from vllm_supernet.stacked_weights import stack_parameters
@@ -156,7 +157,7 @@ def convolution_step(
     are updated in place.
 
     x [B, C], weight [C, 1, K], conv_pages [num_slots, C, K-1], slots [B] -> y [B, C].
-    The reference is `kernels.causal_conv1d` for T = 1 (float32: equal within 5e-7).
+    The reference is `ops.causal_conv1d` for T = 1 (float32: equal within 5e-7).
     """
     from vllm import _custom_ops as ops
 
@@ -164,28 +165,6 @@ def convolution_step(
     return ops.causal_conv1d_update_cpu_vec(
         x, conv_pages, weight.view(channels, kernel_size), None, "silu", slots, None, -1
     )
-
-
-def gated_delta_rule_step(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    log_decay: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """One token of the gated delta rule for each of B sequences; `state` is updated in place.
-
-    query, key [B, H, Dk] (L2-normalised), value [B, H, Dv], log_decay [B, H, Dk] (per channel) or
-    [B, H, 1] (scalar), beta [B, H], state [B, H, Dk, Dv]; all in the state's dtype (float32).
-    Returns o [B, H, Dv]. The reference is `kernels.recurrent_gated_delta_rule` with T = 1.
-    """
-    state.mul_(log_decay.exp().unsqueeze(-1))  # decay
-    recalled = torch.matmul(key.unsqueeze(-2), state)  # S^T k: [B, H, 1, Dv]
-    delta = (value.unsqueeze(-2) - recalled).mul_(beta[..., None, None])  # [B, H, 1, Dv]
-    state.add_(key.unsqueeze(-1) * delta)  # write k delta^T
-    return torch.matmul((query * scale).unsqueeze(-2), state).squeeze(-2)  # read after the write
 
 
 def kda_decode_cpu(
@@ -203,7 +182,7 @@ def kda_decode_cpu(
     """
     batch_size, dtype = hidden_states.shape[0], hidden_states.dtype
     heads, head_dim = mixer.num_heads, mixer.head_dim
-    state_dtype = kernels.compute_dtype(dtype)
+    state_dtype = ops.compute_dtype(dtype)
     # The stacked projections' layout: q|k|v (kept together for the one conv), f_a, g_a, beta.
     q_size, k_size, v_size, *rest = weights.input_sizes
     projected = weights.input(hidden_states)
@@ -212,7 +191,7 @@ def kda_decode_cpu(
     # The three convolutions as one: their states lie side by side in the page.
     qkv = convolution_step(qkv, weights.conv, conv_pages, slots)
     query_key, value = qkv.view(batch_size, 3, heads, head_dim).split([2, 1], dim=1)
-    query, key = kernels.l2norm(query_key).to(state_dtype).unbind(1)  # [B, H, Dh] each
+    query, key = ops.l2norm(query_key).to(state_dtype).unbind(1)  # [B, H, Dh] each
 
     # Log-decay per head and channel, and beta, as the reference computes them.
     gate_logits = weights.decay(decay_low).view(batch_size, heads, head_dim)

@@ -1,6 +1,6 @@
 """The four mixers as vLLM layers, each with its own vLLM cache, runnable on any subset of a batch.
 
-Each class *is* the reference mixer of `fast_llm_supernet.mixers` (same parameters, same names as
+Each class *is* the reference mixer of `fast_llm_supernet.model` (same parameters, same names as
 the checkpoint, same math: one definition) plus what vLLM needs to give it a cache:
 
 * `VllmAttention` (FA and SWA): the reference projections and rotary, and a vLLM `Attention`
@@ -39,12 +39,12 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateDtypeCalculator
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from fast_llm_supernet.mixers.attention import Attention as ReferenceAttention
-from fast_llm_supernet.mixers.attention import apply_rotary, rotary_cos_sin
-from fast_llm_supernet.mixers.common import LinearMixerCache
-from fast_llm_supernet.mixers.gdn import GatedDeltaNet
-from fast_llm_supernet.mixers.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
-from fast_llm_supernet.mixers.kda import KimiDeltaAttention
+from fast_llm_supernet.model.attention import Attention as ReferenceAttention
+from fast_llm_supernet.model.gdn import GatedDeltaNet
+from fast_llm_supernet.model.kda import CONVOLUTIONS as KDA_CONVOLUTIONS
+from fast_llm_supernet.model.kda import KimiDeltaAttention
+from fast_llm_supernet.model.linear_mixer import LinearMixerCache
+from fast_llm_supernet.model.ops import apply_rotary, rotary_cos_sin
 from shared_spec import AttentionMixerConfig, GDNMixerConfig, KDAMixerConfig
 from vllm_supernet.attention_backend import SupernetAttentionBackend
 from vllm_supernet.delta_rule_kernels import (

@@ -26,9 +26,9 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.sequence import IntermediateTensors
 from vllm.v1.kv_cache_interface import MambaSpec
 
-from fast_llm_supernet.checkpoint import read_upstream_mask_sharing
-from fast_llm_supernet.mixers.attention import stochastic_sub_mixer_configs
-from fast_llm_supernet.model import MLP
+from fast_llm_supernet.model.attention import stochastic_sub_mixer_configs
+from fast_llm_supernet.model.checkpoint import read_upstream_mask_sharing
+from fast_llm_supernet.model.supernet import MLP
 from shared_spec import (
     Apriel2TextConfig,
     AttentionMixerConfig,

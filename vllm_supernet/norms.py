@@ -2,8 +2,8 @@
 vLLM's own `RMSNorm` layer runs there).
 
 On a decode step's few rows `torch.rms_norm` costs ~40 us here, the op ~10 us, and a step runs two
-norms per layer plus one per GDN/KDA call. The references are `fast_llm_supernet.model.RMSNorm` and
-`kernels.gated_rms_norm`; the op computes in float32 like them but, as vLLM's Llama does, rounds
+norms per layer plus one per GDN/KDA call. The references are `fast_llm_supernet.model.supernet.RMSNorm` and
+`ops.gated_rms_norm`; the op computes in float32 like them but, as vLLM's Llama does, rounds
 the normalised value to the model dtype before the weight multiplies it, so bf16 results differ
 from the reference's in the last bit (float32: within 5e-7).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fast_llm_supernet.model import RMSNorm
+from fast_llm_supernet.model.supernet import RMSNorm
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) * weight * silu(gate) over the last dim (the head dim), as `kernels.gated_rms_norm`."""
+    """rmsnorm(x) * weight * silu(gate) over the last dim (the head dim), as `ops.gated_rms_norm`."""
     return rms_norm(x.to(weight.dtype), weight, eps) * F.silu(gate)
 
 

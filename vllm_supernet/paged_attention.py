@@ -11,7 +11,7 @@ for those requests only.
   layout inside each block, and plan the work over a batch with a schedule: here one schedule per
   (request subset, window), computed once per step and shared by every layer of the cache group.
 * `paged_attention_reference`: plain PyTorch, any head size (upstream test exports use 16), the
-  same math as the reference mixer (`fast_llm_supernet.mixers.attention.Attention`): each request's
+  same math as the reference mixer (`fast_llm_supernet.model.attention.Attention`): each request's
   queries attend with `F.scaled_dot_product_attention` over the keys they may see.
 
 The two lay the cache out differently, so a layer uses one of them for its whole life
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from fast_llm_supernet.model.ops import attention_mask
 
 
 def uses_cpu_kernel(head_size: int, device_type: str) -> bool:
@@ -192,10 +194,7 @@ def paged_attention_reference(
         keys = cached[..., :head_size].to(query.dtype).transpose(0, 1)  # [Hkv, S, D]
         values = cached[..., head_size:].to(query.dtype).transpose(0, 1)
         query_positions = torch.arange(first_query, context, device=query.device)
-        distance = query_positions[:, None] - positions[None, :]  # [T, S]
-        allowed = distance >= 0
-        if window is not None:
-            allowed &= distance < window
+        allowed = attention_mask(query_positions, positions, window)  # [T, S]
         q = query[start : start + num_query].transpose(0, 1)  # [Hq, T, D]
         # enable_gqa: query head h reads KV group h // (Hq / Hkv), as in the reference mixer.
         attended = F.scaled_dot_product_attention(

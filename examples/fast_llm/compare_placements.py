@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fast_llm_supernet import SupernetForCausalLM
-from fast_llm_supernet.distill_loss import forward_kl
+from fast_llm_supernet.training.loss import forward_kl
 from shared_spec import MixerKind, uniform_placement
 
 

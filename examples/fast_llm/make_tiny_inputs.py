@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from fast_llm_supernet.convert import convert
-from fast_llm_supernet.corpus import stdlib_documents
-from fast_llm_supernet.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
+from fast_llm_supernet.tools.convert import convert
+from fast_llm_supernet.tools.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
+from fast_llm_supernet.training.corpus import stdlib_documents
 
 # Must match examples/fast_llm/tiny_cpu.yaml (its `data.maximum_document_length` is 128).
 WINDOW_SIZE = 32

@@ -12,24 +12,24 @@ Fast-LLM's own config objects:
 | `sampling_strategy`, `sampling_weights`, `placements` | the `StochasticMixer`'s `sampling_strategy`, `sampling_weights`, `predefined_layouts` (+ probabilities) |
 | `train_only_mixers`, `frozen_mixer_kinds` | `lr_scale: 0` on embeddings, head, MLPs, norms, non-stochastic blocks and the sub-mixers of the frozen kinds (default: full attention, the teacher's copy) |
 
-The loss has the definition of `fast_llm_supernet.distill_loss` (the single-machine trainer's), term for
+The loss has the definition of `fast_llm_supernet.training.loss` (the single-machine trainer's), term for
 term, with Fast-LLM's fused kernels computing it:
 
-* KL terms: `distill_loss` softens both distributions by T and multiplies by T^2; Fast-LLM's distillation
+* KL terms: `training.loss` softens both distributions by T and multiplies by T^2; Fast-LLM's distillation
   loss divides only the teacher's logits by its `temperature`. We set the loss's `logits_scale_factor` to
   1/T (which scales the student's logits and the teacher's), its `temperature` to 1 and its weight to
   w * T^2: the same loss and gradient.
 * Activation matching: Fast-LLM adds, per stochastic block, the token mean of the L2 distance between the
-  block's mixer output and a target (`l2` in `distill_loss`). Upstream's target is the teacher's attention
-  output in the teacher's own forward pass; `distill_loss` (the single-machine trainer) defines it as the teacher's
+  block's mixer output and a target (`l2` in `training.loss`). Upstream's target is the teacher's attention
+  output in the teacher's own forward pass; `training.loss` (the single-machine trainer) defines it as the teacher's
   attention applied to the *student's* layer input. With `activation_target: student_input` (default) the
   trainer computes that target with the block's frozen full-attention sub-mixer, the teacher's copy, and
-  hands it to Fast-LLM's activation loss in place of the teacher's (see `trainer.py`). `distill_loss`
+  hands it to Fast-LLM's activation loss in place of the teacher's (see `trainer.py`). `training.loss`
   averages over layers, so each block gets weight `activation / number of stochastic layers`. Only `l2`
   exists upstream; Fast-LLM logs the distance per block and per selected mixer
   (`<block>/activation_distillation_loss/<mixer>`), so lagging mixers show.
 * Mixer sampling: Fast-LLM's `StochasticMixer` draws inside the model, seeded by the iteration (all ranks
-  agree), with the strategies of `fast_llm_supernet.sampling` (uniform, weighted, full layout, predefined
+  agree), with the strategies of `fast_llm_supernet.training.placement_sampling` (uniform, weighted, full layout, predefined
   placements with probabilities, the remainder falling through to the strategy).
 
 No mixer class is subclassed: upstream's Apriel2 exporter looks converters up by exact class, so with
@@ -59,7 +59,7 @@ from fast_llm.layers.ssm.config import GatedDeltaNetConfig, KimiDeltaAttentionCo
 from fast_llm.models.gpt.config import GPTBaseModelConfig, GPTTrainerConfig
 from fast_llm.utils import Assert
 
-from fast_llm_supernet.distill_loss import DistillLossConfig
+from fast_llm_supernet.training.loss import DistillLossConfig
 from shared_spec import LayerChoices, MixerKind, Placement, PlacementError, SupernetSpec
 
 if typing.TYPE_CHECKING:
@@ -103,7 +103,7 @@ class SupernetDistillationConfig(Config):
         default="student_input",
         desc="What the activation term compares each stochastic layer's mixer output with. `student_input`: the"
         " teacher's attention applied to the input of the student's layer (the frozen full-attention sub-mixer,"
-        " which is the teacher's copy), as `fast_llm_supernet.distill_loss` defines it. `teacher_forward`:"
+        " which is the teacher's copy), as `fast_llm_supernet.training.loss` defines it. `teacher_forward`:"
         " the teacher's attention output in the teacher's own forward pass (upstream Fast-LLM's definition).",
         hint=FieldHint.feature,
     )

@@ -5,7 +5,7 @@ decay matrix exp(G_t - G_s) over the whole chunk and masks the upper triangle af
 diagonal G_t - G_s > 0, so with strong decays exp overflows to inf; the forward pass survives the
 `masked_fill`, but the backward pass multiplies inf by a zero gradient and gives NaN.
 
-This project's `kernels.chunk_gated_delta_rule` masks before the exponential. This module adapts it
+This project's `ops.chunk_gated_delta_rule` masks before the exponential. This module adapts it
 to upstream's call signature (layout [batch, seq, heads, dim], q/k L2-normalised inside the kernel,
 q scaled by head_dim^-0.5, packed documents through `cu_seqlens`) and swaps it into Fast-LLM's KDA
 layer. The CUDA path (flash-linear-attention's `chunk_kda`) is left alone.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fast_llm_supernet.kernels import chunk_gated_delta_rule, l2norm
+from fast_llm_supernet.model.ops import chunk_gated_delta_rule, l2norm
 
 
 def finite_torch_chunk_kda(

@@ -13,7 +13,7 @@
    activation loss compares a block's mixer output with the teacher's attention output from the teacher's
    own forward pass. Each stochastic mixer here also runs its frozen full-attention sub-mixer (the
    teacher's attention, copied by the conversion) on the same input, without gradients, and puts that
-   output where Fast-LLM's activation loss reads the teacher's — the definition of `distill_loss`.
+   output where Fast-LLM's activation loss reads the teacher's — the definition of `training.loss`.
 """
 
 import functools
@@ -28,9 +28,9 @@ from fast_llm.layers.decoder.stochastic_mixer import StochasticMixer
 from fast_llm.models.gpt.conversion.config import Apriel2TextCheckpointFormat
 from fast_llm.models.gpt.trainer import GPTTrainer
 
-from fast_llm_supernet.checkpoint import MODEL_NOTES_FILE, model_notes_json
 from fast_llm_supernet.fast_llm_adapter.config import SupernetTrainerConfig, attention_target_name
 from fast_llm_supernet.fast_llm_adapter.kda_kernel import use_finite_kda_kernel
+from fast_llm_supernet.model.checkpoint import MODEL_NOTES_FILE, model_notes_json
 
 
 def _forward_with_own_mask(attention: Attention, forward: typing.Callable, input_, kwargs, *args, **kwargs_):

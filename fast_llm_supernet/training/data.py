@@ -1,4 +1,4 @@
-"""Training data for the single-machine trainer: local text / JSONL, tokenised and packed, and chat JSONL for SFT.
+"""`fast_llm_supernet.training.data`: training data for the single-machine trainer: local text / JSONL, tokenised and packed, and chat JSONL for SFT.
 
 Formats (`DataSourceConfig.format`):
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fast_llm_supernet.distill_loss import IGNORE_INDEX
+from fast_llm_supernet.training.loss import IGNORE_INDEX
 
 ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 # The same rendering as `tokenize_conversation`, as a Hugging Face chat template, so that a served

@@ -1,4 +1,4 @@
-"""The stochastic distillation loss: one definition, used by the single-machine trainer and the Fast-LLM plugin.
+"""`fast_llm_supernet.training.loss`: the stochastic distillation loss: one definition, used by the single-machine trainer and the Fast-LLM plugin.
 
     loss = w_rkl * RKL + w_fkl * FKL + w_act * ACT + w_ce * CE
 

@@ -1,4 +1,4 @@
-"""A small English corpus that ships with every CPython: the docstrings of the standard library.
+"""`fast_llm_supernet.training.corpus`: a small English corpus that ships with every CPython: the docstrings of the standard library.
 
 Used to train the tiny teacher's tokenizer and to pre-train the tiny teacher, so tests and
 examples need no download. The text is read from the stdlib's `.py` sources with `ast` (nothing

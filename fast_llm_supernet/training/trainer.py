@@ -1,15 +1,15 @@
-"""The single-machine supernet trainer (the embedded default): stochastic distillation and SFT, CPU or one GPU.
+"""`fast_llm_supernet.training.trainer`: the single-machine supernet trainer (the embedded default): stochastic distillation and SFT, CPU or one GPU.
 
     supernet-train --config run.yaml [--set optimizer.lr=1e-3 ...] [--check]
 
 One step:
-  1. the placement of the step is drawn (`sampling.MixerSampler`, a pure function of the step);
+  1. the placement of the step is drawn (`placement_sampling.MixerSampler`, a pure function of the step);
   2. the frozen teacher runs the batch with its placement (full attention) -> teacher logits;
   3. the student runs the batch with the drawn placement; for every layer whose selected mixer trains,
      the normalised hidden state entering that layer is captured (a forward hook on the block's input
      norm) and the teacher's attention mixer of that layer runs on *that same tensor*, under no_grad,
      to give the activation target;
-  4. `distill_loss.distillation_loss` combines reverse KL, forward KL, activation matching and
+  4. `loss.distillation_loss` combines reverse KL, forward KL, activation matching and
      cross-entropy; AdamW with warmup + cosine and gradient clipping updates the trainable weights
      (`optimizer.mixer_lr_scale`: per-mixer lr multipliers, one parameter group each).
 
@@ -48,7 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fast_llm_supernet.data import (
+from fast_llm_supernet.model import SupernetForCausalLM
+from fast_llm_supernet.training.config import (
+    ConfigError,
+    DataSourceConfig,
+    ResolvedPlacements,
+    TrainConfig,
+    load_config,
+    resolve_placements,
+)
+from fast_llm_supernet.training.data import (
     PackedData,
     batch_indices,
     load_tokenizer,
@@ -58,17 +67,13 @@ from fast_llm_supernet.data import (
     read_documents,
     split_held_out,
 )
-from fast_llm_supernet.distill_loss import LayerActivation, distillation_loss, forward_kl, token_cross_entropy
-from fast_llm_supernet.model import SupernetForCausalLM
-from fast_llm_supernet.sampling import MixerSampler
-from fast_llm_supernet.train_config import (
-    ConfigError,
-    DataSourceConfig,
-    ResolvedPlacements,
-    TrainConfig,
-    load_config,
-    resolve_placements,
+from fast_llm_supernet.training.loss import (
+    LayerActivation,
+    distillation_loss,
+    forward_kl,
+    token_cross_entropy,
 )
+from fast_llm_supernet.training.placement_sampling import MixerSampler
 from shared_spec import MixerKind, Placement, Preset, PresetsFile
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -688,7 +693,7 @@ def format_comparison(before: dict[str, float], after: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train a supernet: stochastic distillation or SFT on one machine.")
-    parser.add_argument("--config", required=True, help="YAML config (see fast_llm_supernet/train_config.py)")
+    parser.add_argument("--config", required=True, help="YAML config (see fast_llm_supernet/training/config.py)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)

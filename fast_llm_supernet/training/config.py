@@ -1,4 +1,4 @@
-"""The single-machine trainer's YAML config: one pydantic model, validated before any work starts.
+"""`fast_llm_supernet.training.config`: the single-machine trainer's YAML config: one pydantic model, validated before any work starts.
 
 Unknown keys, wrong types, out-of-range values, missing files and placements that do not fit the
 checkpoint all fail in `load_config`, with the dotted path of the field in the message
@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fast_llm_supernet.distill_loss import DistillLossConfig
-from fast_llm_supernet.sampling import SamplingConfig
+from fast_llm_supernet.training.loss import DistillLossConfig
+from fast_llm_supernet.training.placement_sampling import SamplingConfig
 from shared_spec import (
     Apriel2TextConfig,
     MixerKind,
@@ -269,7 +269,7 @@ def resolve_placements(config: TrainConfig) -> ResolvedPlacements:
     for index, value in enumerate(config.sampling.predefined):
         parse(f"sampling.predefined.{index}", value, spec)
     try:
-        from fast_llm_supernet.sampling import MixerSampler
+        from fast_llm_supernet.training.placement_sampling import MixerSampler
 
         MixerSampler(spec, config.sampling, stored_presets)
     except PlacementError as error:
@@ -315,7 +315,7 @@ def _format_validation_error(error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; see fast_llm_supernet/train_config.py for the fields)"
+            message = "unknown field (check the spelling; see fast_llm_supernet/training/config.py for the fields)"
         elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
             message += f" (got {item['input']!r:.60})"
         lines.append(f"{field}: {message}")

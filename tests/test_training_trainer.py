@@ -9,8 +9,11 @@ import pytest
 import torch
 import yaml
 
-from fast_llm_supernet.convert import default_presets
-from fast_llm_supernet.data import (
+from fast_llm_supernet.model import SupernetForCausalLM
+from fast_llm_supernet.tools.convert import default_presets
+from fast_llm_supernet.tools.tiny_teacher import train_tokenizer
+from fast_llm_supernet.training.config import ConfigError, load_config, parse_config
+from fast_llm_supernet.training.data import (
     IGNORE_INDEX,
     batch_indices,
     load_tokenizer,
@@ -18,10 +21,7 @@ from fast_llm_supernet.data import (
     pack_documents,
     tokenize_conversation,
 )
-from fast_llm_supernet.model import SupernetForCausalLM
-from fast_llm_supernet.tiny_teacher import train_tokenizer
-from fast_llm_supernet.train_config import ConfigError, load_config, parse_config
-from fast_llm_supernet.trainer import Trainer, main, placement_label
+from fast_llm_supernet.training.trainer import Trainer, main, placement_label
 from shared_spec import Apriel2TextConfig, PresetsFile
 
 ATTENTION = {"type": "attention", "heads": 2, "head_groups": 1, "head_size": 16, "rotary": {"type": "mistral_1d", "theta": 10000.0}}
@@ -284,7 +284,7 @@ def test_mixer_lr_scale_makes_scheduled_parameter_groups(tiny_run):
             assert group["lr_scale"] == {"sliding_window": 5.0, "gdn": 0.5}.get(mixer, 1.0), name
             assert (group["weight_decay"] == 0.0) == (parameter.ndim < 2), name
     # Warmup and cosine scale every group alike: at each step, group lr = schedule(step) * lr * multiplier.
-    from fast_llm_supernet.trainer import cosine_schedule
+    from fast_llm_supernet.training.trainer import cosine_schedule
 
     schedule = cosine_schedule(2, 6, 0.1)
     for step in range(6):
@@ -349,8 +349,8 @@ def test_sft_on_chat_data_runs(tiny_run):
 @pytest.fixture(scope="module")
 def converted_tiny_teacher(tmp_path_factory) -> Path:
     """A small pre-trained Llama teacher (stdlib docstrings) converted into a four-mixer supernet."""
-    from fast_llm_supernet.convert import convert
-    from fast_llm_supernet.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
+    from fast_llm_supernet.tools.convert import convert
+    from fast_llm_supernet.tools.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
 
     root = tmp_path_factory.mktemp("converted")
     teacher_config = TinyTeacherConfig(
@@ -404,7 +404,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_run, tmp_path):
         path.write_text(yaml.safe_dump(config))
         return path
 
-    command = [sys.executable, "-m", "fast_llm_supernet.trainer", "--config"]
+    command = [sys.executable, "-m", "fast_llm_supernet.training.trainer", "--config"]
     subprocess.run([*command, str(config_file("sigkill_straight"))], check=True, capture_output=True)
 
     killed_config = config_file("sigkill")

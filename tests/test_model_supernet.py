@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fast_llm_supernet.checkpoint import CheckpointError
 from fast_llm_supernet.model import SupernetForCausalLM, SupernetOutput
+from fast_llm_supernet.model.checkpoint import CheckpointError
 from shared_spec import (
     Apriel2TextConfig,
     MixerKind,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fast_llm_supernet.mixers import build_mixer
-from fast_llm_supernet.mixers.attention import (
+from fast_llm_supernet.model import build_mixer
+from fast_llm_supernet.model.attention import (
     Attention,
     effective_attention_configs,
     linear_bias_enabled,
@@ -151,7 +151,7 @@ def test_default_rotary_name_is_the_same_math():
 
 
 def test_llama3_rotary_keeps_high_frequencies():
-    from fast_llm_supernet.mixers.attention import rotary_angle_scales
+    from fast_llm_supernet.model.attention import rotary_angle_scales
 
     plain = rotary_angle_scales(attention_config())
     llama3 = rotary_angle_scales(

@@ -1,8 +1,21 @@
-"""Pure-PyTorch kernels of the linear-attention mixers (Gated DeltaNet and Kimi Delta Attention).
+"""The mixer math of the supernet: every function the four mixers compute with, on plain tensors.
 
-These are the CPU definitions of the math; on CUDA `fla_kernels` may swap in flash-linear-attention.
-This module imports neither Fast-LLM nor vLLM, so the training model and the vLLM plugin (KDA has no
-CPU kernel in vLLM) share one definition. Every function is a free function on plain tensors.
+`fast_llm_supernet.model.ops` is the one module of mixer math. It imports neither Fast-LLM nor vLLM, so
+the reference model, the Fast-LLM adapter and the vLLM plugin (KDA has no CPU kernel in vLLM) share one
+definition. As flash-linear-attention keeps its ops with a naive reference beside each kernel, each fast
+function here names the function that is its reference (the tests compare the pairs):
+
+| function | what it computes | its reference |
+| --- | --- | --- |
+| `recurrent_gated_delta_rule` | the gated delta rule token by token | (the definition below) |
+| `chunk_gated_delta_rule` | the same in chunks of 64 tokens (WY form) | `recurrent_gated_delta_rule` |
+| `gated_delta_rule_step` | one token, the state updated in place (serving's decode step) | `recurrent_gated_delta_rule`, T = 1 |
+| `gated_delta_rule` | fla's Triton kernels on CUDA when installed, else the two above | `chunk_` / `recurrent_gated_delta_rule` |
+| `run_delta_rule` | L2-normalise q, k, then `gated_delta_rule` from and into a mixer cache | - |
+| `causal_conv1d` | depthwise causal convolution (+ SiLU); T = 1 is an elementwise decode step | `F.conv1d` over the padded input |
+| `l2norm`, `gated_rms_norm` | Fast-LLM's L2 norm (eps inside the root) and gated RMS norm | - |
+| `rotary_cos_sin`, `apply_rotary` | rotary tables (float64 angles, float32 tables) and the half-split rotation | - |
+| `attention_mask` | which keys each query may attend (causal, optionally windowed) | `is_causal=True` without a window |
 
 The gated delta rule, per head, with state S [Dk, Dv], at each token t:
 
@@ -20,14 +33,29 @@ decay; we mask *before* the exponential (exp(-inf) = 0), so forward and backward
 Fast-LLM's torch KDA exponentiates first and masks after: finite forward, NaN gradients.
 Per-channel decays build that [t, s, Dk] decay only within sub-chunks of 16 tokens; across
 sub-chunks the decay factors through the sub-chunk start into two factors <= 1 (see `_decayed_scores`).
+
+flash-linear-attention (`fla`) is imported lazily and only for CUDA tensors, so CPU runs never import it
+(and never pay for its Triton start-up). Set `SUPERNET_DISABLE_FLA=1` to force the pure-PyTorch kernels
+everywhere, e.g. to compare the two on a GPU.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import math
+import os
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from fast_llm_supernet.model.linear_mixer import LinearMixerCache
+
+logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16  # per-channel decay: the explicit [t, s, Dk] decay only within sub-chunks
@@ -265,3 +293,155 @@ def recurrent_gated_delta_rule(
     else:
         o = v.new_zeros(batch_size, 0, num_heads, value_dim)
     return o.to(out_dtype), state
+
+
+def gated_delta_rule_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_decay: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One token of the gated delta rule for each of B sequences; `state` is updated in place.
+
+    query, key [B, H, Dk] (L2-normalised), value [B, H, Dv], log_decay [B, H, Dk] (per channel) or
+    [B, H, 1] (scalar), beta [B, H], state [B, H, Dk, Dv]; all in the state's dtype (float32).
+    Returns o [B, H, Dv]. The reference is `recurrent_gated_delta_rule` with T = 1.
+    """
+    state.mul_(log_decay.exp().unsqueeze(-1))  # decay
+    recalled = torch.matmul(key.unsqueeze(-2), state)  # S^T k: [B, H, 1, Dv]
+    delta = (value.unsqueeze(-2) - recalled).mul_(beta[..., None, None])  # [B, H, 1, Dv]
+    state.add_(key.unsqueeze(-1) * delta)  # write k delta^T
+    return torch.matmul((query * scale).unsqueeze(-2), state).squeeze(-2)  # read after the write
+
+
+# ---- kernel choice: flash-linear-attention on CUDA when installed, else the kernels above ----------------
+
+
+@functools.cache
+def _fla_ops() -> tuple[ModuleType, ModuleType] | None:
+    """fla's gated-delta-rule and KDA op modules, or None when fla is missing or disabled."""
+    if (
+        os.environ.get("SUPERNET_DISABLE_FLA", "0") not in ("", "0")
+        or importlib.util.find_spec("fla") is None
+    ):
+        return None
+    try:
+        import fla.ops.gated_delta_rule as gdn_ops
+        import fla.ops.kda as kda_ops
+    except Exception as error:  # a broken Triton/CUDA install should degrade to the torch path, loudly
+        logger.warning(
+            "flash-linear-attention is installed but failed to import (%s); using torch kernels", error
+        )
+        return None
+    return gdn_ops, kda_ops
+
+
+def uses_fla(device: torch.device) -> bool:
+    """True when `gated_delta_rule` runs flash-linear-attention for tensors on `device`."""
+    return device.type == "cuda" and _fla_ops() is not None
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+    recurrent: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule with the best available kernel; arguments as in `chunk_gated_delta_rule`.
+
+    q, k [B, T, H, Dk] (already L2-normalised; scaled by Dk ** -0.5 inside), v [B, T, H, Dv],
+    g [B, T, H] (scalar decay, GDN) or [B, T, H, Dk] (per-channel, KDA), beta [B, T, H],
+    initial_state [B, H, Dk, Dv] or None. `recurrent=True` picks the token-by-token kernel (decode).
+    Returns o [B, T, H, Dv] and the final state (None from fla unless `output_final_state`).
+    """
+    if uses_fla(q.device):
+        gdn_ops, kda_ops = _fla_ops()
+        per_channel = g.dim() == 4
+        if recurrent:
+            kernel = kda_ops.fused_recurrent_kda if per_channel else gdn_ops.fused_recurrent_gated_delta_rule
+        else:
+            kernel = kda_ops.chunk_kda if per_channel else gdn_ops.chunk_gated_delta_rule
+        # Keywords only: fla's recurrent GDN kernel takes (q, k, v, g, gk, gv, beta, ...) positionally.
+        return kernel(
+            q=q,
+            k=k,
+            v=v,
+            g=g.float(),
+            beta=beta.to(q.dtype),
+            initial_state=initial_state.float() if initial_state is not None else None,
+            output_final_state=output_final_state,
+        )
+    kernel = recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
+    return kernel(q, k, v, g, beta, initial_state=initial_state)
+
+
+def run_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    cache: LinearMixerCache | None,
+) -> torch.Tensor:
+    """L2-normalise q and k, run the gated delta rule from the cached state, store the new state.
+
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; g [B, T, H] or [B, T, H, Dk]; beta [B, T, H] -> o [B, T, H, Dv].
+    A one-token step with a cache (decode) runs the recurrent kernel, anything else the chunked one.
+    """
+    o, state = gated_delta_rule(
+        l2norm(q),
+        l2norm(k),
+        v,
+        g,
+        beta,
+        initial_state=cache.recurrent_state if cache is not None else None,
+        output_final_state=cache is not None,
+        recurrent=cache is not None and q.shape[1] == 1,
+    )
+    if cache is not None:
+        cache.recurrent_state = state
+    return o
+
+
+# ---- attention ---------------------------------------------------------------------------------------------
+
+
+def rotary_cos_sin(
+    angle_scales: torch.Tensor, start: int, length: int, attention_factor: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [length, head_size / 2] (float32) for positions start .. start+length-1."""
+    positions = torch.arange(start, start + length, dtype=torch.float64)
+    angles = torch.outer(positions, angle_scales)  # [length, head_size/2], float64 like upstream
+    cos = (torch.cos(angles) * attention_factor).to(torch.float32)
+    sin = (torch.sin(angles) * attention_factor).to(torch.float32)
+    return cos.to(device), sin.to(device)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, head_size] in the half-split layout; cos/sin [T, head_size/2].
+
+    Computed in float32 (upstream multiplies by its float32 tables) and cast back to x's dtype.
+    """
+    real, imag = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([real * cos - imag * sin, imag * cos + real * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask [T, S]: query at query_positions[t] may attend key at key_positions[s].
+
+    Causal (distance = query - key >= 0) and, with a window w, distance < w: query i reaches keys
+    i-w+1 .. i (upstream Fast-LLM's mask `triu(-(w-1))`, flash `window=(w-1, 0)`).
+    """
+    distance = query_positions[:, None] - key_positions[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    return allowed

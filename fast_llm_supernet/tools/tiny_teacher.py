@@ -1,11 +1,11 @@
-"""Make a tiny Llama teacher and a real byte-level BPE tokenizer, with no download.
+"""`fast_llm_supernet.tools.tiny_teacher`: make a tiny Llama teacher and a real byte-level BPE tokenizer, with no download.
 
     supernet-make-tiny-teacher --output DIR [--steps N] [--seed S]
 
 writes a Hugging Face checkpoint (`config.json`, `model.safetensors`, `LlamaForCausalLM`,
 float32) and a tokenizer (`tokenizer.json`, `tokenizer_config.json`) that
 `AutoTokenizer.from_pretrained(DIR)` loads. Both are trained on the docstrings of the Python
-standard library (`fast_llm_supernet.corpus`), so the teacher is a (very small) language model
+standard library (`fast_llm_supernet.training.corpus`), so the teacher is a (very small) language model
 rather than random weights, which makes distilling from it meaningful. Everything is seeded:
 the same Python version, seed, step count and torch thread count give the same files.
 Pre-training the default size for 200 steps takes about one CPU-minute (single thread).
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fast_llm_supernet.corpus import stdlib_documents
+from fast_llm_supernet.training.corpus import stdlib_documents
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -94,7 +94,7 @@ def train_tokenizer(documents: list[str], vocab_size: int):
 def save_tokenizer(tokenizer, output: Path) -> None:
     """tokenizer.json + tokenizer_config.json (+ the SFT chat template), loadable by `AutoTokenizer`
     in transformers 4 and 5."""
-    from fast_llm_supernet.data import CHAT_TEMPLATE
+    from fast_llm_supernet.training.data import CHAT_TEMPLATE
 
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(output)

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fast_llm_supernet.convert import ConversionError, convert, main
 from fast_llm_supernet.model import SupernetForCausalLM
+from fast_llm_supernet.tools.convert import ConversionError, convert, main
 from shared_spec import Apriel2TextConfig, MixerKind, Placement, PresetsFile, SupernetSpec
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, MLP = 64, 32, 4, 2, 8, 3, 48
@@ -395,7 +395,7 @@ def test_sharded_teacher_converts_like_a_single_file(llama, tmp_path):
 def test_tokenizer_files_travel_with_the_checkpoint(tmp_path):
     from transformers import AutoTokenizer
 
-    from fast_llm_supernet.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
+    from fast_llm_supernet.tools.tiny_teacher import TinyTeacherConfig, make_tiny_teacher
 
     make_tiny_teacher(
         tmp_path / "teacher",

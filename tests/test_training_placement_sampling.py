@@ -6,7 +6,7 @@ from math import comb
 import pytest
 from pydantic import ValidationError
 
-from fast_llm_supernet.sampling import MixerSampler, SamplingConfig, sample_composition
+from fast_llm_supernet.training.placement_sampling import MixerSampler, SamplingConfig, sample_composition
 from shared_spec import LayerChoices, MixerKind, Placement, PlacementError, Preset, PresetsFile, SupernetSpec
 
 KINDS = {

@@ -1,4 +1,5 @@
-"""Causal self-attention with GQA and rotary embeddings: the FA and SWA mixers.
+"""`fast_llm_supernet.model.attention`: causal self-attention with GQA and rotary embeddings, the FA and
+SWA mixers (config parsing, rotary frequencies, the `Attention` module, a supernet block's sub-mixer configs).
 
 The definition is upstream Fast-LLM's (`fast_llm/layers/attention/attention.py`, `rotary/rotary.py`):
 
@@ -10,6 +11,8 @@ The definition is upstream Fast-LLM's (`fast_llm/layers/attention/attention.py`,
   tables rounded to float32, as upstream does;
 * sliding window w: query i attends keys i-w+1 .. i (upstream's mask `triu(-(w-1))`, flash
   `window=(w-1, 0)`).
+
+The rotary tables, the rotation and the mask are functions of `ops` (shared with vllm_supernet).
 
 Checkpoint parameter names: `q_proj`, `k_proj`, `v_proj`, `o_proj` (`.weight`, `.bias` if enabled).
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fast_llm_supernet.model.ops import apply_rotary, attention_mask, rotary_cos_sin
 from shared_spec import AttentionMixerConfig, StochasticMixerConfig
 
 # Rotary types this module computes. `mistral_1d` is how Fast-LLM's Apriel2 exporter names its
@@ -114,27 +118,6 @@ def rotary_attention_factor(config: AttentionMixerConfig) -> float:
     if factor is None:
         factor = 0.1 * math.log(float(_extra(rotary, "scale_factor", 8.0))) + 1.0
     return float(factor)
-
-
-def rotary_cos_sin(
-    angle_scales: torch.Tensor, start: int, length: int, attention_factor: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [length, head_size / 2] (float32) for positions start .. start+length-1."""
-    positions = torch.arange(start, start + length, dtype=torch.float64)
-    angles = torch.outer(positions, angle_scales)  # [length, head_size/2], float64 like upstream
-    cos = (torch.cos(angles) * attention_factor).to(torch.float32)
-    sin = (torch.sin(angles) * attention_factor).to(torch.float32)
-    return cos.to(device), sin.to(device)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, T, head_size] in the half-split layout; cos/sin [T, head_size/2].
-
-    Computed in float32 (upstream multiplies by its float32 tables) and cast back to x's dtype.
-    """
-    real, imag = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([real * cos - imag * sin, imag * cos + real * sin], dim=-1)
-    return rotated.to(x.dtype)
 
 
 @dataclass
@@ -258,11 +241,7 @@ class Attention(nn.Module):
         """
         query_positions = torch.arange(start, start + length, device=device)
         key_positions = torch.arange(start + length - num_keys, start + length, device=device)
-        distance = query_positions[:, None] - key_positions[None, :]
-        allowed = distance >= 0
-        if self.window_size is not None:
-            allowed &= distance < self.window_size  # query i reaches keys i-w+1 .. i
-        return allowed
+        return attention_mask(query_positions, key_positions, self.window_size)
 
     def extra_repr(self) -> str:
         window = f", window_size={self.window_size}" if self.window_size is not None else ""

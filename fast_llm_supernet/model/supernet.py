@@ -1,4 +1,5 @@
-"""`SupernetForCausalLM`: the PyTorch supernet, the numerical reference for every placement.
+"""`fast_llm_supernet.model.supernet`: `SupernetForCausalLM`, the PyTorch supernet, the numerical reference
+for every placement; its blocks, norms and MLP; `build_mixer`.
 
 Module tree = checkpoint names (Fast-LLM's Apriel2 text export):
 
@@ -25,21 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fast_llm_supernet.checkpoint import (
-    MODEL_NOTES_FILE,
-    CheckpointError,
-    check_keys,
-    load_state_dict,
-    model_notes_json,
-    read_upstream_mask_sharing,
-    save_checkpoint,
-)
-from fast_llm_supernet.mixers import build_mixer
-from fast_llm_supernet.mixers.attention import linear_bias_enabled, stochastic_sub_mixer_configs
+from fast_llm_supernet.model import checkpoint, generation
+from fast_llm_supernet.model.attention import Attention, linear_bias_enabled, stochastic_sub_mixer_configs
+from fast_llm_supernet.model.gdn import GatedDeltaNet
+from fast_llm_supernet.model.kda import KimiDeltaAttention
 from shared_spec import (
-    PRESETS_FILENAME,
     Apriel2TextConfig,
+    AttentionMixerConfig,
     BlockConfig,
+    GDNMixerConfig,
+    KDAMixerConfig,
     MLPConfig,
     Placement,
     PlacementError,
@@ -62,6 +58,25 @@ _ACTIVATIONS = {
     "identity": lambda x: x,
     "sigmoid": torch.sigmoid,
 }
+
+
+def build_mixer(config: AttentionMixerConfig | GDNMixerConfig | KDAMixerConfig, hidden_size: int) -> nn.Module:
+    """The mixer module for one (non-stochastic) mixer config; parameter names match the checkpoint.
+
+    Every mixer has the same interface: `forward(hidden_states [B, T, D], cache=None) -> [B, T, D]` and
+    `new_cache(batch_size, device, dtype)`; with a cache the input continues the cached sequence and the
+    cache is updated in place.
+    """
+    if isinstance(config, AttentionMixerConfig):
+        return Attention(config, hidden_size)
+    if isinstance(config, GDNMixerConfig):
+        return GatedDeltaNet(config, hidden_size)
+    if isinstance(config, KDAMixerConfig):
+        return KimiDeltaAttention(config, hidden_size)
+    raise TypeError(
+        f"no mixer for config type {type(config).__name__} (type {getattr(config, 'type', '?')!r}); "
+        "valid mixer types: attention, gdn, kda"
+    )
 
 
 class RMSNorm(nn.Module):
@@ -326,10 +341,7 @@ class SupernetForCausalLM(nn.Module):
         next_input = input_ids
         for _ in range(max_new_tokens):
             logits = self(next_input, caches=caches)[:, -1].float()  # [B, V]
-            if do_sample:
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            else:
-                next_token = logits.argmax(dim=-1)
+            next_token = generation.next_token(logits, do_sample, temperature, top_k, top_p, generator)
             if len(eos_ids):
                 next_token = torch.where(finished, eos[0], next_token)
                 finished |= torch.isin(next_token, eos)
@@ -362,21 +374,9 @@ class SupernetForCausalLM(nn.Module):
         `upstream_mask_sharing` None: as the checkpoint's `supernet_model.json` says (upstream
         exports, which lack it, are computed as upstream Fast-LLM computes them).
         """
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise CheckpointError(f"no config.json in {path}")
-        config = Apriel2TextConfig.from_file(path)
-        if upstream_mask_sharing is None:
-            upstream_mask_sharing = read_upstream_mask_sharing(path)
-        presets = PresetsFile.load(path)
-        state = load_state_dict(path, dtype=dtype)
-        model = cls(config, presets=presets, upstream_mask_sharing=upstream_mask_sharing)
-        expected = {name: tensor.shape for name, tensor in model.checkpoint_state_dict().items()}
-        if config.tie_word_embeddings:
-            # Some exporters also write the tied head; it is the embedding by definition.
-            state.pop("lm_head.weight", None)
-        check_keys(expected, state, str(path))
-        model.load_state_dict(state, strict=not config.tie_word_embeddings)
+        loaded = checkpoint.read_checkpoint(path, dtype=dtype, upstream_mask_sharing=upstream_mask_sharing)
+        model = cls(loaded.config, presets=loaded.presets, upstream_mask_sharing=loaded.upstream_mask_sharing)
+        checkpoint.load_weights(model, loaded, str(path))
         model.to(dtype=dtype)
         if device is not None:
             model.to(device)
@@ -386,31 +386,8 @@ class SupernetForCausalLM(nn.Module):
     def save_pretrained(self, path: str | Path, presets: PresetsFile | None = None) -> Path:
         """Write config.json, model.safetensors, supernet_model.json and (if any) supernet_presets.json, atomically."""
         presets = presets if presets is not None else self.presets
-        extra_files = {MODEL_NOTES_FILE: model_notes_json(self.upstream_mask_sharing)}
         if presets is not None:
             presets.validate_against(self.spec)
-            extra_files[PRESETS_FILENAME] = presets.model_dump_json(indent=2) + "\n"
-        return save_checkpoint(path, self.checkpoint_state_dict(), self.config.to_json_dict(), extra_files)
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw one token per row of logits [B, V] with temperature, top-k and nucleus (top-p) filtering."""
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probabilities = logits.softmax(dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+        return checkpoint.write_checkpoint(
+            path, self.checkpoint_state_dict(), self.config, presets, self.upstream_mask_sharing
+        )

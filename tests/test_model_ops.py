@@ -1,10 +1,11 @@
-"""The pure-PyTorch kernels: chunked gated delta rule == its token-by-token recurrence, conv state, norms."""
+"""`fast_llm_supernet.model.ops`: chunked gated delta rule == its token-by-token recurrence, the one-token
+step, conv state, norms, the attention mask."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_llm_supernet import kernels
+from fast_llm_supernet.model import ops
 
 
 def _delta_rule_inputs(
@@ -15,8 +16,8 @@ def _delta_rule_inputs(
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=dtype)
 
-    q = kernels.l2norm(randn(batch, seq_len, heads, key_dim))
-    k = kernels.l2norm(randn(batch, seq_len, heads, key_dim))
+    q = ops.l2norm(randn(batch, seq_len, heads, key_dim))
+    k = ops.l2norm(randn(batch, seq_len, heads, key_dim))
     v = randn(batch, seq_len, heads, value_dim)
     decay_shape = (batch, seq_len, heads, key_dim) if per_channel else (batch, seq_len, heads)
     g = -2 * torch.rand(*decay_shape, generator=generator, dtype=dtype)
@@ -31,8 +32,8 @@ def _delta_rule_inputs(
 def test_chunked_equals_recurrent(per_channel, seq_len, with_state):
     q, k, v, g, beta, initial_state = _delta_rule_inputs(seq_len, per_channel)
     initial_state = initial_state if with_state else None
-    chunk_out, chunk_state = kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)
-    ref_out, ref_state = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)
+    chunk_out, chunk_state = ops.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)
+    ref_out, ref_state = ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)
     assert chunk_out.shape == v.shape and chunk_out.dtype == v.dtype
     torch.testing.assert_close(chunk_out, ref_out, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(chunk_state, ref_state, atol=1e-12, rtol=1e-10)
@@ -41,9 +42,9 @@ def test_chunked_equals_recurrent(per_channel, seq_len, with_state):
 @pytest.mark.parametrize("per_channel", [False, True], ids=["gdn_scalar_decay", "kda_per_channel_decay"])
 def test_chunked_float32_and_chunk_size(per_channel):
     q, k, v, g, beta, state = _delta_rule_inputs(150, per_channel, dtype=torch.float32)
-    ref_out, ref_state = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    ref_out, ref_state = ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
     for chunk_size in (16, 64):
-        out, final = kernels.chunk_gated_delta_rule(
+        out, final = ops.chunk_gated_delta_rule(
             q, k, v, g, beta, initial_state=state, chunk_size=chunk_size
         )
         torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
@@ -54,12 +55,12 @@ def test_chunked_float32_and_chunk_size(per_channel):
 def test_split_sequence_carries_state(per_channel):
     """Two calls chained through the final state equal one call over the whole sequence."""
     q, k, v, g, beta, state = _delta_rule_inputs(90, per_channel)
-    whole, whole_state = kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    whole, whole_state = ops.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
     split = 70
-    first, mid_state = kernels.chunk_gated_delta_rule(
+    first, mid_state = ops.chunk_gated_delta_rule(
         q[:, :split], k[:, :split], v[:, :split], g[:, :split], beta[:, :split], initial_state=state
     )
-    second, end_state = kernels.chunk_gated_delta_rule(
+    second, end_state = ops.chunk_gated_delta_rule(
         q[:, split:], k[:, split:], v[:, split:], g[:, split:], beta[:, split:], initial_state=mid_state
     )
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole)
@@ -68,11 +69,11 @@ def test_split_sequence_carries_state(per_channel):
 
 def test_delta_rule_semantics_one_token():
     """With no decay and beta = 1, one write stores v under k exactly: reading with q = k returns v * scale."""
-    k = kernels.l2norm(torch.randn(1, 1, 1, 4, dtype=torch.float64), eps=0.0)
+    k = ops.l2norm(torch.randn(1, 1, 1, 4, dtype=torch.float64), eps=0.0)
     v = torch.randn(1, 1, 1, 3, dtype=torch.float64)
     g = torch.zeros(1, 1, 1, dtype=torch.float64)
     beta = torch.ones(1, 1, 1, dtype=torch.float64)
-    for kernel in (kernels.chunk_gated_delta_rule, kernels.recurrent_gated_delta_rule):
+    for kernel in (ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule):
         out, state = kernel(k, k, v, g, beta, scale=1.0)
         torch.testing.assert_close(out, v)
         torch.testing.assert_close(state[0, 0], k[0, 0, 0, :, None] * v[0, 0, 0, None, :])
@@ -83,7 +84,7 @@ def test_gradients_finite_at_strong_decay(per_channel):
     """Decays of -60 per token: exp(G_t - G_s) above the diagonal would be exp(+3800) = inf without masking."""
     q, k, v, g, beta, state = _delta_rule_inputs(80, per_channel, dtype=torch.float32)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g * 30, beta, state)]
-    out, final = kernels.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5])
+    out, final = ops.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5])
     (out.square().sum() + final.square().sum()).backward()
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
     for leaf in leaves:
@@ -96,7 +97,7 @@ def test_causal_conv1d_matches_padded_conv_and_carries_state():
     x = torch.randn(batch, seq_len, channels, dtype=torch.float64)
     weight = torch.randn(channels, 1, kernel_size, dtype=torch.float64)
 
-    y, state = kernels.causal_conv1d(x, weight)
+    y, state = ops.causal_conv1d(x, weight)
     # Reference: zero-pad on the left and convolve (Fast-LLM: padding=K-1, keep the first T outputs).
     reference = F.silu(
         F.conv1d(x.transpose(1, 2), weight, groups=channels, padding=kernel_size - 1)[..., :seq_len]
@@ -108,7 +109,7 @@ def test_causal_conv1d_matches_padded_conv_and_carries_state():
     # Token by token (and a 2-token piece shorter than K-1), carrying the state, gives the same outputs.
     pieces, state = [], None
     for start, end in [(0, 2), *[(t, t + 1) for t in range(2, seq_len)]]:
-        y_piece, state = kernels.causal_conv1d(x[:, start:end], weight, state)
+        y_piece, state = ops.causal_conv1d(x[:, start:end], weight, state)
         pieces.append(y_piece)
     torch.testing.assert_close(torch.cat(pieces, dim=1), y)
     torch.testing.assert_close(state, x[:, -(kernel_size - 1) :].transpose(1, 2))
@@ -116,17 +117,17 @@ def test_causal_conv1d_matches_padded_conv_and_carries_state():
 
 def test_l2norm_and_gated_rms_norm():
     x = torch.randn(3, 5, 8, dtype=torch.float64)
-    torch.testing.assert_close(kernels.l2norm(x), x / torch.sqrt(x.square().sum(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(ops.l2norm(x), x / torch.sqrt(x.square().sum(-1, keepdim=True) + 1e-6))
     gate, weight = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-5) * weight * gate * torch.sigmoid(gate)
-    torch.testing.assert_close(kernels.gated_rms_norm(x, gate, weight, 1e-5), expected)
+    torch.testing.assert_close(ops.gated_rms_norm(x, gate, weight, 1e-5), expected)
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["gdn_scalar_decay", "kda_per_channel_decay"])
 def test_chunked_gradients_equal_recurrent_gradients(per_channel):
     inputs = _delta_rule_inputs(70, per_channel)
     gradients = []
-    for kernel in (kernels.chunk_gated_delta_rule, kernels.recurrent_gated_delta_rule):
+    for kernel in (ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule):
         leaves = [x.clone().requires_grad_() for x in inputs]
         out, final = kernel(*leaves[:5], initial_state=leaves[5])
         (out.sin().sum() + final.cos().sum()).backward()
@@ -143,8 +144,8 @@ def test_chunked_sub_chunks_at_strong_per_channel_decay(chunk_size):
     inputs[3] = inputs[3] * 10  # g in [-20, 0]: most channels forget within a token, some keep
     results = []
     for kernel, kwargs in (
-        (kernels.chunk_gated_delta_rule, {"chunk_size": chunk_size}),
-        (kernels.recurrent_gated_delta_rule, {}),
+        (ops.chunk_gated_delta_rule, {"chunk_size": chunk_size}),
+        (ops.recurrent_gated_delta_rule, {}),
     ):
         leaves = [x.clone().requires_grad_() for x in inputs]
         out, final = kernel(*leaves[:5], initial_state=leaves[5], **kwargs)
@@ -152,3 +153,28 @@ def test_chunked_sub_chunks_at_strong_per_channel_decay(chunk_size):
         results.append([out, final, *(leaf.grad for leaf in leaves)])
     for chunked, recurrent in zip(*results, strict=True):
         torch.testing.assert_close(chunked, recurrent, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar_decay", "per_channel_decay"])
+def test_gated_delta_rule_step_is_one_token_of_the_recurrence(per_channel):
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, key_dim, value_dim = 3, 2, 8, 4
+    q = ops.l2norm(torch.randn(batch, 1, heads, key_dim, generator=generator))
+    k = ops.l2norm(torch.randn(batch, 1, heads, key_dim, generator=generator))
+    v = torch.randn(batch, 1, heads, value_dim, generator=generator)
+    g = -torch.rand(batch, 1, heads, *((key_dim,) if per_channel else ()), generator=generator)
+    beta = torch.rand(batch, 1, heads, generator=generator)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=generator)
+    expected_out, expected_state = ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    decay = g[:, 0] if per_channel else g[:, 0, :, None]
+    out = ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], decay, beta[:, 0], state, key_dim**-0.5)
+    torch.testing.assert_close(out, expected_out[:, 0])
+    torch.testing.assert_close(state, expected_state)  # updated in place
+
+
+def test_attention_mask_is_causal_and_windowed():
+    queries, keys = torch.arange(3, 6), torch.arange(0, 6)
+    full = ops.attention_mask(queries, keys, None)
+    assert full.tolist() == [[key <= query for key in range(6)] for query in range(3, 6)]
+    windowed = ops.attention_mask(queries, keys, 2)  # query i reaches keys i-1 .. i
+    assert windowed.tolist() == [[query - 2 < key <= query for key in range(6)] for query in range(3, 6)]

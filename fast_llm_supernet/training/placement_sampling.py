@@ -1,4 +1,4 @@
-"""Mixer sampling for stochastic distillation: which placement the student runs at a training step.
+"""`fast_llm_supernet.training.placement_sampling`: mixer sampling for stochastic distillation: which placement the student runs at a training step.
 
 Strategies (the same names and semantics as upstream Fast-LLM's `StochasticMixerConfig`):
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fast_llm_supernet.distill_loss import (
+from fast_llm_supernet.training.loss import (
     IGNORE_INDEX,
     DistillLossConfig,
     LayerActivation,

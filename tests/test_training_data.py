@@ -4,9 +4,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from fast_llm_supernet.corpus import stdlib_documents  # noqa: E402
-from fast_llm_supernet.data import load_tokenizer, tokenize_conversation  # noqa: E402
-from fast_llm_supernet.tiny_teacher import save_tokenizer, train_tokenizer  # noqa: E402
+from fast_llm_supernet.tools.tiny_teacher import save_tokenizer, train_tokenizer  # noqa: E402
+from fast_llm_supernet.training.corpus import stdlib_documents  # noqa: E402
+from fast_llm_supernet.training.data import load_tokenizer, tokenize_conversation  # noqa: E402
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from fast_llm_supernet.corpus import stdlib_documents
-from fast_llm_supernet.tiny_teacher import TinyTeacherConfig, main, make_tiny_teacher, train_tokenizer
+from fast_llm_supernet.tools.tiny_teacher import TinyTeacherConfig, main, make_tiny_teacher, train_tokenizer
+from fast_llm_supernet.training.corpus import stdlib_documents
 
 CORPUS_FILES = 6  # the Zen of Python and five stdlib modules: enough text, quick to read
 

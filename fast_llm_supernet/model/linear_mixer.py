@@ -1,4 +1,5 @@
-"""Pieces shared by the GDN and KDA mixers: the causal convolution and gated norm modules, the decode cache."""
+"""`fast_llm_supernet.model.linear_mixer`: what the GDN and KDA mixers share: the causal convolution and
+gated norm modules, the decode cache, the config checks and the decay-rate parameters (their math: `ops`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fast_llm_supernet import fla_kernels, kernels
+from fast_llm_supernet.model import ops
 
 # Fast-LLM's defaults where an Apriel2 config.json leaves them out.
 DEFAULT_NORM_EPSILON = 1e-5
@@ -19,7 +20,7 @@ class LinearMixerCache:
 
     conv_states: convolution name -> [B, C, K-1], the last K-1 inputs of that convolution
                  (GDN: "convolution" over Q|K|V; KDA: "q_conv", "k_conv", "v_conv").
-    recurrent_state: [B, H, Dk, Dv], the delta-rule memory, in `kernels.compute_dtype` (float32 at least).
+    recurrent_state: [B, H, Dk, Dv], the delta-rule memory, in `ops.compute_dtype` (float32 at least).
     seen_tokens: how many tokens of each sequence the state already covers.
     """
 
@@ -46,7 +47,7 @@ class LinearMixerCache:
                 name: conv.new_state(batch_size, device, dtype) for name, conv in convolutions.items()
             },
             recurrent_state=torch.zeros(
-                batch_size, *state_shape, device=device, dtype=kernels.compute_dtype(dtype)
+                batch_size, *state_shape, device=device, dtype=ops.compute_dtype(dtype)
             ),
         )
 
@@ -68,7 +69,7 @@ class CausalConv1d(nn.Module):
         self, x: torch.Tensor, state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C], state [B, C, K-1] or None -> (y [B, T, C], new state [B, C, K-1])."""
-        return kernels.causal_conv1d(x, self.weight, state)
+        return ops.causal_conv1d(x, self.weight, state)
 
     def new_state(
         self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
@@ -87,7 +88,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return kernels.gated_rms_norm(x, gate, self.weight, self.eps)
+        return ops.gated_rms_norm(x, gate, self.weight, self.eps)
 
 
 def check_upstream_defaults(config, mixer: str) -> None:
@@ -120,30 +121,3 @@ def decay_rate_parameters(num_values: int, num_heads: int, a_min: float) -> tupl
     dt_bias = nn.Parameter(torch.ones(num_values))
     return a_log, dt_bias
 
-
-def run_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    cache: LinearMixerCache | None,
-) -> torch.Tensor:
-    """L2-normalise q and k, run the gated delta rule from the cached state, store the new state.
-
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; g [B, T, H] or [B, T, H, Dk]; beta [B, T, H] -> o [B, T, H, Dv].
-    A one-token step with a cache (decode) runs the recurrent kernel, anything else the chunked one.
-    """
-    o, state = fla_kernels.gated_delta_rule(
-        kernels.l2norm(q),
-        kernels.l2norm(k),
-        v,
-        g,
-        beta,
-        initial_state=cache.recurrent_state if cache is not None else None,
-        output_final_state=cache is not None,
-        recurrent=cache is not None and q.shape[1] == 1,
-    )
-    if cache is not None:
-        cache.recurrent_state = state
-    return o

@@ -2,7 +2,7 @@
 
 Needs `fast_llm` importable (Python >= 3.12, Fast-LLM installed from source next to this project: see
 docs/fast_llm.md); skipped with that reason everywhere else, including CI and the project's .venv.
-Run here with: /path/to/fl-venv/bin/python -m pytest -m "" tests/test_fast_llm_plugin.py
+Run here with: /path/to/fl-venv/bin/python -m pytest -m "" tests/test_fast_llm_adapter.py
 """
 
 import json
@@ -20,9 +20,9 @@ fast_llm = pytest.importorskip(
 )
 torch = pytest.importorskip("torch")
 
-from fast_llm_supernet import distill_loss  # noqa: E402
 from fast_llm_supernet.fast_llm_adapter import register  # noqa: E402
 from fast_llm_supernet.fast_llm_adapter.kda_kernel import finite_torch_chunk_kda  # noqa: E402
+from fast_llm_supernet.training import loss as training_loss  # noqa: E402
 
 pytestmark = pytest.mark.fast_llm
 register()
@@ -131,7 +131,7 @@ def test_section_becomes_fast_llm_losses_sampling_and_frozen_weights():
     base_model = config.model.base_model
     losses = base_model.head.losses
     assert set(losses) == {"reverse_kl", "forward_kl", "cross_entropy"}
-    # distill_loss's T^2 * KL of both softened distributions: student and teacher logits scaled by 1/T.
+    # training.loss's T^2 * KL of both softened distributions: student and teacher logits scaled by 1/T.
     assert losses["reverse_kl"].loss_type == EntropyLossType.reverse_kl
     assert losses["reverse_kl"].weight == pytest.approx(4.0)
     assert losses["forward_kl"].weight == pytest.approx(2.0)
@@ -209,7 +209,7 @@ def test_non_supernet_decoder_is_rejected():
 @pytest.mark.parametrize("loss_type", ["reverse_kl", "forward_kl"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_temperature_mapping_equals_distill_loss(loss_type, temperature):
-    """Fast-LLM's distillation loss with our mapping (scale 1/T, temperature 1, weight T^2) = distill_loss."""
+    """Fast-LLM's distillation loss with our mapping (scale 1/T, temperature 1, weight T^2) = training.loss."""
     from fast_llm.functional.entropy_loss import torch_entropy_loss_forward_backward
 
     generator = torch.Generator().manual_seed(0)
@@ -218,7 +218,7 @@ def test_temperature_mapping_equals_distill_loss(loss_type, temperature):
     upstream, _ = _eager(torch_entropy_loss_forward_backward)(
         student, teacher, None, None, 1.0 / temperature, TargetFormat.logits, EntropyLossType(loss_type)
     )
-    ours = getattr(distill_loss, loss_type)(student, teacher, temperature).mean()
+    ours = getattr(training_loss, loss_type)(student, teacher, temperature).mean()
     torch.testing.assert_close(upstream * temperature**2, ours, rtol=1e-5, atol=1e-6)
 
 
@@ -285,7 +285,7 @@ def test_train_supernet_cli_trains_only_mixers_and_exports_a_loadable_checkpoint
     from safetensors.torch import load_file
 
     from fast_llm_supernet import SupernetForCausalLM
-    from fast_llm_supernet.checkpoint import read_upstream_mask_sharing
+    from fast_llm_supernet.model.checkpoint import read_upstream_mask_sharing
 
     config_path = tmp_path / "config.yaml"
     # Every step on the all-KDA placement: a NaN gradient would stop KDA's weights from moving.

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fast_llm_supernet.mixers.gdn import GatedDeltaNet
-from fast_llm_supernet.mixers.kda import KimiDeltaAttention
+from fast_llm_supernet.model.gdn import GatedDeltaNet
+from fast_llm_supernet.model.kda import KimiDeltaAttention
 from shared_spec import GDNMixerConfig, KDAMixerConfig
 
 HIDDEN = 32
@@ -167,10 +167,10 @@ def test_unsupported_upstream_options_are_rejected(config, field):
 def test_cpu_path_never_imports_fla():
     import sys
 
-    from fast_llm_supernet import fla_kernels
+    from fast_llm_supernet.model import ops
 
     mixer = make_kda(torch.float32)
     with torch.no_grad():
         mixer(torch.randn(1, 5, HIDDEN))
-    assert not fla_kernels.uses_fla(torch.device("cpu"))
+    assert not ops.uses_fla(torch.device("cpu"))
     assert "fla" not in sys.modules

@@ -1,4 +1,4 @@
-"""Turn a Hugging Face Llama / Mistral / Qwen2 checkpoint into an Apriel2 supernet checkpoint.
+"""`fast_llm_supernet.tools.convert`: turn a Hugging Face Llama / Mistral / Qwen2 checkpoint into an Apriel2 supernet checkpoint.
 
     supernet-convert --teacher DIR --output DIR [--window-size 64]
                      [--mixers attention,sliding_window,gdn,kda] [--main-mixer attention]
@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fast_llm_supernet.checkpoint import MODEL_NOTES_FILE, model_notes_json, save_checkpoint
+from fast_llm_supernet.model.checkpoint import MODEL_NOTES_FILE, model_notes_json, save_checkpoint
 from shared_spec import (
     DEFAULT_MIXER_NAMES,
     PRESETS_FILENAME,
