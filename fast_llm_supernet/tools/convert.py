@@ -49,9 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from fast_llm_supernet.model.checkpoint import MODEL_NOTES_FILE, model_notes_json, save_checkpoint
+from fast_llm_supernet.model.checkpoint import (
+    MODEL_NOTES_FILE,
+    CheckpointError,
+    SafetensorsReader,
+    model_notes_json,
+    save_checkpoint,
+)
 from shared_spec import (
     DEFAULT_MIXER_NAMES,
     PRESETS_FILENAME,
@@ -116,7 +121,7 @@ class ConversionError(ValueError):
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherArchitecture:
     """The parts of a Llama-family HF config the supernet needs, validated."""
 
     model_type: str
@@ -158,7 +163,7 @@ def _rope_theta(hf: dict) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
-def read_teacher_config(teacher_dir: str | Path, allow_teacher_window: bool = False) -> TeacherConfig:
+def read_teacher_config(teacher_dir: str | Path, allow_teacher_window: bool = False) -> TeacherArchitecture:
     path = Path(teacher_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"no config.json in teacher directory {teacher_dir}")
@@ -203,7 +208,7 @@ def read_teacher_config(teacher_dir: str | Path, allow_teacher_window: bool = Fa
     head_dim = hf.get("head_dim") or hidden_size // num_heads
     # Qwen2 always has q/k/v biases (no flag in its config); Llama/Mistral say so with attention_bias.
     attention_bias = True if model_type == "qwen2" else bool(hf.get("attention_bias", False))
-    return TeacherConfig(
+    return TeacherArchitecture(
         model_type=model_type,
         hidden_size=hidden_size,
         vocab_size=int(hf["vocab_size"]),
@@ -225,39 +230,25 @@ def read_teacher_config(teacher_dir: str | Path, allow_teacher_window: bool = Fa
 
 
 class TeacherWeights:
-    """Lazy access to the teacher's safetensors, single file or sharded (`model.safetensors.index.json`)."""
+    """The teacher's tensors by name, read one at a time (`SafetensorsReader`, single file or sharded),
+    with conversion errors that name the teacher."""
 
     def __init__(self, teacher_dir: str | Path):
-        teacher_dir = Path(teacher_dir)
-        index = teacher_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif (teacher_dir / "model.safetensors").is_file():
-            with safe_open(teacher_dir / "model.safetensors", framework="pt") as handle:
-                weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
-        else:
-            found = sorted(p.name for p in teacher_dir.iterdir())
-            raise ConversionError(
-                f"no model.safetensors or model.safetensors.index.json in {teacher_dir} (found {found}); "
-                "only safetensors teachers are supported"
-            )
-        self._dir = teacher_dir
-        self._weight_map = weight_map
-        self._handles: dict[str, object] = {}
+        try:
+            self._reader = SafetensorsReader(teacher_dir)
+        except CheckpointError as error:
+            raise ConversionError(f"teacher: {error}") from error
 
     def __contains__(self, name: str) -> bool:
-        return name in self._weight_map
+        return name in self._reader
 
     def dtype_of(self, name: str) -> torch.dtype:
         return self.get(name).dtype
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._weight_map:
+        if name not in self._reader:
             raise ConversionError(f"teacher checkpoint has no tensor {name!r}")
-        file = self._weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self._dir / file, framework="pt")
-        return self._handles[file].get_tensor(name)
+        return self._reader.get(name)
 
     def get_float(self, name: str) -> torch.Tensor:
         return self.get(name).float()
@@ -284,7 +275,7 @@ def parse_mixer_kinds(text: str | list[str]) -> list[MixerKind]:
 
 
 def build_supernet_config(
-    teacher: TeacherConfig,
+    teacher: TeacherArchitecture,
     mixer_kinds: list[MixerKind],
     main_mixer: str,
     window_size: int,
@@ -375,7 +366,7 @@ def _slow_decay_a_log(heads: int) -> torch.Tensor:
     return torch.full((heads,), SLOW_DECAY_A).log()
 
 
-def attention_weights(teacher: TeacherConfig, attn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def attention_weights(teacher: TeacherArchitecture, attn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """FA and SWA: the teacher's projections unchanged (Qwen2: o_proj gets a zero bias)."""
     weights = {f"{p}.weight": attn[f"{p}.weight"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     if teacher.attention_bias:
@@ -387,7 +378,7 @@ def attention_weights(teacher: TeacherConfig, attn: dict[str, torch.Tensor]) -> 
 
 
 def gdn_weights(
-    teacher: TeacherConfig, attn: dict[str, torch.Tensor], conv_kernel_size: int
+    teacher: TeacherArchitecture, attn: dict[str, torch.Tensor], conv_kernel_size: int
 ) -> dict[str, torch.Tensor]:
     """GDN from attention (upstream's DIL), shapes as in Fast-LLM's `gdn.py`."""
     d, group = teacher.head_dim, teacher.heads_per_group
@@ -417,7 +408,7 @@ def gdn_weights(
 
 
 def kda_weights(
-    teacher: TeacherConfig, attn: dict[str, torch.Tensor], conv_kernel_size: int, generator: torch.Generator
+    teacher: TeacherArchitecture, attn: dict[str, torch.Tensor], conv_kernel_size: int, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """KDA from attention (upstream's KIL), shapes as in Fast-LLM's `kda.py`."""
     d, group, hidden = teacher.head_dim, teacher.heads_per_group, teacher.hidden_size
@@ -495,7 +486,7 @@ def default_presets(spec: SupernetSpec) -> PresetsFile:
 # ---------------------------------------------------------------------------------------------
 
 
-def _target_dtype(name: str, teacher: TeacherConfig, weights: TeacherWeights) -> torch.dtype:
+def _target_dtype(name: str, teacher: TeacherArchitecture, weights: TeacherWeights) -> torch.dtype:
     if name != "auto":
         if name not in DTYPES:
             raise ConversionError(
@@ -508,7 +499,7 @@ def _target_dtype(name: str, teacher: TeacherConfig, weights: TeacherWeights) ->
 
 
 def convert_state_dict(
-    teacher: TeacherConfig,
+    teacher: TeacherArchitecture,
     weights: TeacherWeights,
     mixer_kinds: list[MixerKind],
     conv_kernel_size: int = DEFAULT_CONV_KERNEL_SIZE,
