@@ -24,7 +24,6 @@ holds no trainer state and imports no torch.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -178,7 +177,3 @@ class MixerSampler:
                 marginals[index][placement.mixers[layer]] += probability
         return marginals
 
-
-def placements_for(spec: SupernetSpec, values: Sequence[str | list[str]], presets: PresetsFile | None = None) -> list[Placement]:
-    """Parse several placements (any accepted spelling), e.g. the evaluation list of a config."""
-    return [Placement.parse(value, spec, presets) for value in values]
