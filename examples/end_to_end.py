@@ -95,7 +95,8 @@ def compare_placements(checkpoint: Path, teacher_dir: Path, held_out: str) -> No
 
     tokenizer = load_tokenizer(checkpoint)
     model = SupernetForCausalLM.from_pretrained(checkpoint).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    # use_safetensors: never fall back to unpickling a pytorch_model.bin.
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, use_safetensors=True).eval()
     held_out_ids = torch.tensor([tokenizer(held_out)["input_ids"][:256]])
     teacher_logits = teacher(held_out_ids).logits
     print(f"{'placement':<44} {'hash':<12} {'KL to teacher':>13}")

@@ -81,7 +81,7 @@ def test_checkpoint_loads_with_transformers(teacher_dir):
         == "PreTrainedTokenizerFast"
     )
     tokenizer = AutoTokenizer.from_pretrained(output)
-    model = LlamaForCausalLM.from_pretrained(output).eval()
+    model = LlamaForCausalLM.from_pretrained(output, use_safetensors=True).eval()
     assert model.config.vocab_size == len(tokenizer) == 320
     assert model.config.bos_token_id == tokenizer.bos_token_id
     ids = tokenizer("Simple is better than complex.", return_tensors="pt")["input_ids"]

@@ -267,6 +267,39 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_run, lr_scale):
     assert checkpoints == ["step_00000002", "step_00000004"]  # keep: 2
 
 
+def _mark_executed(path: str) -> None:
+    Path(path).write_text("unpickling ran code")
+
+
+class _CodeOnLoad:
+    """An object whose unpickling calls a function: what a hostile trainer_state.pt could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _mark_executed, (str(self.marker),)
+
+
+def test_resume_checkpoint_loads_with_weights_only_and_refuses_pickled_code(tiny_run, tmp_path):
+    from fast_llm_supernet.training.trainer import STATE_FILE
+
+    trainer = Trainer(parse_config(base_config(tiny_run, "safe_load", steps=2)), log=lambda *_: None)
+    trainer.run()
+    checkpoint = trainer.latest_checkpoint()
+    # Everything a resume reads is tensors, numbers, strings and plain containers.
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    assert state["step"] == 2 and state["format_version"] == 2
+    assert Trainer(parse_config(base_config(tiny_run, "safe_load", steps=2)), log=lambda *_: None).load_checkpoint(checkpoint)[0] == 2
+
+    # A trainer_state.pt holding an object that runs code on unpickling is refused, and the code never runs.
+    marker = tmp_path / "executed"
+    torch.save({**state, "log_window": {"loss": _CodeOnLoad(marker)}}, checkpoint / STATE_FILE)
+    with pytest.raises(ConfigError, match="not unpickled"):
+        trainer.load_checkpoint(checkpoint)
+    assert not marker.exists()
+
+
 def test_mixer_lr_scale_makes_scheduled_parameter_groups(tiny_run):
     scales = {"sliding_window": 5.0, "gdn": 0.5, "attention": 3.0}  # attention is frozen: no group of its own
     settings = {"steps": 6, "optimizer": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 2, "min_lr_ratio": 0.1, "mixer_lr_scale": scales}}

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -435,7 +436,7 @@ class Trainer:
 
     def _trainer_state(self, step: int, initial_eval: dict, metrics_records: int) -> dict:
         state = {
-            "format_version": 1,
+            "format_version": 2,  # 2: no numpy objects (loadable with weights_only=True)
             "step": step,
             # Only what trains: frozen weights are re-read from model.checkpoint, which they still equal.
             "trainable": {name: p.detach().cpu().clone() for name, p in self.trainable},
@@ -443,7 +444,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
@@ -494,7 +495,7 @@ class Trainer:
 
     def load_checkpoint(self, directory: Path) -> tuple[int, dict, int]:
         """Restore the run; returns (step, initial eval, metrics records written by then)."""
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_trainer_state(directory / STATE_FILE)
         names = dict(self.trainable)
         if set(state["trainable"]) != set(names):
             raise ConfigError(
@@ -523,7 +524,7 @@ class Trainer:
             group.setdefault("lr_scale", 1.0)
         self.scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -632,6 +633,37 @@ class Trainer:
             return TrainResult(step, False, initial_eval, final_eval, export_path)
         finally:
             metrics_writer.close()
+
+
+def load_trainer_state(path: Path) -> dict:
+    """Read a resume checkpoint's trainer_state.pt with `weights_only=True`: tensors, numbers, strings and
+    plain containers only, so a checkpoint directory cannot run code when it is read (the numpy RNG state
+    is stored as a tensor and numbers for that reason)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConfigError(
+            f"cannot resume from {path.parent}: {path.name} holds objects other than tensors, numbers, strings "
+            "and plain containers, which are not unpickled (a checkpoint of an older trainer, or not one of this "
+            f"trainer's); use a new output_dir. ({str(error).splitlines()[0]})"
+        ) from error
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state without numpy objects (loadable with `weights_only=True`)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["position"], state["has_gauss"], state["cached_gaussian"]))
 
 
 def _fsync_directory(path: Path) -> None:
