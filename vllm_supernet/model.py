@@ -190,8 +190,9 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
                 "Apriel2ForCausalLM (supernet) serves with tensor/pipeline parallel size 1 only"
             )
         if vllm_config.speculative_config is not None:
-            # vLLM 0.32's draft_model method hands the drafter the target's KV group 0 (DESIGN.md), and the
-            # GDN/KDA state pages here hold one state per request (no per-draft-token slots).
+            # vLLM 0.32's draft_model method hands the drafter the target's KV group 0 (README.md,
+            # "Speculative decoding"), and the GDN/KDA state pages here hold one state per request (no
+            # per-draft-token slots).
             raise NotImplementedError("speculative decoding is not supported by the supernet plugin yet")
         hf_config = vllm_config.model_config.hf_config
         self.config = hf_config.apriel2()
@@ -242,7 +243,7 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Checkpoint names are this module's parameter names (DESIGN.md layout):
+        """Checkpoint names are this module's parameter names (README.md, Layout of a checkpoint's tensors):
         `model.decoder.blocks.{i}.mixer.mixers.{NAME}.*` for supernet layers, `...mixer.*` for plain
         ones. Weights of mixers that this deployment does not serve are skipped on purpose."""
         params = dict(self.named_parameters())
