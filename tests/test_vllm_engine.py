@@ -308,3 +308,74 @@ def test_gdn_decode_kernel_in_bf16_engine_follows_reference(kernel_checkpoint, b
             step = logprobs[len(prompt) - 1 + i]
             assert abs(output["logprobs"][i] - step[token].item()) < BF16_TOLERANCE, request["placement"]
             assert step.max().item() - step[token].item() < BF16_TOLERANCE, request["placement"]
+
+
+# ---- tensor parallelism: two ranks on the CPU build -----------------------------------------------
+# The kernel checkpoint's head counts divide by 2 (attention 4 heads / 2 KV groups, GDN 2 key / 4
+# value heads, KDA 4 heads, MLP 48). The same requests as the float32 kernel engine, served by two
+# ranks (one core each): the same greedy tokens, logprobs within float32 noise (the ranks' partial
+# sums are added in another order), and each rank holds half of every mixer and of the MLP.
+
+TP_LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tp_engine_results(kernel_checkpoint, tmp_path_factory):
+    requests = _kernel_requests()
+    scenario = {
+        "model": str(kernel_checkpoint),
+        "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        "engine": {
+            "dtype": "float32",
+            "tensor_parallel_size": 2,
+            "gpu_memory_utilization": 0.3,
+            "max_model_len": 512,
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 64,  # chunked prefill
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+        },
+        "batches": [
+            {"name": "mixed", "requests": requests},
+            *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(requests)),
+        ],
+        "rank_shapes": True,
+    }
+    return run_engine(scenario, tmp_path_factory.mktemp("vllm_tp_engine"))
+
+
+def test_two_ranks_give_one_ranks_tokens(kernel_engine_results, tp_engine_results):
+    one, two = kernel_engine_results["batches"], tp_engine_results["batches"]
+    for name in one:
+        for single, parallel in zip(one[name], two[name], strict=True):
+            assert parallel["token_ids"] == single["token_ids"], name
+            difference = max(abs(a - b) for a, b in zip(parallel["logprobs"], single["logprobs"], strict=True))
+            assert difference < TP_LOGPROB_ATOL, name
+
+
+def test_each_rank_holds_half_of_every_mixer(tp_engine_results):
+    ranks = tp_engine_results["rank_shapes"]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    rank = ranks[0]
+    block = "model.decoder.blocks.0"
+    mixers = f"{block}.mixer.mixers"
+    linears, parameters, states = rank["linears"], rank["parameters"], rank["states"]
+    # Attention: 4 query heads and 2 KV groups of 32 -> 2 and 1 per rank.
+    assert linears[f"{mixers}.attention.qkv_proj"] == [64, (2 + 2 * 1) * 32]
+    assert linears[f"{mixers}.attention.o_proj"] == [2 * 32, 64]
+    assert states[f"{mixers}.attention"] == {"heads": 2, "kv_heads": 1}
+    # GDN: Q|K|V|Z|beta|alpha of 2 key / 4 value heads -> 1 key / 2 value heads per rank.
+    assert linears[f"{mixers}.gdn.in_proj"] == [64, 32 + 32 + 64 + 64 + 2 + 2]
+    assert linears[f"{mixers}.gdn.out_proj"] == [64, 64]
+    assert parameters[f"{mixers}.gdn.A_log"] == [2] and parameters[f"{mixers}.gdn.dt_bias"] == [2]
+    assert parameters[f"{mixers}.gdn.convolution.weight"][0] == 32 + 32 + 64
+    assert states[f"{mixers}.gdn"][0][0] == 128 and states[f"{mixers}.gdn"][1] == [2, 32, 32]
+    # KDA: 4 heads of 32 -> 2 per rank; the rank-32 gate inputs are replicated.
+    assert linears[f"{mixers}.kda.in_proj"] == [64, 3 * 64 + 2]
+    assert linears[f"{mixers}.kda.low_rank_proj"] == [64, 2 * 32]
+    assert linears[f"{mixers}.kda.f_b_proj"] == [32, 64]
+    assert parameters[f"{mixers}.kda.dt_bias"] == [64] and parameters[f"{mixers}.kda.A_log"] == [2]
+    assert states[f"{mixers}.kda"][0][0] == 3 * 64 and states[f"{mixers}.kda"][1] == [2, 32, 32]
+    # MLP: 48 intermediate channels -> 24 per rank.
+    assert linears[f"{block}.mlp.gate_up_proj"] == [64, 2 * 24]
+    assert linears[f"{block}.mlp.down_proj"] == [24, 64]

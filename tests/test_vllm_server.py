@@ -160,3 +160,27 @@ def test_placement_is_logged(server, client):
     _complete(client, {"placement": "quality"})
     time.sleep(0.5)
     assert "placement fa*2,attention" in server[1].read_text()
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_invalid_placement_in_a_stream_is_400_before_the_stream_starts(client, reference_tokens, endpoint):
+    """Validated where the request is parsed: no HTTP 200 followed by an error event."""
+    with pytest.raises(openai.BadRequestError) as raised:
+        if endpoint == "completions":
+            stream = client.completions.create(
+                model="supernet", prompt=PROMPT, max_tokens=MAX_TOKENS, stream=True,
+                extra_body={"placement": ["fa", "bogus"]},
+            )  # fmt: skip
+        else:
+            stream = client.chat.completions.create(
+                model="supernet", messages=[{"role": "user", "content": "hello"}], max_tokens=MAX_TOKENS,
+                stream=True, extra_body={"vllm_xargs": {"placement": "not_a_preset"}},
+            )  # fmt: skip
+        list(stream)
+    assert raised.value.status_code == 400
+    assert "invalid placement" in str(raised.value)
+    streamed = client.completions.create(
+        model="supernet", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+        extra_body={"placement": "fast"},
+    )  # fmt: skip
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)

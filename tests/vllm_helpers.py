@@ -63,14 +63,48 @@ def run_engine(scenario: dict, workdir: Path, timeout: float = 1200) -> dict:
     return json.loads(result_path.read_text())
 
 
+class RankShapes:
+    """Mixed into each vLLM worker (`worker_extension_cls`), so `LLM.collective_rpc("rank_shapes")`
+    asks every tensor-parallel rank what it holds."""
+
+    def rank_shapes(self) -> dict:
+        return rank_shapes(self.model_runner.get_model())
+
+
+def rank_shapes(model) -> dict:
+    """What one rank's model holds: per linear layer its (input, output) partition sizes (CPU frees the
+    weights once oneDNN has packed them), per other parameter its shape, per linear mixer its state
+    page shapes, per attention mixer its query and KV heads."""
+    linears, parameters, states = {}, {}, {}
+    for name, module in model.named_modules():
+        if hasattr(module, "output_size_per_partition"):
+            linears[name] = [module.input_size_per_partition, module.output_size_per_partition]
+        if hasattr(module, "get_state_shape"):
+            states[name] = [list(shape) for shape in module.get_state_shape()]
+        if hasattr(module, "num_kv_heads") and hasattr(module, "attn"):
+            states[name] = {"heads": module.num_heads, "kv_heads": module.num_kv_heads}
+    for name, parameter in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner not in linears:
+            parameters[name] = list(parameter.shape)
+    return {"linears": linears, "parameters": parameters, "states": states}
+
+
 def _main(scenario_path: str) -> None:
     """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
-    placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?}]}], invalid: [placement values]}."""
+    placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?}]}], invalid: [placement values],
+    env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`)}."""
     from vllm import LLM, SamplingParams
 
     scenario = json.loads(Path(scenario_path).read_text())
-    llm = LLM(model=scenario["model"], skip_tokenizer_init=True, **scenario["engine"])
+    os.environ.update(scenario.get("env", {}))
+    engine = dict(scenario["engine"])
+    if scenario.get("rank_shapes"):  # RPC by name into each worker (vLLM's worker_extension_cls)
+        engine["worker_extension_cls"] = "tests.vllm_helpers.RankShapes"
+    llm = LLM(model=scenario["model"], skip_tokenizer_init=True, **engine)
     results: dict = {"batches": {}, "invalid": []}
+    if scenario.get("rank_shapes"):
+        results["rank_shapes"] = llm.collective_rpc("rank_shapes")
 
     def params(request: dict) -> SamplingParams:
         extra = {"placement": request["placement"]} if "placement" in request else None

@@ -1,14 +1,15 @@
-"""`Apriel2ForCausalLM` for vLLM: the supernet with a placement per request.
+"""`Apriel2ForCausalLM` for vLLM: the supernet with a placement per request, on vLLM's parallel layers.
 
-Layout (modelled on vllm/model_executor/models/llama.py and qwen3_next.py): embeddings, decoder
-blocks (pre-norm mixer, pre-norm gated MLP), final norm, LM head. Every decoder layer holds the
-mixers that the allowed placements use (all of them unless the deployment is thinned, see
-`placements.ServingPlacements`), each with its own vLLM cache.
+Laid out as vLLM's `llama.py` and `qwen3_next.py`: embeddings, decoder blocks (pre-norm mixer,
+pre-norm gated MLP, residuals through vLLM's fused add-norm), final norm, LM head; module names are
+the checkpoint's (`model.decoder.blocks.{i}.mixer.mixers.{NAME}.*`), and `load_weights` maps the
+checkpoint tensors that vLLM stacks into one parameter through each module's `stacked_params`.
+Every decoder layer holds the mixers that the served placements use (all of them unless the
+deployment is thinned, `placements.ServingPlacements`), each with its own vLLM cache and its heads
+split over tensor-parallel ranks: `attention.py`, `gdn.py`, `kda.py`.
 
-Per step, the runner hook (`runner_hook.py`) hands `forward` a `SupernetBatch`: each request's
-placement and the batch's token layout. Each layer then runs each mixer some request needs on
-exactly those requests' tokens, and scatters the outputs back; a request's tokens never go
-through a mixer its placement does not name, so its output does not depend on its neighbours.
+Per step, `forward` gets a `SupernetBatch` (`batch.py`, through the runner patch in `patches.py`)
+and each layer runs each mixer some request needs on exactly those requests' tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -26,97 +34,110 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.sequence import IntermediateTensors
 from vllm.v1.kv_cache_interface import MambaSpec
 
-from fast_llm_supernet.model.attention import stochastic_sub_mixer_configs
+from fast_llm_supernet.model.attention import linear_bias_enabled, stochastic_sub_mixer_configs
 from fast_llm_supernet.model.checkpoint import read_upstream_mask_sharing
-from fast_llm_supernet.model.supernet import MLP
+from fast_llm_supernet.model.supernet import activation_function
 from shared_spec import (
     Apriel2TextConfig,
     AttentionMixerConfig,
     BlockConfig,
+    GDNMixerConfig,
+    KDAMixerConfig,
+    MLPConfig,
     StochasticMixerConfig,
 )
-from vllm_supernet.mixers import StepRequests, build_vllm_mixer, state_specs
-from vllm_supernet.norms import VllmRMSNorm
-from vllm_supernet.packed_linear import PackedLinear, free_weights, pack_and_free
-from vllm_supernet.placements import ServingPlacements, SupernetBatch
+from vllm_supernet.attention import SupernetAttention
+from vllm_supernet.batch import StepRequests, SupernetBatch
+from vllm_supernet.gdn import SupernetGatedDeltaNet
+from vllm_supernet.kda import SupernetKimiDeltaAttention
+from vllm_supernet.linear_mixer import state_dtypes
+from vllm_supernet.placements import ServingPlacements
+
+MIXER_LAYERS = {
+    AttentionMixerConfig: SupernetAttention,
+    GDNMixerConfig: SupernetGatedDeltaNet,
+    KDAMixerConfig: SupernetKimiDeltaAttention,
+}
 
 
-def _rms_norm(config, hidden_size: int, vllm_config: VllmConfig) -> VllmRMSNorm:
+def mixer_layer(config) -> type[nn.Module]:
+    for config_type, layer in MIXER_LAYERS.items():
+        if isinstance(config, config_type):
+            return layer
+    raise TypeError(f"no vLLM mixer for {type(config).__name__}; valid mixer types: attention, gdn, kda")
+
+
+def rms_norm(config, hidden_size: int) -> RMSNorm:
     if config.type != "rms_norm":
         raise ValueError(f"normalization type {config.type!r} is not supported; valid choices: rms_norm")
-    return VllmRMSNorm(hidden_size, config.epsilon, vllm_config.device_config.device_type)
+    return RMSNorm(hidden_size, eps=config.epsilon)
 
 
-class VllmMLP(MLP):
-    """The reference MLP (same parameters) with gate|up as one matmul, both matmuls `PackedLinear`s."""
+class SupernetMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) (ungated: down(act(up(x)))), intermediate channels split over ranks."""
 
-    def __init__(self, config, hidden_size: int):
-        super().__init__(config, hidden_size)
-        self.input_linear = PackedLinear.stacked(
-            [self.gate_proj, self.up_proj] if self.gated else [self.up_proj]
+    def __init__(self, config: MLPConfig, hidden_size: int, prefix: str):
+        super().__init__()
+        if config.type != "mlp":
+            raise ValueError(f"mlp type {config.type!r} is not supported; valid choices: mlp")
+        self.gated = config.gated
+        # Checkpoint name -> (parameter, shard) of the stacked gate|up projection (load_stacked_weights).
+        self.stacked_params = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)} if self.gated else {}
+        in_bias, out_bias = linear_bias_enabled(config, "layer_1"), linear_bias_enabled(config, "layer_2")
+        size = config.intermediate_size
+        if self.gated:
+            self.gate_up_proj = MergedColumnParallelLinear(
+                hidden_size, [size, size], bias=in_bias, prefix=f"{prefix}.gate_up_proj"
+            )
+            self.activation = SiluAndMul() if config.activation == "silu" else None
+        else:
+            self.up_proj = ColumnParallelLinear(hidden_size, size, bias=in_bias, prefix=f"{prefix}.up_proj")
+        self.activation_function = activation_function(config.activation)
+        self.down_proj = RowParallelLinear(
+            size, hidden_size, bias=out_bias, input_is_parallel=True, prefix=f"{prefix}.down_proj"
         )
-        self.output_linear = PackedLinear.of(self.down_proj)
-
-    def packed_linears(self) -> list[PackedLinear]:
-        return [self.input_linear, self.output_linear]
-
-    def free_packed_weights(self) -> None:
-        """Called once `packed_linears` are packed: `forward` then multiplies only by the packed copies."""
-        free_weights([self.up_proj, self.down_proj] + ([self.gate_proj] if self.gated else []))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        projected = self.input_linear(hidden_states)
-        if self.gated:
-            gate, up = projected.chunk(2, dim=-1)
-            return self.output_linear(self.activation(gate) * up)
-        return self.output_linear(self.activation(projected))
+        if not self.gated:
+            up, _ = self.up_proj(hidden_states)
+            output, _ = self.down_proj(self.activation_function(up))
+            return output
+        gate_up, _ = self.gate_up_proj(hidden_states)
+        if self.activation is not None:  # vLLM's fused SiLU-and-multiply
+            intermediate = self.activation(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            intermediate = self.activation_function(gate) * up
+        output, _ = self.down_proj(intermediate)
+        return output
 
 
 class SupernetStochasticMixer(nn.Module):
-    """`mixer.mixers.{NAME}`: only the mixers some allowed placement uses are built."""
+    """`mixer.mixers.{NAME}`: only the mixers some served placement uses are built."""
 
-    def __init__(
-        self,
-        config: StochasticMixerConfig,
-        names: list[str],
-        hidden_size: int,
-        vllm_config,
-        prefix: str,
-        upstream_mask_sharing: bool,
-    ):
+    def __init__(self, configs: dict, names: list[str], hidden_size: int, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        # The config each sub-mixer computes with: the same function the PyTorch model uses (upstream
-        # Fast-LLM gives every attention sub-mixer of a block one shared window/rotary).
-        configs = stochastic_sub_mixer_configs(config, upstream_mask_sharing)
         self.mixers = nn.ModuleDict(
             {
-                name: build_vllm_mixer(configs[name], hidden_size, vllm_config, f"{prefix}.mixers.{name}")
+                name: mixer_layer(configs[name])(configs[name], hidden_size, vllm_config, f"{prefix}.mixers.{name}")
                 for name in names
             }
         )
 
 
 class SupernetDecoderBlock(nn.Module):
-    def __init__(
-        self,
-        config: BlockConfig,
-        names: list[str],
-        hidden_size: int,
-        vllm_config,
-        prefix: str,
-        upstream_mask_sharing: bool,
-    ):
+    def __init__(self, config: BlockConfig, names: list[str], hidden_size: int, vllm_config, prefix: str, upstream_mask_sharing: bool):
         super().__init__()
-        self.input_layernorm = _rms_norm(config.normalization, hidden_size, vllm_config)
-        self.post_attention_layernorm = _rms_norm(config.normalization, hidden_size, vllm_config)
-        self.mlp = VllmMLP(config.mlp, hidden_size)
+        self.input_layernorm = rms_norm(config.normalization, hidden_size)
+        self.post_attention_layernorm = rms_norm(config.normalization, hidden_size)
+        self.mlp = SupernetMLP(config.mlp, hidden_size, f"{prefix}.mlp")
         self.is_stochastic = isinstance(config.mixer, StochasticMixerConfig)
         if self.is_stochastic:
-            self.mixer = SupernetStochasticMixer(
-                config.mixer, names, hidden_size, vllm_config, f"{prefix}.mixer", upstream_mask_sharing
-            )
+            # The config each sub-mixer computes with: the same function the PyTorch model uses.
+            configs = stochastic_sub_mixer_configs(config.mixer, upstream_mask_sharing)
+            self.mixer = SupernetStochasticMixer(configs, names, hidden_size, vllm_config, f"{prefix}.mixer")
         else:
-            self.mixer = build_vllm_mixer(config.mixer, hidden_size, vllm_config, f"{prefix}.mixer")
+            self.mixer = mixer_layer(config.mixer)(config.mixer, hidden_size, vllm_config, f"{prefix}.mixer")
 
     def get_mixer(self, name: str) -> nn.Module:
         return self.mixer.mixers[name] if self.is_stochastic else self.mixer
@@ -124,11 +145,16 @@ class SupernetDecoderBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         groups: list[tuple[str, StepRequests]],
-    ) -> torch.Tensor:
-        """hidden_states [N, D]; groups: (mixer name, the requests that run it) covering the batch."""
-        normed = self.input_layernorm(hidden_states)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states [N, D] (the previous block's output, not yet added to `residual`); groups:
+        (mixer name, the requests that run it) covering the batch."""
+        if residual is None:
+            residual, normed = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            normed, residual = self.input_layernorm(hidden_states, residual)
         if len(groups) == 1 and groups[0][1].token_index is None:
             name, step = groups[0]
             mixer_output = self.get_mixer(name).run(normed, positions, step)
@@ -137,11 +163,9 @@ class SupernetDecoderBlock(nn.Module):
             for name, step in groups:
                 rows = step.token_index
                 mixer_input, mixer_positions = normed.index_select(0, rows), positions.index_select(0, rows)
-                mixer_output.index_copy_(
-                    0, rows, self.get_mixer(name).run(mixer_input, mixer_positions, step)
-                )
-        hidden_states = hidden_states + mixer_output
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+                mixer_output.index_copy_(0, rows, self.get_mixer(name).run(mixer_input, mixer_positions, step))
+        normed, residual = self.post_attention_layernorm(mixer_output, residual)
+        return self.mlp(normed), residual
 
 
 class SupernetDecoder(nn.Module):
@@ -151,61 +175,77 @@ class SupernetDecoder(nn.Module):
         upstream_mask_sharing = read_upstream_mask_sharing(vllm_config.model_config.model)
         self.blocks = nn.ModuleList(
             SupernetDecoderBlock(
-                block,
-                serving.layer_mixers[index],
-                config.hidden_size,
-                vllm_config,
-                f"{prefix}.blocks.{index}",
-                upstream_mask_sharing,
+                block, serving.layer_mixers[index], config.hidden_size, vllm_config, f"{prefix}.blocks.{index}", upstream_mask_sharing
             )
             for index, block in enumerate(config.blocks_in_order())
         )
 
 
-class SupernetModel(nn.Module):
-    def __init__(
-        self, config: Apriel2TextConfig, serving: ServingPlacements, vllm_config, prefix: str = "model"
-    ):
+class Apriel2Model(nn.Module):
+    """The checkpoint's `model.` prefix: embeddings, decoder, final norm."""
+
+    def __init__(self, config: Apriel2TextConfig, serving: ServingPlacements, vllm_config, prefix: str = "model"):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
-        )
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
         self.decoder = SupernetDecoder(config, serving, vllm_config, f"{prefix}.decoder")
-        self.norm = _rms_norm(config.head.normalization, config.hidden_size, vllm_config)
+        self.norm = rms_norm(config.head.normalization, config.hidden_size)
+
+
+def served_mixer_configs(config: Apriel2TextConfig, serving: ServingPlacements):
+    """(layer index, mixer name, mixer config) of every mixer this deployment builds."""
+    for index, (block, names) in enumerate(zip(config.blocks_in_order(), serving.layer_mixers, strict=True)):
+        mixers = block.mixer.mixers if isinstance(block.mixer, StochasticMixerConfig) else {names[0]: block.mixer}
+        for name in names:
+            yield index, name, mixers[name]
+
+
+def check_parallel(config: Apriel2TextConfig, serving: ServingPlacements, vllm_config: VllmConfig) -> None:
+    """Refuse, before any weight is loaded, what the served mixers cannot be split into."""
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size != 1:
+        raise NotImplementedError(
+            "Apriel2ForCausalLM (supernet) does not support pipeline parallelism "
+            f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); use tensor_parallel_size instead"
+        )
+    tp_size = parallel.tensor_parallel_size
+    for index, name, mixer in served_mixer_configs(config, serving):
+        where = f"layer {index} mixer {name!r}"
+        if isinstance(mixer, AttentionMixerConfig):
+            SupernetAttention.check_parallel(mixer, tp_size, where)
+        else:
+            mixer_layer(mixer).page_shapes(mixer, tp_size, where)  # raises on heads that do not divide
+    for index, block in enumerate(config.blocks_in_order()):
+        if block.mlp.intermediate_size % tp_size:
+            raise ValueError(
+                f"layer {index} mlp: intermediate_size = {block.mlp.intermediate_size} does not divide by "
+                f"tensor_parallel_size={tp_size}"
+            )
 
 
 class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
     """vLLM model for Apriel2 text supernet checkpoints (`model_type: apriel2_text`)."""
 
-    # The runner hook passes `supernet_batch` to forward only for models that set this.
+    # The runner patch passes `supernet_batch` to forward only for models that set this.
     accepts_supernet_batch = True
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        if (
-            vllm_config.parallel_config.tensor_parallel_size != 1
-            or vllm_config.parallel_config.pipeline_parallel_size != 1
-        ):
-            raise NotImplementedError(
-                "Apriel2ForCausalLM (supernet) serves with tensor/pipeline parallel size 1 only"
-            )
         if vllm_config.speculative_config is not None:
-            # vLLM 0.32's draft_model method hands the drafter the target's KV group 0 (README.md,
-            # "Speculative decoding"), and the GDN/KDA state pages here hold one state per request (no
-            # per-draft-token slots).
+            # vLLM 0.32's draft_model method hands the drafter the target's KV group 0, and the GDN/KDA
+            # state pages here hold one state per request (no per-draft-token slots).
             raise NotImplementedError("speculative decoding is not supported by the supernet plugin yet")
-        hf_config = vllm_config.model_config.hf_config
-        self.config = hf_config.apriel2()
-        self.serving = ServingPlacements.from_vllm_config(vllm_config)
-        self.model = SupernetModel(self.config, self.serving, vllm_config)
+        self.config = vllm_config.model_config.hf_config.apriel2()
+        self.serving = ServingPlacements.from_model_config(vllm_config.model_config)
+        check_parallel(self.config, self.serving, vllm_config)
+        self.model = Apriel2Model(self.config, self.serving, vllm_config)
         self.lm_head = ParallelLMHead(self.config.vocab_size, self.config.hidden_size, prefix="lm_head")
         if self.config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(self.config.vocab_size)
 
-        from vllm_supernet.runner_hook import install_runner_hook
+        from vllm_supernet.patches import install_runner_patch
 
-        install_runner_hook()
+        install_runner_patch()
 
     # ---- vLLM model interface --------------------------------------------------------------------
 
@@ -221,47 +261,31 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         supernet_batch: SupernetBatch | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        hidden_states = (
-            inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        )  # [N, D]
-        if supernet_batch is None:
-            supernet_batch = SupernetBatch.empty()
-        layer_groups = supernet_batch.layer_groups(self.serving, hidden_states.device)
-        for block, groups in zip(self.model.decoder.blocks, layer_groups, strict=True):
-            hidden_states = block(hidden_states, positions, groups)
-        return self.model.norm(hidden_states)
-
-    def process_weights_after_loading(self) -> None:
-        """vLLM's model-level hook, run once the checkpoint is loaded: oneDNN packs (on CPU) the
-        weights of every matmul a decode step runs, and the originals that nothing reads any more
-        are freed (`packed_linear.py`)."""
-        for module in self.modules():
-            if hasattr(module, "packed_linears"):
-                pack_and_free(module)
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)  # [N, D]
+        batch = supernet_batch if supernet_batch is not None else SupernetBatch.empty()
+        blocks = self.model.decoder.blocks
+        layer_groups = batch.layer_groups(self.serving.default, len(blocks), hidden_states.device)
+        residual = None
+        for block, groups in zip(blocks, layer_groups, strict=True):
+            hidden_states, residual = block(hidden_states, residual, positions, groups)
+        hidden_states, _ = self.model.norm(hidden_states, residual)
+        return hidden_states
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Checkpoint names are this module's parameter names (README.md, Layout of a checkpoint's tensors):
-        `model.decoder.blocks.{i}.mixer.mixers.{NAME}.*` for supernet layers, `...mixer.*` for plain
-        ones. Weights of mixers that this deployment does not serve are skipped on purpose."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the head is the embedding
-            if name not in params:
-                if self.serving.is_thinned_out(name):
-                    continue
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in Apriel2ForCausalLM")
-            param = params[name]
-            weight_loader = getattr(param, "weight_loader", default_weight_loader)
-            weight_loader(param, tensor)
-            loaded.add(name)
-        if self.config.tie_word_embeddings:
+        """Checkpoint tensors into this model; tensors of mixers this deployment does not serve are
+        skipped on purpose, and a tied head is the embedding."""
+        tied = self.config.tie_word_embeddings
+        loaded = load_stacked_weights(
+            self,
+            weights,
+            skip=lambda name: (tied and name == "lm_head.weight") or self.serving.is_thinned_out(name),
+        )
+        if tied:
             loaded.add("lm_head.weight")
-        missing = sorted(n for n in params if n not in loaded)
+        missing = sorted(name for name, _ in self.named_parameters() if name not in loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
         return loaded
@@ -270,35 +294,74 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_specs_from_config(cls, vllm_config: VllmConfig) -> list[MambaSpec]:
-        """One spec per kind of linear-mixer state served; vLLM pads all pages to the largest."""
+        """One spec per kind of linear-mixer state page served (per rank); vLLM pads all pages to the largest."""
         config = vllm_config.model_config.hf_config.apriel2()
-        serving = ServingPlacements.from_vllm_config(vllm_config)
+        serving = ServingPlacements.from_model_config(vllm_config.model_config)
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        dtypes = state_dtypes(vllm_config)
         specs = {}
-        for block, names in zip(config.blocks_in_order(), serving.layer_mixers, strict=True):
-            mixers = (
-                block.mixer.mixers
-                if isinstance(block.mixer, StochasticMixerConfig)
-                else {names[0]: block.mixer}
-            )
-            for name in names:
-                mixer = mixers[name]
-                if isinstance(mixer, AttentionMixerConfig):
-                    continue
-                shapes, dtypes = state_specs(mixer, vllm_config)
-                specs[(shapes, dtypes)] = MambaSpec(shapes=shapes, dtypes=dtypes, block_size=-1)
+        for index, name, mixer in served_mixer_configs(config, serving):
+            if not isinstance(mixer, AttentionMixerConfig):
+                shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {index} mixer {name!r}")
+                specs[shapes] = MambaSpec(shapes=shapes, dtypes=dtypes, block_size=-1)
         return list(specs.values()) or [MambaSpec(shapes=(), dtypes=(), block_size=-1)]
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
-        spec = max(cls.get_mamba_specs_from_config(vllm_config), key=lambda s: s.page_size_bytes)
-        return spec.shapes
+        return max(cls.get_mamba_specs_from_config(vllm_config), key=lambda s: s.page_size_bytes).shapes
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
-        spec = max(cls.get_mamba_specs_from_config(vllm_config), key=lambda s: s.page_size_bytes)
-        return spec.dtypes
+        return max(cls.get_mamba_specs_from_config(vllm_config), key=lambda s: s.page_size_bytes).dtypes
 
     @classmethod
     def get_mamba_state_copy_func(cls):
         # Whole-page copies of (conv, recurrent) for prefix caching's "align" mode.
         return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
+
+
+def load_stacked_weights(
+    root: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], skip=lambda name: False
+) -> set[str]:
+    """Load checkpoint tensors into `root`'s parameters with their vLLM weight loaders; returns the
+    parameter names written.
+
+    Checkpoint names are the module tree's, except the tensors a module lists in its `stacked_params`
+    ({checkpoint name: (parameter, shard)}: Q|K|V, gate|up, the linear mixers' input projections and
+    convolutions), which go into a shard of one stacked parameter. A tuple of shards is a tensor
+    fused on disk (GDN's Q|K|V|Z): each block goes to its own shard.
+    """
+    params = dict(root.named_parameters())
+    modules = dict(root.named_modules())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if skip(name):
+            continue
+        target, shard = _stacked_target(name, modules)
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(root).__name__}")
+        param = params[target]
+        weight_loader = getattr(param, "weight_loader", default_weight_loader)
+        if shard is None:
+            weight_loader(param, tensor)
+        elif isinstance(shard, tuple):
+            stacked_linear = modules[target.rpartition(".")[0]]
+            sizes = [stacked_linear.output_sizes[index] for index in shard]
+            for index, block in zip(shard, tensor.split(sizes, dim=0), strict=True):
+                weight_loader(param, block, index)
+        else:
+            weight_loader(param, tensor, shard)
+        loaded.add(target)
+    return loaded
+
+
+def _stacked_target(name: str, modules: dict[str, nn.Module]) -> tuple[str, object]:
+    """(parameter name, shard) that checkpoint tensor `name` loads into: its own name and no shard,
+    unless the module that owns it stacks it (`stacked_params`)."""
+    owner_path, _, local = name.rpartition(".")  # e.g. "...mixers.kda.q_proj", "weight"
+    module_path, _, child = owner_path.rpartition(".")  # "...mixers.kda", "q_proj"
+    stacked = getattr(modules.get(module_path), "stacked_params", {})
+    if child in stacked:
+        parameter, shard = stacked[child]
+        return ".".join(filter(None, (module_path, parameter, local))), shard
+    return name, None

@@ -1,4 +1,4 @@
-"""Which placements a deployment serves, and how a step's requests split over each layer's mixers.
+"""Which placements a deployment serves, and how a request's placement value becomes a `Placement`.
 
 Serve-time thinning: set `supernet_placements` (a list of preset names / compact strings / name
 lists) in the HF config through `hf_overrides`, e.g.
@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from shared_spec import Placement, PlacementError, PresetsFile, SupernetSpec
 
@@ -67,6 +63,7 @@ class ServingPlacements:
                 used = {placement.mixers[index] for placement in served}
                 self.layer_mixers.append([name for name in layer.mixers if name in used])
         self._built = [set(names) for names in self.layer_mixers]
+        self._parsed: dict[str, Placement] = {}
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> ServingPlacements:
@@ -79,20 +76,34 @@ class ServingPlacements:
             allowed = [entry.strip() for entry in os.environ[ENV_ALLOWED].split(";") if entry.strip()]
         if isinstance(allowed, str):
             allowed = [allowed]
-        return _cached(
-            str(model_config.model),
-            model_config.hf_config.apriel2().model_dump_json(),
-            tuple(value if isinstance(value, str) else tuple(value) for value in (allowed or ())),
-        )
+        # One deployment per config object: built once per process, not once per request.
+        hf_config = model_config.hf_config
+        known = _deployments.get(id(hf_config))
+        if known is None or known[0] is not hf_config:
+            presets = PresetsFile.load(model_config.model) if Path(str(model_config.model)).is_dir() else None
+            spec = SupernetSpec.from_config(hf_config.apriel2())
+            known = _deployments[id(hf_config)] = (hf_config, cls(spec, presets, list(allowed) if allowed else None))
+        return known[1]
 
     # ---- requests ---------------------------------------------------------------------------
 
     def resolve(self, value: Any) -> Placement:
-        """A request's `placement` value (None: the default) -> Placement, or PlacementError."""
+        """A request's `placement` value (None: the default) -> Placement, or PlacementError.
+
+        Strings (canonical forms, compact strings, preset names) are parsed once and then looked up:
+        a request's canonical string reaches every worker on every step."""
         if value is None:
             return self.default
-        if isinstance(value, tuple):
-            value = list(value)
+        if isinstance(value, str):
+            known = self._parsed.get(value)
+            if known is None:
+                known = self._parsed[value] = self._parse(value)
+                if len(self._parsed) > 4096:  # unthinned deployments take any placement: stay bounded
+                    self._parsed = {value: known}
+            return known
+        return self._parse(list(value) if isinstance(value, tuple) else value)
+
+    def _parse(self, value: Any) -> Placement:
         placement = Placement.parse(value, self.spec, self.presets)
         if self.allowed is not None and placement not in self.allowed:
             raise PlacementError(
@@ -144,87 +155,5 @@ class ServingPlacements:
         )
 
 
-@lru_cache(maxsize=8)
-def _cached(model_path: str, config_json: str, allowed: tuple) -> ServingPlacements:
-    from shared_spec import Apriel2TextConfig
-
-    config = Apriel2TextConfig.model_validate_json(config_json)
-    presets = PresetsFile.load(model_path) if Path(model_path).is_dir() else None
-    allowed_values = [value if isinstance(value, str) else list(value) for value in allowed]
-    return ServingPlacements(SupernetSpec.from_config(config), presets, allowed_values or None)
-
-
-# ---- a step's batch ---------------------------------------------------------------------------------
-
-
-@dataclass
-class StepRequests:
-    """Which requests of the current step a mixer runs on, and where their tokens are.
-
-    requests: batch indices (the runner's `input_batch` order), ascending.
-    token_index: [N] positions of their tokens in the step's flat token tensor (None: all tokens
-    of all requests, i.e. the mixer runs on the whole batch).
-    query_start_loc / num_computed: for the whole batch (lists, length R + 1 and R).
-    """
-
-    requests: list[int]
-    token_index: torch.Tensor | None
-    query_start_loc: list[int]
-    num_computed: list[int]
-
-    def query_len(self, request: int) -> int:
-        return self.query_start_loc[request + 1] - self.query_start_loc[request]
-
-
-@dataclass
-class SupernetBatch:
-    """Per-request placements of one model step, in the runner's batch order, and the token layout."""
-
-    placements: list[Placement]
-    query_start_loc: list[int]  # [R + 1]
-    num_computed: list[int]  # [R] tokens already in each request's cache before this step
-    _token_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def empty(cls) -> SupernetBatch:
-        return cls(placements=[], query_start_loc=[0], num_computed=[])
-
-    def layer_groups(self, serving: ServingPlacements, device: torch.device):
-        """Per layer: [(mixer name, StepRequests)], one entry per mixer some request of the step uses."""
-        everyone = list(range(len(self.placements)))
-        result = []
-        for layer in range(serving.spec.num_layers):
-            if not self.placements:
-                result.append(
-                    [(serving.default.mixers[layer], StepRequests([], None, self.query_start_loc, []))]
-                )
-                continue
-            by_name: dict[str, list[int]] = {}
-            for request, placement in enumerate(self.placements):
-                by_name.setdefault(placement.mixers[layer], []).append(request)
-            if len(by_name) == 1:
-                (name,) = by_name
-                result.append([(name, StepRequests(everyone, None, self.query_start_loc, self.num_computed))])
-                continue
-            groups = []
-            for name, requests in by_name.items():
-                groups.append(
-                    (
-                        name,
-                        StepRequests(
-                            requests,
-                            self.token_index(requests, device),
-                            self.query_start_loc,
-                            self.num_computed,
-                        ),
-                    )
-                )
-            result.append(groups)
-        return result
-
-    def token_index(self, requests: list[int], device: torch.device) -> torch.Tensor:
-        key = tuple(requests)
-        if key not in self._token_index:
-            ranges = [torch.arange(self.query_start_loc[r], self.query_start_loc[r + 1]) for r in requests]
-            self._token_index[key] = torch.cat(ranges).to(device)
-        return self._token_index[key]
+# id(hf_config) -> (hf_config, its deployment); the config is kept so that its id stays its own.
+_deployments: dict[int, tuple[Any, ServingPlacements]] = {}

@@ -27,7 +27,7 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_supernet.model:Apriel2ForCausalLM")
 
-    from vllm_supernet.serving import install_api_server_hooks
+    from vllm_supernet.patches import install_frontend_patches
 
-    install_api_server_hooks()
+    install_frontend_patches()
     _registered = True

@@ -137,19 +137,28 @@ class AttentionCache:
         return self.position
 
 
+def check_attention_config(config: AttentionMixerConfig) -> None:
+    """Reject attention configs this project does not compute (the reference and the served layer both call it)."""
+    if not isinstance(config, AttentionMixerConfig):
+        raise TypeError(f"attention needs an AttentionMixerConfig, got {type(config).__name__}")
+    if _extra(config, "causal", True) is False:
+        raise ValueError("attention `causal: false` is not supported by a causal language model")
+    for unsupported in ("query_norm", "key_norm", "value_norm"):
+        if _extra(config, unsupported) is not None:
+            raise ValueError(f"attention `{unsupported}` is not supported (Apriel2 exports never set it)")
+
+
+def softmax_scale(config: AttentionMixerConfig) -> float:
+    """head_size ** -softmax_scale_power (Fast-LLM's default power: 0.5)."""
+    return config.head_size ** -float(_extra(config, "softmax_scale_power", 0.5))
+
+
 class Attention(nn.Module):
     """Full (window_size None) or sliding-window causal self-attention."""
 
     def __init__(self, config: AttentionMixerConfig, hidden_size: int):
         super().__init__()
-        if not isinstance(config, AttentionMixerConfig):
-            raise TypeError(f"Attention needs an AttentionMixerConfig, got {type(config).__name__}")
-        causal = _extra(config, "causal", True)
-        if causal is False:
-            raise ValueError("attention `causal: false` is not supported by a causal language model")
-        for unsupported in ("query_norm", "key_norm", "value_norm"):
-            if _extra(config, unsupported) is not None:
-                raise ValueError(f"attention `{unsupported}` is not supported (Apriel2 exports never set it)")
+        check_attention_config(config)
         self.config = config
         self.hidden_size = hidden_size
         self.heads = config.heads
@@ -157,7 +166,7 @@ class Attention(nn.Module):
         self.head_size = config.head_size
         self.heads_per_group = config.heads // config.head_groups
         self.window_size = config.window_size
-        self.scale = self.head_size ** -float(_extra(config, "softmax_scale_power", 0.5))
+        self.scale = softmax_scale(config)
 
         self.q_proj = nn.Linear(hidden_size, self.heads * self.head_size, bias=linear_bias_enabled(config, "query_layer"))
         self.k_proj = nn.Linear(

@@ -32,6 +32,21 @@ from shared_spec import KDAMixerConfig
 CONVOLUTIONS = ("q_conv", "k_conv", "v_conv")  # module names, and the cache's names of their states
 
 
+def kda_log_decay(
+    decay_logits: torch.Tensor,
+    A_log: torch.Tensor,  # noqa: N803 (the checkpoint's name)
+    dt_bias: torch.Tensor,
+    heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """g = -exp(A_log[h]) * softplus(decay_logits + dt_bias): log-decay per head and key channel.
+
+    decay_logits [..., H*D] -> [..., H, D], in float32 for bf16/float32 weights (upstream's .float())."""
+    decay_dtype = compute_dtype(decay_logits.dtype)
+    gate_logits = decay_logits.unflatten(-1, (heads, head_dim)).to(decay_dtype)
+    return -A_log.to(decay_dtype).exp().unsqueeze(-1) * F.softplus(gate_logits + dt_bias.view(heads, head_dim))
+
+
 def kimi_delta_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,11 +78,8 @@ def kimi_delta_attention(
         convolved.append(y.unflatten(-1, shape))  # [B, T, H, D]
     query, key, value = convolved
 
-    # Log-decay per head and key channel [B, T, H, D], float32 for bf16/float32 weights (upstream's .float()).
-    decay_dtype = compute_dtype(decay_logits.dtype)
-    gate_logits = decay_logits.unflatten(-1, shape).to(decay_dtype)
-    log_decay = -A_log.to(decay_dtype).exp().unsqueeze(-1) * F.softplus(gate_logits + dt_bias.view(shape))
-    beta = beta_logits.to(decay_dtype).sigmoid()  # [B, T, H]
+    log_decay = kda_log_decay(decay_logits, A_log, dt_bias, heads, head_dim)  # [B, T, H, D]
+    beta = beta_logits.to(log_decay.dtype).sigmoid()  # [B, T, H]
     out = run_delta_rule(query, key, value, log_decay, beta, cache)  # [B, T, H, D]
     if cache is not None:
         cache.seen_tokens += q.shape[1]

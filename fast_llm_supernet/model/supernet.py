@@ -60,6 +60,13 @@ _ACTIVATIONS = {
 }
 
 
+def activation_function(name: str):
+    """The MLP activation `name` (as Fast-LLM's Apriel2 exporter writes it), or a ValueError naming the choices."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"mlp activation {name!r} is not supported; valid choices: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
 def build_mixer(config: AttentionMixerConfig | GDNMixerConfig | KDAMixerConfig, hidden_size: int) -> nn.Module:
     """The mixer module for one (non-stochastic) mixer config; parameter names match the checkpoint.
 
@@ -105,11 +112,7 @@ class MLP(nn.Module):
         super().__init__()
         if config.type != "mlp":
             raise ValueError(f"mlp type {config.type!r} is not supported; valid choices: mlp")
-        if config.activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"mlp activation {config.activation!r} is not supported; valid choices: {', '.join(_ACTIVATIONS)}"
-            )
-        self.activation = _ACTIVATIONS[config.activation]
+        self.activation = activation_function(config.activation)
         self.gated = config.gated
         # Fast-LLM's layer_1 is gate|up (split on export), layer_2 is down.
         in_bias, out_bias = linear_bias_enabled(config, "layer_1"), linear_bias_enabled(config, "layer_2")

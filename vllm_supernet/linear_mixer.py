@@ -1,0 +1,238 @@
+"""What the GDN and KDA layers share in vLLM: state pages, the step split, the sharded weights.
+
+Both are `MambaBase` layers (vllm/model_executor/layers/mamba/abstract.py) whose state page holds
+(conv states of all their convolutions stacked on the channel dim [C, K-1], delta-rule state
+[H, Dk, Dv] in float32), sharded by head over tensor-parallel ranks as vLLM shards its own GDN
+layers: each rank holds its heads' channels and states. Their metadata is vLLM's GDN metadata
+(`GDNAttentionMetadataBuilder`, vllm/v1/attention/backends/gdn_attn.py:
+`non_spec_state_indices_tensor` = each request's state page, already resolved for prefix caching's
+"align" mode).
+
+A step on a subset of the batch splits into one-token continuations, decoded together by the
+subclass's `decode` (a kernel on the pages in place), and prefills or prefill chunks, run one by one
+by the subclass's `forward_sequence` on a `LinearMixerCache` copied out of the pages and written back.
+
+Cache layer names (the `prefix` each registers in `static_forward_context`) are the checkpoint paths,
+e.g. `model.decoder.blocks.3.mixer.mixers.gdn`: exactly one integer, the layer index; several cache
+layers of one decoder layer share it (vllm/v1/worker/utils.py: `bind_kv_cache`, `extract_layer_index`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.layers.mamba.mamba_utils import MambaStateDtypeCalculator
+from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from fast_llm_supernet.model.linear_mixer import LinearMixerCache
+from vllm_supernet.batch import StepRequests, layer_metadata
+
+# (conv state [C, K-1], delta-rule state [H, Dk, Dv]) of one rank's page.
+PageShapes = tuple[tuple[int, int], tuple[int, int, int]]
+
+
+def state_dtypes(vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(conv, delta-rule) state dtypes: the model's, and float32 unless mamba_ssm_cache_dtype says
+    otherwise (as vLLM's KDA)."""
+    cache_config = vllm_config.cache_config
+    return MambaStateDtypeCalculator.kda_state_dtype(
+        vllm_config.model_config.dtype, cache_config.mamba_cache_dtype, cache_config.mamba_ssm_cache_dtype
+    )
+
+
+def head_sharded(parameter: nn.Parameter) -> nn.Parameter:
+    """A per-head (or per-channel) parameter split over ranks along dim 0, loaded with vLLM's loader."""
+    set_weight_attrs(parameter, {"weight_loader": sharded_weight_loader(0)})
+    return parameter
+
+
+def divide_heads(count: int, tp_size: int, what: str, where: str) -> int:
+    if count % tp_size:
+        raise ValueError(
+            f"{where}: {what} = {count} does not divide by tensor_parallel_size={tp_size}; "
+            f"serve it with a tensor_parallel_size that divides {count}"
+        )
+    return count // tp_size
+
+
+def convolution_step(
+    x: torch.Tensor, weight: torch.Tensor, conv_pages: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """One token of the causal depthwise convolution + SiLU for each of B requests with vLLM's CPU op
+    (`causal_conv1d_update_cpu_vec`, its Qwen3.5 GDN decode path on CPU); states updated in place.
+
+    x [B, C], weight [C, 1, K], conv_pages [num_slots, C, K-1], slots [B] -> y [B, C].
+    The reference is `ops.causal_conv1d` for T = 1 (float32: equal within 5e-7).
+    """
+    from vllm import _custom_ops as vllm_ops
+
+    channels, _, kernel_size = weight.shape
+    return vllm_ops.causal_conv1d_update_cpu_vec(
+        x, conv_pages, weight.view(channels, kernel_size), None, "silu", slots, None, -1
+    )
+
+
+class LinearMixerLayer(nn.Module, MambaBase):
+    """Base of `SupernetGatedDeltaNet` and `SupernetKimiDeltaAttention`.
+
+    A subclass sets `conv_names` (its convolutions, in page order) and `decodes_on_pages` (whether its
+    kernel step applies), implements `page_shapes(config, tp_size, where)`,
+    `forward_sequence(hidden_states [1, T, D], cache) -> [1, T, D]` and
+    `decode_on_pages(hidden_states [B, D], slots [B]) -> [B, D]`, and calls `_init_pages`.
+    """
+
+    conv_names: tuple[str, ...]
+    decodes_on_pages: bool
+
+    def _init_pages(self, vllm_config: VllmConfig, prefix: str, shapes: PageShapes) -> None:
+        self.layer_name = prefix
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.page_shapes_of_rank = shapes
+        self.dtypes = state_dtypes(vllm_config)
+        compilation_config = vllm_config.compilation_config
+        if prefix in compilation_config.static_forward_context:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        compilation_config.static_forward_context[prefix] = self
+        self.kv_cache = (torch.tensor([]), torch.tensor([]))
+
+    # ---- MambaBase -----------------------------------------------------------------------------
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.GDN_ATTN
+
+    def get_state_shape(self) -> PageShapes:
+        return self.page_shapes_of_rank
+
+    def get_state_dtype(self) -> tuple[torch.dtype, torch.dtype]:
+        return self.dtypes
+
+    # ---- a step ----------------------------------------------------------------------------------
+
+    def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
+        """hidden_states [N, D] of `step`'s tokens -> [N, D]; each request continues its own state."""
+        metadata = layer_metadata(self.layer_name)
+        if metadata is None:  # dummy run: every rank skips the same way, so no collective is missed
+            return torch.zeros_like(hidden_states)
+        split = DecodeSplit.of(step, metadata, hidden_states.shape[0])
+        if split.rows is None:  # the common case: every token is a one-token continuation
+            return self.decode(hidden_states, split.decode_slots)
+        output = torch.zeros_like(hidden_states)
+        if len(split.decode_slots):
+            decoded = self.decode(hidden_states.index_select(0, split.rows), split.decode_slots)
+            output.index_copy_(0, split.rows, decoded)
+        for slots, start, length, has_state in split.others:  # prefills and chunks: one by one
+            cache = self.load_cache(slots, has_state, hidden_states.dtype)
+            output[start : start + length] = self.forward_sequence(hidden_states[start : start + length][None], cache)[0]
+            self.store_cache(slots, cache)
+        return output
+
+    def load_cache(self, slots: torch.Tensor, has_state: bool, dtype: torch.dtype) -> LinearMixerCache:
+        """The states of pages `slots` as a reference cache (zeros for a request starting from scratch)."""
+        conv_pages, recurrent_pages = self.kv_cache
+        conv = conv_pages.index_select(0, slots).to(dtype)  # [B, C_total, K-1]
+        recurrent = recurrent_pages.index_select(0, slots).float()  # [B, H, Dk, Dv]
+        if not has_state:
+            conv.zero_()
+            recurrent.zero_()
+        channels = conv.shape[1] // len(self.conv_names)  # every convolution of a mixer has the same width
+        return LinearMixerCache(
+            conv_states=dict(zip(self.conv_names, conv.split(channels, dim=1), strict=True)),
+            recurrent_state=recurrent,
+        )
+
+    def store_cache(self, slots: torch.Tensor, cache: LinearMixerCache) -> None:
+        conv_pages, recurrent_pages = self.kv_cache
+        conv = torch.cat([cache.conv_states[name] for name in self.conv_names], dim=1)
+        conv_pages.index_copy_(0, slots, conv.to(conv_pages.dtype))
+        recurrent_pages.index_copy_(0, slots, cache.recurrent_state.to(recurrent_pages.dtype))
+
+    def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """hidden_states [B, D]: one new token of each request -> [B, D]; their states continue in pages
+        `slots` (updated in place): the subclass's kernel step on the pages where it applies, else
+        `forward_sequence` on one token per request, on states copied out of the pages and back."""
+        if self.decodes_on_pages:
+            return self.decode_on_pages(hidden_states, slots)
+        cache = self.load_cache(slots, True, hidden_states.dtype)
+        out = self.forward_sequence(hidden_states[:, None], cache)[:, 0]
+        self.store_cache(slots, cache)
+        return out
+
+
+@dataclass
+class DecodeSplit:
+    """How a step's requests on one linear mixer split into one-token continuations (decoded together)
+    and the rest (run one by one). Computed once per step and request subset: the layers of one vLLM
+    cache group share their metadata object, which holds the memo.
+
+    decode_slots [B] (int64): state pages of the continuations; rows [B]: their rows among the
+    subset's tokens, None when they are all of them, in order. others: (state page [1], first row,
+    length, has a state already) per other request.
+    """
+
+    decode_slots: torch.Tensor
+    rows: torch.Tensor | None
+    others: list[tuple[torch.Tensor, int, int, bool]]
+
+    @classmethod
+    def of(cls, step: StepRequests, metadata, num_tokens: int) -> DecodeSplit:
+        memo = metadata.__dict__.setdefault("_supernet_decode_splits", {})
+        key = (tuple(step.requests), num_tokens)
+        if key not in memo:
+            memo[key] = cls._compute(step, metadata.non_spec_state_indices_tensor, num_tokens)
+        return memo[key]
+
+    @classmethod
+    def _compute(cls, step: StepRequests, state_slots: torch.Tensor, num_tokens: int) -> DecodeSplit:
+        decodes, rows, others, offset = [], [], [], 0  # state_slots [R]: each request's state page
+        for request in step.requests:
+            length = step.query_len(request)
+            if length == 1 and step.num_computed[request] > 0:
+                decodes.append(request)
+                rows.append(offset)
+            elif length > 0:
+                slot = state_slots[request : request + 1].long()
+                others.append((slot, offset, length, step.num_computed[request] > 0))
+            offset += length
+        all_decodes = not others and rows == list(range(num_tokens))
+        return cls(
+            decode_slots=state_slots[decodes].long(),
+            rows=None if all_decodes else torch.tensor(rows, dtype=torch.long, device=state_slots.device),
+            others=others,
+        )
+
+
+class ShardedConvolution(nn.Module):
+    """Depthwise causal-convolution weights [C / tp, 1, K] of one rank: blocks of channels (GDN's Q|K|V,
+    KDA's q|k|v convolutions), each split over ranks as the heads they feed, this rank's parts side by
+    side in block order (the layout of its conv-state page).
+
+    Loads the blocks fused on disk (shard None: GDN's one `convolution.weight`) or one block at a time
+    (shard i: KDA's `q_conv`, `k_conv`, `v_conv`, through `stacked_params`)."""
+
+    def __init__(self, blocks: list[int], kernel_size: int, tp_size: int, tp_rank: int):
+        super().__init__()
+        self.blocks_on_disk = blocks
+        self.rows = [block // tp_size for block in blocks]  # this rank's rows of each block
+        self.tp_rank = tp_rank
+        self.weight = nn.Parameter(torch.empty(sum(self.rows), 1, kernel_size), requires_grad=False)
+        set_weight_attrs(self.weight, {"weight_loader": self.load})
+
+    def load(self, parameter: nn.Parameter, loaded: torch.Tensor, shard: int | None = None) -> None:
+        blocks = list(range(len(self.rows))) if shard is None else [shard]
+        parts = loaded.split([self.blocks_on_disk[block] for block in blocks], dim=0)
+        for block, part in zip(blocks, parts, strict=True):
+            start, rows = sum(self.rows[:block]), self.rows[block]
+            parameter.data[start : start + rows].copy_(part.narrow(0, self.tp_rank * rows, rows))
+
+    def blocks(self) -> tuple[torch.Tensor, ...]:
+        """This rank's weight of each block, [C_b / tp, 1, K] (views)."""
+        return self.weight.split(self.rows, dim=0)

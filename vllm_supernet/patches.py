@@ -1,0 +1,182 @@
+"""Every patch of vLLM internals the plugin makes, in one place.
+
+Each patch is a thin wrapper that delegates to the original unless the served model is an Apriel2
+supernet (`model_type: apriel2_text`). `install_frontend_patches` runs from `plugin.register()` in
+every vLLM process (idempotent); `install_runner_patch` from the model's constructor, so only worker
+processes that build an Apriel2 model are touched.
+
+A request's placement is parsed once, in the frontend, and travels as its canonical string in
+`SamplingParams.extra_args["placement"]`; workers look it up (`ServingPlacements.resolve` memoises
+every string it has parsed).
+
+vLLM 0.32 internals relied on:
+- `CompletionRequest` / `ChatCompletionRequest` (vllm/entrypoints/openai/{completion,chat_completion}/
+  protocol.py) keep unknown top-level fields (`OpenAIBaseModel`: `extra="allow"`) but
+  `to_sampling_params` drops them. The serving classes call `to_sampling_params` before they start a
+  stream, and an exception raised there reaches the app's exception handlers
+  (vllm/entrypoints/serve/exception_handling/): a `VLLMValidationError` becomes HTTP 400, for streamed
+  and non-streamed requests alike. The wrapper copies `placement` into `extra_args` (where `vllm_xargs`
+  already lands) and validates it there, with the deployment that `build_app` was given.
+- `InputProcessor.process_inputs` (vllm/v1/engine/input_processor.py) turns every request, offline
+  (`LLM.generate`) or online, into an `EngineCoreRequest` in the frontend process; a
+  `VLLMValidationError` raised there becomes HTTP 400 (offline: an exception) and leaves the engine
+  serving. The wrapper validates the placement (offline requests reach only this point), rewrites it
+  to its canonical string, and appends the placement hash to `cache_salt`: prefix-cache block hashes
+  cover tokens, LoRA, multimodal data and the salt only (vllm/v1/core/kv_cache_utils.py), so two
+  placements never share cached KV.
+- `vllm.entrypoints.launchers.api_server.entry.build_app` builds the FastAPI app with the model
+  config; the wrapper adds `GET /v1/supernet/presets` and keeps the deployment for request validation.
+- `GPUModelRunner._init_model_kwargs` (vllm/v1/worker/gpu_model_runner.py; `CPUModelRunner` inherits
+  it) returns extra keyword arguments for `model.forward`; it runs in `_preprocess`, after
+  `_prepare_inputs` has filled `query_start_loc` for the step. The batch order is
+  `input_batch.req_ids` (already reordered decodes-first for the GDN metadata builder), each request's
+  tokens are `query_start_loc[i] : query_start_loc[i + 1]`, `input_batch.num_computed_tokens_cpu[i]`
+  counts the tokens already in its caches, and `runner.requests[req_id].sampling_params` holds its
+  `extra_args`. The wrapper adds `supernet_batch` (`batch.SupernetBatch`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from shared_spec import Placement, PlacementError
+from vllm_supernet.batch import SupernetBatch
+from vllm_supernet.config import MODEL_TYPE
+from vllm_supernet.placements import EXTRA_ARGS_KEY, ServingPlacements
+
+# Under vLLM's logger tree so vLLM's logging config (level, format) applies.
+logger = logging.getLogger("vllm.supernet")
+PRESETS_ROUTE = "/v1/supernet/presets"
+_frontend_installed = False
+_runner_installed = False
+# The deployment the API server serves (set by the `build_app` patch), for validating requests as
+# they are parsed. None in offline use, where `process_inputs` validates.
+_api_server_deployment: ServingPlacements | None = None
+
+
+def is_supernet(model_config) -> bool:
+    return getattr(getattr(model_config, "hf_config", None), "model_type", None) == MODEL_TYPE
+
+
+def install_frontend_patches() -> None:
+    global _frontend_installed
+    if _frontend_installed:
+        return
+    _frontend_installed = True
+    _patch_request_models()
+    _patch_input_processor()
+    _patch_build_app()
+
+
+def _resolve_or_400(serving: ServingPlacements, value: Any) -> Placement:
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        return serving.resolve(value)
+    except PlacementError as error:
+        raise VLLMValidationError(f"invalid placement: {error}", parameter=EXTRA_ARGS_KEY, value=value) from None
+
+
+def _patch_request_models() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    for request_cls in (CompletionRequest, ChatCompletionRequest):
+        original = request_cls.to_sampling_params
+
+        def to_sampling_params(self, *args, _original=original, **kwargs):
+            params = _original(self, *args, **kwargs)
+            extra = self.model_extra or {}
+            if EXTRA_ARGS_KEY in extra:
+                # A top-level `placement` (extra_body) wins over `vllm_xargs.placement`.
+                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: extra[EXTRA_ARGS_KEY]}
+            serving = _api_server_deployment
+            if serving is not None:  # parsed here, before any stream starts: a bad one is a 400
+                value = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
+                placement = _resolve_or_400(serving, value)
+                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: placement.canonical}
+            return params
+
+        request_cls.to_sampling_params = to_sampling_params
+
+
+def _patch_input_processor() -> None:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor.process_inputs
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        if not (is_supernet(self.model_config) and isinstance(params, SamplingParams)):
+            return original(self, request_id, prompt, params, *args, **kwargs)
+        serving = ServingPlacements.from_model_config(self.model_config)
+        # A canonical string from `to_sampling_params` is a look-up; anything else is parsed here.
+        placement = _resolve_or_400(serving, (params.extra_args or {}).get(EXTRA_ARGS_KEY))
+        params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: placement.canonical}
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        salt = f"supernet-placement:{placement.hash}"
+        request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
+        logger.info("request %s: placement %s (hash %s)", request_id, placement.canonical, placement.hash)
+        return request
+
+    InputProcessor.process_inputs = process_inputs
+
+
+def _patch_build_app() -> None:
+    try:
+        from vllm.entrypoints.launchers.api_server import entry
+    except ImportError:  # other vLLM layouts: no presets route, validation at process_inputs only
+        return
+    original = entry.build_app
+
+    def build_app(args, supported_tasks, model_config=None, *rest, **kwargs):
+        global _api_server_deployment
+        app = original(args, supported_tasks, model_config, *rest, **kwargs)
+        if model_config is not None and is_supernet(model_config):
+            _api_server_deployment = ServingPlacements.from_model_config(model_config)
+            listing = _api_server_deployment.preset_listing()
+
+            @app.get(PRESETS_ROUTE)
+            async def supernet_presets() -> dict[str, Any]:
+                return listing
+
+        return app
+
+    entry.build_app = build_app
+
+
+def install_runner_patch() -> None:
+    global _runner_installed
+    if _runner_installed:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._init_model_kwargs
+
+    def _init_model_kwargs(self, num_reqs: int | None = None):
+        kwargs = original(self, num_reqs)
+        model = getattr(self, "model", None)
+        if model is not None and getattr(model, "accepts_supernet_batch", False):
+            kwargs["supernet_batch"] = _supernet_batch(self, model.serving, num_reqs)
+        return kwargs
+
+    GPUModelRunner._init_model_kwargs = _init_model_kwargs
+    _runner_installed = True
+
+
+def _supernet_batch(runner, serving: ServingPlacements, num_reqs: int | None) -> SupernetBatch:
+    if num_reqs == 0:  # dummy / profiling run
+        return SupernetBatch.empty()
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    placements = []
+    for req_id in batch.req_ids[:num_reqs]:
+        params = runner.requests[req_id].sampling_params
+        # The frontend's canonical string: a dictionary look-up after its first request.
+        placements.append(serving.resolve((params.extra_args or {}).get(EXTRA_ARGS_KEY) if params else None))
+    return SupernetBatch(
+        placements=placements,
+        query_start_loc=runner.query_start_loc.np[: num_reqs + 1].tolist(),
+        num_computed=batch.num_computed_tokens_cpu[:num_reqs].tolist(),
+    )
