@@ -25,8 +25,9 @@ from fast_llm_supernet.model.linear_mixer import (
     LinearMixerCache,
     check_upstream_defaults,
     decay_rate_parameters,
+    run_delta_rule,
 )
-from fast_llm_supernet.model.ops import causal_conv1d, compute_dtype, run_delta_rule
+from fast_llm_supernet.model.ops import causal_conv1d, compute_dtype
 from shared_spec import KDAMixerConfig
 
 CONVOLUTIONS = ("q_conv", "k_conv", "v_conv")  # module names, and the cache's names of their states

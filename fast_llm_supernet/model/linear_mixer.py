@@ -1,5 +1,6 @@
 """`fast_llm_supernet.model.linear_mixer`: what the GDN and KDA mixers share: the causal convolution and
-gated norm modules, the decode cache, the config checks and the decay-rate parameters (their math: `ops`)."""
+gated norm modules, the decode cache and the delta rule run from and into it, the config checks and the
+decay-rate parameters (their math: `ops`)."""
 
 from __future__ import annotations
 
@@ -120,4 +121,33 @@ def decay_rate_parameters(num_values: int, num_heads: int, a_min: float) -> tupl
     a_log = nn.Parameter(torch.empty(num_heads).uniform_(a_min, 16).log_())
     dt_bias = nn.Parameter(torch.ones(num_values))
     return a_log, dt_bias
+
+
+def run_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    cache: LinearMixerCache | None,
+) -> torch.Tensor:
+    """L2-normalise q and k, run the gated delta rule from the cached state, store the new state.
+
+    q, k [B, T, H, Dk]; v [B, T, H, Dv]; g [B, T, H] or [B, T, H, Dk]; beta [B, T, H] -> o [B, T, H, Dv].
+    A one-token step with a cache (decode) runs the recurrent kernel, anything else the chunked one.
+    """
+    o, state = ops.gated_delta_rule(
+        ops.l2norm(q),
+        ops.l2norm(k),
+        v,
+        g,
+        beta,
+        initial_state=cache.recurrent_state if cache is not None else None,
+        output_final_state=cache is not None,
+        recurrent=cache is not None and q.shape[1] == 1,
+    )
+    if cache is not None:
+        cache.recurrent_state = state
+    return o
+
 

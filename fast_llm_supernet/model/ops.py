@@ -11,7 +11,6 @@ function here names the function that is its reference (the tests compare the pa
 | `chunk_gated_delta_rule` | the same in chunks of 64 tokens (WY form) | `recurrent_gated_delta_rule` |
 | `gated_delta_rule_step` | one token, the state updated in place (serving's decode step) | `recurrent_gated_delta_rule`, T = 1 |
 | `gated_delta_rule` | fla's Triton kernels on CUDA when installed, else the two above | `chunk_` / `recurrent_gated_delta_rule` |
-| `run_delta_rule` | L2-normalise q, k, then `gated_delta_rule` from and into a mixer cache | - |
 | `causal_conv1d` | depthwise causal convolution (+ SiLU); T = 1 is an elementwise decode step | `F.conv1d` over the padded input |
 | `l2norm`, `gated_rms_norm` | Fast-LLM's L2 norm (eps inside the root) and gated RMS norm | - |
 | `rotary_cos_sin`, `apply_rotary` | rotary tables (float64 angles, float32 tables) and the half-split rotation | - |
@@ -47,13 +46,9 @@ import logging
 import math
 import os
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from fast_llm_supernet.model.linear_mixer import LinearMixerCache
 
 logger = logging.getLogger(__name__)
 
@@ -380,34 +375,6 @@ def gated_delta_rule(
         )
     kernel = recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
     return kernel(q, k, v, g, beta, initial_state=initial_state)
-
-
-def run_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    cache: LinearMixerCache | None,
-) -> torch.Tensor:
-    """L2-normalise q and k, run the gated delta rule from the cached state, store the new state.
-
-    q, k [B, T, H, Dk]; v [B, T, H, Dv]; g [B, T, H] or [B, T, H, Dk]; beta [B, T, H] -> o [B, T, H, Dv].
-    A one-token step with a cache (decode) runs the recurrent kernel, anything else the chunked one.
-    """
-    o, state = gated_delta_rule(
-        l2norm(q),
-        l2norm(k),
-        v,
-        g,
-        beta,
-        initial_state=cache.recurrent_state if cache is not None else None,
-        output_final_state=cache is not None,
-        recurrent=cache is not None and q.shape[1] == 1,
-    )
-    if cache is not None:
-        cache.recurrent_state = state
-    return o
 
 
 # ---- attention ---------------------------------------------------------------------------------------------
