@@ -223,11 +223,11 @@ def kernel_checkpoint(tmp_path_factory):
     return root / "supernet"
 
 
-@pytest.fixture(scope="module")
-def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
+def _kernel_scenario(checkpoint, **engine) -> dict:
+    """The kernel checkpoint's requests, mixed and each alone, on a float32 engine (`engine`: more options)."""
     requests = _kernel_requests()
-    scenario = {
-        "model": str(kernel_checkpoint),
+    return {
+        "model": str(checkpoint),
         "engine": {
             "dtype": "float32",
             "gpu_memory_utilization": 0.3,
@@ -236,13 +236,18 @@ def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
             "max_num_batched_tokens": 64,  # chunked prefill
             "enforce_eager": True,
             "enable_prefix_caching": False,
+            **engine,
         },
         "batches": [
             {"name": "mixed", "requests": requests},
             *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(requests)),
         ],
     }
-    return run_engine(scenario, tmp_path_factory.mktemp("vllm_kernel_engine"))
+
+
+@pytest.fixture(scope="module")
+def kernel_engine_results(kernel_checkpoint, tmp_path_factory):
+    return run_engine(_kernel_scenario(kernel_checkpoint), tmp_path_factory.mktemp("vllm_kernel_engine"))
 
 
 def test_cpu_attention_kernel_equals_reference(kernel_checkpoint, kernel_engine_results):
@@ -313,32 +318,22 @@ def test_gdn_decode_kernel_in_bf16_engine_follows_reference(kernel_checkpoint, b
 # ---- tensor parallelism: two ranks on the CPU build -----------------------------------------------
 # The kernel checkpoint's head counts divide by 2 (attention 4 heads / 2 KV groups, GDN 2 key / 4
 # value heads, KDA 4 heads, MLP 48). The same requests as the float32 kernel engine, served by two
-# ranks (one core each): the same greedy tokens, logprobs within float32 noise (the ranks' partial
-# sums are added in another order), and each rank holds half of every mixer and of the MLP.
+# ranks (one core each) of a thinned deployment (KDA built in layer 0 only): the same greedy tokens,
+# logprobs within float32 noise (the ranks' partial sums are added in another order), and each rank
+# holds half of every mixer and of the MLP.
+
+TP_ALLOWED = [*KERNEL_PLACEMENTS, "gdn*"]  # every mixer in layer 0; no KDA in layers 1 and 2
 
 TP_LOGPROB_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def tp_engine_results(kernel_checkpoint, tmp_path_factory):
-    requests = _kernel_requests()
     scenario = {
-        "model": str(kernel_checkpoint),
-        "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-        "engine": {
-            "dtype": "float32",
-            "tensor_parallel_size": 2,
-            "gpu_memory_utilization": 0.3,
-            "max_model_len": 512,
-            "max_num_seqs": 8,
-            "max_num_batched_tokens": 64,  # chunked prefill
-            "enforce_eager": True,
-            "enable_prefix_caching": False,
-        },
-        "batches": [
-            {"name": "mixed", "requests": requests},
-            *({"name": f"alone_{i}", "requests": [request]} for i, request in enumerate(requests)),
-        ],
+        **_kernel_scenario(
+            kernel_checkpoint, tensor_parallel_size=2, hf_overrides={"supernet_placements": TP_ALLOWED}
+        ),
+        "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per rank
         "rank_shapes": True,
     }
     return run_engine(scenario, tmp_path_factory.mktemp("vllm_tp_engine"))
@@ -376,6 +371,9 @@ def test_each_rank_holds_half_of_every_mixer(tp_engine_results):
     assert linears[f"{mixers}.kda.f_b_proj"] == [32, 64]
     assert parameters[f"{mixers}.kda.dt_bias"] == [64] and parameters[f"{mixers}.kda.A_log"] == [2]
     assert states[f"{mixers}.kda"][0][0] == 3 * 64 and states[f"{mixers}.kda"][1] == [2, 32, 32]
+    # Thinned: KDA is built where an allowed placement uses it only.
+    assert "model.decoder.blocks.1.mixer.mixers.kda" not in states
+    assert "model.decoder.blocks.1.mixer.mixers.gdn" in states
     # MLP: 48 intermediate channels -> 24 per rank.
     assert linears[f"{block}.mlp.gate_up_proj"] == [64, 2 * 24]
     assert linears[f"{block}.mlp.down_proj"] == [24, 64]
