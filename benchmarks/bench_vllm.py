@@ -456,7 +456,7 @@ def run(args) -> dict:
                     placements = [PLACEMENTS[name]] * batch
                 record((side, name, context), supernet.decode(placements, context, args.new_tokens))
 
-        for context, rep in tqdm(steps, desc="placements + mixed batch", file=sys.stdout):
+        for context, rep in tqdm([] if args.skip_mixed else steps, desc="placements + mixed batch", file=sys.stdout):
             # The uniform batches the mixed one is compared with are timed here again, next to it.
             order = [("supernet", n) for n in rest] + [("mixed", "mixed")] + [("uniform", m) for m in MIXED]
             time_alternated(order, context, rep, args.batch)
@@ -702,6 +702,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="cache budget per engine")
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-mixed", action="store_true",
+                        help="only the single-mixer placements against vLLM's own models (1+2)")  # fmt: skip
     parser.add_argument("--memory-only", action="store_true", help="only the cache-memory comparison")
     parser.add_argument("--from-samples", action="store_true",
                         help="no engines: tables from WORKDIR/samples_partial.json of an earlier run")  # fmt: skip
