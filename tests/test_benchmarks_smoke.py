@@ -122,3 +122,16 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert memory["unthinned"]["kv_cache_tokens"] > 0
     assert memory["thinned: all-GDN only"]["bytes_per_request_at_max_len"] > 0
     assert (out / "vllm_decode.md").exists() and (out / "vllm_decode.png").exists()
+
+
+def test_tensor_parallel_table_has_a_ratio_per_model_and_context():
+    sys.path.insert(0, str(BENCH.parents[1]))
+    bench_tp = importlib.import_module("benchmarks.bench_tensor_parallel")
+    rows = [
+        {"model": name, "context": context, "tp1": 100.0, "tp2": 150.0, "ratio": 1.5}
+        for name in ["Llama", *bench_tp.SUPERNET_PLACEMENTS]
+        for context in (512, 2048)
+    ]
+    table = bench_tp.markdown({"rows": rows}, "python benchmarks/bench_tensor_parallel.py")
+    assert table.count("**1.50x**") == len(rows)
+    assert "| Llama | 512 |" in table and "| supernet all-GDN | 2048 |" in table
