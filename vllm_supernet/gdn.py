@@ -26,7 +26,6 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowPar
 from fast_llm_supernet.model.gdn import GDNHeads, gated_delta_net
 from fast_llm_supernet.model.linear_mixer import (
     DEFAULT_NORM_EPSILON,
-    GatedRMSNorm,
     LinearMixerCache,
     check_upstream_defaults,
 )
@@ -35,6 +34,7 @@ from vllm_supernet.linear_mixer import (
     LinearMixerLayer,
     PageShapes,
     ShardedConvolution,
+    SupernetGatedRMSNorm,
     convolution_step,
     divide_heads,
     head_sharded,
@@ -75,7 +75,7 @@ class SupernetGatedDeltaNet(LinearMixerLayer):
         self.A_log = head_sharded(nn.Parameter(torch.empty(heads.value_heads), requires_grad=False))
         self.dt_bias = head_sharded(nn.Parameter(torch.empty(heads.value_heads), requires_grad=False))
         eps = config.normalization.epsilon if config.normalization is not None else DEFAULT_NORM_EPSILON
-        self.norm = GatedRMSNorm(config.value_head_dim, eps)  # per head: the same on every rank
+        self.norm = SupernetGatedRMSNorm(config.value_head_dim, eps)  # per head: the same on every rank
         self.out_proj = RowParallelLinear(
             value_dim, hidden_size, bias=False, input_is_parallel=True, prefix=f"{prefix}.out_proj"
         )

@@ -27,12 +27,13 @@ from vllm.model_executor.layers.linear import (
 
 from fast_llm_supernet.model import ops
 from fast_llm_supernet.model.kda import CONVOLUTIONS, kda_log_decay, kimi_delta_attention
-from fast_llm_supernet.model.linear_mixer import GatedRMSNorm, LinearMixerCache, check_upstream_defaults
+from fast_llm_supernet.model.linear_mixer import LinearMixerCache, check_upstream_defaults
 from shared_spec import KDAMixerConfig
 from vllm_supernet.linear_mixer import (
     LinearMixerLayer,
     PageShapes,
     ShardedConvolution,
+    SupernetGatedRMSNorm,
     convolution_step,
     divide_heads,
     head_sharded,
@@ -78,7 +79,7 @@ class SupernetKimiDeltaAttention(LinearMixerLayer):
         local_width = self.num_heads * self.head_dim
         self.A_log = head_sharded(nn.Parameter(torch.empty(self.num_heads), requires_grad=False))
         self.dt_bias = head_sharded(nn.Parameter(torch.empty(local_width), requires_grad=False))
-        self.norm = GatedRMSNorm(self.head_dim, config.normalization.epsilon)  # per head: same on every rank
+        self.norm = SupernetGatedRMSNorm(self.head_dim, config.normalization.epsilon)  # per head: same on every rank
         self.o_proj = RowParallelLinear(width, hidden_size, bias=False, input_is_parallel=True, prefix=f"{prefix}.o_proj")
         self.input_sizes = [local_width, local_width, local_width, self.num_heads]
         self.decodes_on_pages = vllm_config.device_config.device_type == "cpu"  # vLLM's CPU conv op
