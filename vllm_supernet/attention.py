@@ -205,7 +205,9 @@ class SupernetAttentionMetadataBuilder(AttentionMetadataBuilder[PagedAttentionMe
 class SupernetAttentionImpl(AttentionImpl):
     """Holds the layer's constants; the computation is `paged_attention_*`, called by the mixer."""
 
-    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, *args, sliding_window=None, **kwargs):
+    # vLLM's `Attention` passes these positionally (num_heads, head_size, scale, num_kv_heads, alibi_slopes,
+    # sliding_window, ...); the rest (cache dtype, soft cap, ...) are not used by the mixers.
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None, *args, **kwargs):
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
