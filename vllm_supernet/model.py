@@ -36,7 +36,7 @@ from vllm.v1.kv_cache_interface import MambaSpec
 
 from fast_llm_supernet.model.attention import linear_bias_enabled, stochastic_sub_mixer_configs
 from fast_llm_supernet.model.checkpoint import read_upstream_mask_sharing
-from fast_llm_supernet.model.supernet import activation_function
+from fast_llm_supernet.model.supernet import mlp_activation, rms_norm_epsilon
 from shared_spec import (
     Apriel2TextConfig,
     AttentionMixerConfig,
@@ -91,9 +91,7 @@ class SupernetRMSNorm(RMSNorm):
 
 
 def rms_norm(config, hidden_size: int) -> SupernetRMSNorm:
-    if config.type != "rms_norm":
-        raise ValueError(f"normalization type {config.type!r} is not supported; valid choices: rms_norm")
-    return SupernetRMSNorm(hidden_size, eps=config.epsilon)
+    return SupernetRMSNorm(hidden_size, eps=rms_norm_epsilon(config))
 
 
 class SupernetMLP(nn.Module):
@@ -101,8 +99,7 @@ class SupernetMLP(nn.Module):
 
     def __init__(self, config: MLPConfig, hidden_size: int, prefix: str):
         super().__init__()
-        if config.type != "mlp":
-            raise ValueError(f"mlp type {config.type!r} is not supported; valid choices: mlp")
+        self.activation_function = mlp_activation(config)  # the reference's; also checks the config
         self.gated = config.gated
         # Checkpoint name -> (parameter, shard) of the stacked gate|up projection (load_stacked_weights).
         self.stacked_params = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)} if self.gated else {}
@@ -115,7 +112,6 @@ class SupernetMLP(nn.Module):
             self.activation = SiluAndMul() if config.activation == "silu" else None
         else:
             self.up_proj = ColumnParallelLinear(hidden_size, size, bias=in_bias, prefix=f"{prefix}.up_proj")
-        self.activation_function = activation_function(config.activation)
         self.down_proj = RowParallelLinear(
             size, hidden_size, bias=out_bias, input_is_parallel=True, prefix=f"{prefix}.down_proj"
         )

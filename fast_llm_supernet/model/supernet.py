@@ -60,11 +60,23 @@ _ACTIVATIONS = {
 }
 
 
-def activation_function(name: str):
-    """The MLP activation `name` (as Fast-LLM's Apriel2 exporter writes it), or a ValueError naming the choices."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"mlp activation {name!r} is not supported; valid choices: {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+def rms_norm_epsilon(config) -> float:
+    """A block or head `normalization` config's epsilon, or a ValueError for a norm this project does not compute."""
+    if config.type != "rms_norm":
+        raise ValueError(f"normalization type {config.type!r} is not supported; valid choices: rms_norm")
+    return config.epsilon
+
+
+def mlp_activation(config: MLPConfig):
+    """The activation of an `mlp` config (by the name Fast-LLM's Apriel2 exporter writes), or a ValueError
+    naming what is supported."""
+    if config.type != "mlp":
+        raise ValueError(f"mlp type {config.type!r} is not supported; valid choices: mlp")
+    if config.activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"mlp activation {config.activation!r} is not supported; valid choices: {', '.join(_ACTIVATIONS)}"
+        )
+    return _ACTIVATIONS[config.activation]
 
 
 def build_mixer(config: AttentionMixerConfig | GDNMixerConfig | KDAMixerConfig, hidden_size: int) -> nn.Module:
@@ -100,9 +112,7 @@ class RMSNorm(nn.Module):
 
 
 def _norm(config, hidden_size: int) -> RMSNorm:
-    if config.type != "rms_norm":
-        raise ValueError(f"normalization type {config.type!r} is not supported; valid choices: rms_norm")
-    return RMSNorm(hidden_size, config.epsilon)
+    return RMSNorm(hidden_size, rms_norm_epsilon(config))
 
 
 class MLP(nn.Module):
@@ -110,9 +120,7 @@ class MLP(nn.Module):
 
     def __init__(self, config: MLPConfig, hidden_size: int):
         super().__init__()
-        if config.type != "mlp":
-            raise ValueError(f"mlp type {config.type!r} is not supported; valid choices: mlp")
-        self.activation = activation_function(config.activation)
+        self.activation = mlp_activation(config)
         self.gated = config.gated
         # Fast-LLM's layer_1 is gate|up (split on export), layer_2 is down.
         in_bias, out_bias = linear_bias_enabled(config, "layer_1"), linear_bias_enabled(config, "layer_2")
