@@ -51,8 +51,7 @@ class SupernetGatedDeltaNet(LinearMixerLayer):
     def __init__(self, config: GDNMixerConfig, hidden_size: int, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         check_upstream_defaults(config, "gdn")
-        shapes = self.page_shapes(config, vllm_config.parallel_config.tensor_parallel_size, prefix)
-        self._init_pages(vllm_config, prefix, shapes)
+        self._init_pages(config, vllm_config, prefix)
         self.heads = GDNHeads(  # this rank's
             key_heads=config.key_heads // self.tp_size,
             key_head_dim=config.key_head_dim,

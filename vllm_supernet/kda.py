@@ -60,8 +60,7 @@ class SupernetKimiDeltaAttention(LinearMixerLayer):
     def __init__(self, config: KDAMixerConfig, hidden_size: int, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         check_upstream_defaults(config, "kda")
-        shapes = self.page_shapes(config, vllm_config.parallel_config.tensor_parallel_size, prefix)
-        self._init_pages(vllm_config, prefix, shapes)
+        self._init_pages(config, vllm_config, prefix)
         self.num_heads = config.heads // self.tp_size  # this rank's
         self.head_dim = config.head_dim
         width = config.heads * config.head_dim  # of q, k, v, the decay and the output gate, all ranks

@@ -109,11 +109,13 @@ class LinearMixerLayer(nn.Module, MambaBase):
     conv_names: tuple[str, ...]
     decodes_on_pages: bool
 
-    def _init_pages(self, vllm_config: VllmConfig, prefix: str, shapes: PageShapes) -> None:
+    def _init_pages(self, config, vllm_config: VllmConfig, prefix: str) -> None:
+        """This rank's place in the tensor-parallel group, its page shapes (`page_shapes` raises for
+        head counts that do not divide), and the cache layer's registration."""
         self.layer_name = prefix
         self.tp_size = get_tensor_model_parallel_world_size()
         self.tp_rank = get_tensor_model_parallel_rank()
-        self.page_shapes_of_rank = shapes
+        self.page_shapes_of_rank = self.page_shapes(config, self.tp_size, prefix)
         self.dtypes = state_dtypes(vllm_config)
         compilation_config = vllm_config.compilation_config
         if prefix in compilation_config.static_forward_context:

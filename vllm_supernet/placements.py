@@ -66,20 +66,16 @@ class ServingPlacements:
         self._parsed: dict[str, Placement] = {}
 
     @classmethod
-    def from_vllm_config(cls, vllm_config) -> ServingPlacements:
-        return cls.from_model_config(vllm_config.model_config)
-
-    @classmethod
     def from_model_config(cls, model_config) -> ServingPlacements:
-        allowed = getattr(model_config.hf_config, HF_OVERRIDE_KEY, None)
-        if allowed is None and os.environ.get(ENV_ALLOWED):
-            allowed = [entry.strip() for entry in os.environ[ENV_ALLOWED].split(";") if entry.strip()]
-        if isinstance(allowed, str):
-            allowed = [allowed]
-        # One deployment per config object: built once per process, not once per request.
+        """The deployment of a model config, built once per config object (this runs for every request)."""
         hf_config = model_config.hf_config
         known = _deployments.get(id(hf_config))
         if known is None or known[0] is not hf_config:
+            allowed = getattr(hf_config, HF_OVERRIDE_KEY, None)
+            if allowed is None and os.environ.get(ENV_ALLOWED):
+                allowed = [entry.strip() for entry in os.environ[ENV_ALLOWED].split(";") if entry.strip()]
+            if isinstance(allowed, str):
+                allowed = [allowed]
             presets = PresetsFile.load(model_config.model) if Path(str(model_config.model)).is_dir() else None
             spec = SupernetSpec.from_config(hf_config.apriel2())
             known = _deployments[id(hf_config)] = (hf_config, cls(spec, presets, list(allowed) if allowed else None))
