@@ -475,3 +475,73 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_run):
     assert full and set(full) == set(accumulated)
     for name, tensor in full.items():
         torch.testing.assert_close(accumulated[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- layer-local stage ------------------------------------------------------------------------------------
+
+
+def test_layer_local_objective_refuses_logit_losses(tiny_run):
+    config = base_config(tiny_run, "ll", objective="layer_local")  # default loss has KL terms
+    with pytest.raises(ConfigError, match="objective 'layer_local' trains on activation matching only"):
+        parse_config(config)
+
+
+def test_layer_local_gradients_are_each_mixers_own_distance(tiny_run):
+    """One layer-local step's gradients equal autograd of sum over (layer, mixer) of the mixer's distance to
+    the teacher attention on the teacher's own layer input; attention, MLPs and norms get none."""
+    from fast_llm_supernet.training.layer_local import layer_local_backward, teacher_mixer_io
+    from fast_llm_supernet.training.loss import DistillLossConfig
+    from fast_llm_supernet.training.trainer import select_trainable_parameters
+
+    student = SupernetForCausalLM.from_pretrained(tiny_run / "supernet")
+    teacher = SupernetForCausalLM.from_pretrained(tiny_run / "supernet").requires_grad_(False)
+    trainable = select_trainable_parameters(student, "mixers", ["attention"])
+    assert {name for _, name in trainable} == {"sliding_window", "gdn", "kda"}
+    placement = teacher.resolve_placement("attention*")
+    input_ids = torch.randint(0, 320, (2, 12))
+    loss_config = DistillLossConfig(reverse_kl=0, forward_kl=0, activation=1.0, activation_distance="mse")
+    output = layer_local_backward(student, teacher, placement, input_ids, None, trainable, loss_config)
+    got = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+    assert got and all(".mixers.attention." not in name and "mlp" not in name for name in got)
+
+    student.zero_grad()
+    io = teacher_mixer_io(teacher, placement, input_ids)
+    expected = sum(
+        (student.model.decoder.blocks[layer].get_mixer(name)(io[layer][0]) - io[layer][1]).pow(2).mean()
+        for layer, name in sorted(trainable)
+    ) / len(trainable)
+    expected.backward()
+    assert output.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for name, parameter in student.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(got[name], parameter.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_layer_local_stage_lowers_kl_and_resumes(tiny_run, converted_tiny_teacher):
+    """Layer-local training alone moves every linear mixer towards the teacher (held-out KL falls), and a run
+    stopped mid-way resumes to the same weights as one that was not."""
+    root = converted_tiny_teacher
+    overrides = {
+        "objective": "layer_local",
+        "model.checkpoint": str(root / "supernet"),
+        "data.sequence_length": 64,
+        "data.batch_size": 4,
+        "optimizer": {"lr": 3e-3, "warmup_steps": 3},
+        "loss": {"reverse_kl": 0.0, "forward_kl": 0.0, "activation": 1.0, "activation_distance": "mse"},
+        "eval.max_batches": 4,
+        "checkpoint.every": 10,
+    }
+    result = Trainer(parse_config(base_config(tiny_run, "ll_full", steps=40, **overrides)), log=lambda *_: None).run()
+    for placement in ["gdn*2", "kda*2"]:
+        before, after = result.initial_eval[f"eval/{placement}/kl"], result.final_eval[f"eval/{placement}/kl"]
+        assert after < 0.7 * before, (placement, before, after)
+    assert result.final_eval["eval/attention*2/kl"] < 1e-6
+
+    config = parse_config(base_config(tiny_run, "ll_resumed", steps=40, **overrides))
+    assert Trainer(config, log=lambda *_: None).run(stop_after_steps=25).stopped_early
+    resumed = Trainer(config, log=lambda *_: None)
+    resumed.run()
+    uninterrupted = SupernetForCausalLM.from_pretrained(result.export_path)
+    for name, tensor in SupernetForCausalLM.from_pretrained(config.export_path).state_dict().items():
+        torch.testing.assert_close(tensor, uninterrupted.state_dict()[name], rtol=0, atol=0)

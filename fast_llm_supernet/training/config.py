@@ -176,6 +176,10 @@ class TrainConfig(_Strict):
     deterministic: bool = True
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
+    # `end_to_end`: stochastic distillation, a placement per step through the whole network (the losses in
+    # `loss`); `layer_local`: every trainable mixer of every layer learns the teacher attention's output on
+    # the teacher's own layer input, all in one step (`training/layer_local.py`; `loss.activation` only).
+    objective: Literal["end_to_end", "layer_local"] = "end_to_end"
     # `auto`: continue from the newest checkpoint in output_dir if there is one; `never`: refuse to start
     # when output_dir already holds checkpoints.
     resume: Literal["auto", "never"] = "auto"
@@ -196,6 +200,14 @@ class TrainConfig(_Strict):
     def _warmup_fits(self) -> TrainConfig:
         if self.optimizer.warmup_steps > self.steps:
             raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) exceeds steps ({self.steps})")
+        if self.objective == "layer_local":
+            logit_terms = {name: getattr(self.loss, name) for name in ("reverse_kl", "forward_kl", "cross_entropy")}
+            if any(logit_terms.values()) or self.loss.activation == 0:
+                raise ValueError(
+                    "objective 'layer_local' trains on activation matching only: set loss.activation > 0 and "
+                    f"loss.reverse_kl, loss.forward_kl, loss.cross_entropy to 0 (got activation "
+                    f"{self.loss.activation}, {logit_terms})"
+                )
         return self
 
     @property

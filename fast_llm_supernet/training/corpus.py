@@ -127,3 +127,11 @@ def stdlib_documents(max_files: int | None = None) -> list[str]:
     if not documents:
         raise RuntimeError(f"no stdlib source files found under {stdlib}; cannot build the corpus")
     return documents
+
+
+def pydoc_topics() -> list[tuple[str, str]]:
+    """Python's language reference as CPython ships it for `help()` (`pydoc_data.topics`, ~465k characters of
+    English prose with code): (topic, text) pairs in sorted topic order, deterministic for a Python version."""
+    from pydoc_data.topics import topics
+
+    return sorted((name, text.strip()) for name, text in topics.items() if len(text.strip()) > 200)

@@ -68,6 +68,7 @@ from fast_llm_supernet.training.data import (
     read_documents,
     split_held_out,
 )
+from fast_llm_supernet.training.layer_local import layer_local_backward
 from fast_llm_supernet.training.loss import (
     LayerActivation,
     distillation_loss,
@@ -399,7 +400,11 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def train_step(self, step: int) -> tuple[dict[str, float], Placement]:
+    def train_step(self, step: int) -> tuple[dict[str, float], Placement | None]:
+        """One optimizer step; returns its metrics and its placement (None for layer-local steps: every
+        trainable mixer trains at once)."""
+        if self.config.objective == "layer_local":
+            return self._layer_local_step(step), None
         placement = self.sampler.sample(step)
         loss_config = self.config.loss
         match_layers = []
@@ -422,6 +427,25 @@ class Trainer:
                 (output.total / accumulation).backward()
             for name, value in output.metrics.items():
                 sums[name] += value / accumulation
+        return self._optimizer_step(sums), placement
+
+    def _layer_local_step(self, step: int) -> dict[str, float]:
+        accumulation = self.config.data.gradient_accumulation
+        sums: dict[str, float] = defaultdict(float)
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accumulation):
+            batch = self._batch(step * accumulation + micro)
+            with self._autocast():
+                output = layer_local_backward(
+                    self.student, self.teacher, self.placements.teacher, batch["input_ids"], batch["loss_mask"],
+                    self.trainable_mixers, self.config.loss, scale=1.0 / accumulation,
+                )
+            for name, value in output.metrics.items():
+                sums[name] += value / accumulation
+        return self._optimizer_step(sums)
+
+    def _optimizer_step(self, sums: dict[str, float]) -> dict[str, float]:
+        """Clip, step the optimizer and the schedule; the step's metrics with grad norm and base lr."""
         parameters = [p for _, p in self.trainable]
         clip = self.config.optimizer.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else float("inf"))
@@ -430,7 +454,7 @@ class Trainer:
         self.scheduler.step()
         metrics = dict(sums)
         metrics.update(grad_norm=grad_norm.item(), lr=lr)
-        return metrics, placement
+        return metrics
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
@@ -608,12 +632,14 @@ class Trainer:
                     window[name].append(value)
                 if step % config.log_every == 0 or step == config.steps:
                     record = {name: sum(values) / len(values) for name, values in window.items()}
-                    record["placement"] = placement.canonical
+                    record["placement"] = placement.canonical if placement else "layer-local"
                     metrics_writer.write("train", step, record)
                     window.clear()
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", placement=placement.canonical)
+                    progress.set_postfix(
+                        loss=f"{metrics['loss']:.4f}", placement=placement.canonical if placement else "layer-local"
+                    )
                 if stop_after_steps is not None and step >= stop_after_steps and step < config.steps:
                     return TrainResult(step=step, stopped_early=True, initial_eval=initial_eval)
                 if config.eval.every and step % config.eval.every == 0 and step < config.steps:
