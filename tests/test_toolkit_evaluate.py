@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from fast_llm_supernet.model import SupernetForCausalLM
-from fast_llm_supernet.tools.convert import default_presets
-from fast_llm_supernet.tools.tiny_teacher import train_tokenizer
 from fast_llm_supernet.toolkit.cli import main
 from fast_llm_supernet.toolkit.evaluate import Sharing, evaluate_placements, load_held_out
 from fast_llm_supernet.toolkit.quality import named_placements, spread_layers
 from fast_llm_supernet.toolkit.sampling import sample_placements
 from fast_llm_supernet.toolkit.store import read_evaluations
+from fast_llm_supernet.tools.convert import default_presets
+from fast_llm_supernet.tools.tiny_teacher import train_tokenizer
 from shared_spec import Apriel2TextConfig, MixerKind
 from tests.test_training_trainer import TINY_SUPERNET, stdlib_paragraphs
 

@@ -3,6 +3,11 @@
     supernet-place quality  --checkpoint DIR --data heldout.jsonl --output DIR
     supernet-place evaluate --checkpoint DIR --data heldout.jsonl --output evals.jsonl
                             (--sample uniform|stratified --count N [--seed S] | --placements FILE)
+    supernet-place fit      --checkpoint DIR --evaluations evals.jsonl --output surrogate.json
+    supernet-place pareto   --checkpoint DIR --surrogate surrogate.json --cost cost.json --output front.json
+                            [--evaluations evals.jsonl --plot front.png]
+    supernet-place stability --evaluations A.jsonl B.jsonl
+    supernet-place cost     --checkpoint DIR --context 4096 --output cost.json [--validate N]
 
 Every subcommand checks its arguments before it loads a model; `evaluate` appends to its JSONL file and
 skips the placements the file already holds for the same checkpoint and text, so an interrupted run resumes.
@@ -17,7 +22,12 @@ from pathlib import Path
 import torch
 
 from fast_llm_supernet.toolkit.evaluate import Sharing, evaluate_placements, load_held_out
-from fast_llm_supernet.toolkit.quality import DEFAULT_PROMPTS, load_model_and_tokenizer, quality_table, write_quality
+from fast_llm_supernet.toolkit.quality import (
+    DEFAULT_PROMPTS,
+    load_model_and_tokenizer,
+    quality_table,
+    write_quality,
+)
 from fast_llm_supernet.toolkit.sampling import sample_placements
 from fast_llm_supernet.toolkit.store import append_evaluations, read_evaluations
 from shared_spec import Placement, PlacementError
@@ -51,10 +61,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--placements", type=Path, default=None, help="a file with one placement per line")
     evaluate.add_argument("--chunk", type=int, default=16, help="placements evaluated (and appended) together")
+
+    fit = commands.add_parser("fit", help="fit the surrogate (per-layer + pair terms, ridge, cross-validated)")
+    fit.add_argument("--checkpoint", type=Path, required=True)
+    fit.add_argument("--evaluations", type=Path, nargs="+", required=True)
+    fit.add_argument("--output", type=Path, required=True, help="surrogate JSON (a report JSON is written beside it)")
+    fit.add_argument("--held-out-fraction", type=float, default=0.2)
+    fit.add_argument("--max-distance", type=int, default=3, choices=(0, 1, 2, 3))
+    fit.add_argument("--seed", type=int, default=0)
+
+    pareto = commands.add_parser("pareto", help="the exact Pareto frontier of predicted quality against cost")
+    pareto.add_argument("--checkpoint", type=Path, required=True)
+    pareto.add_argument("--surrogate", type=Path, required=True)
+    pareto.add_argument("--cost", type=Path, required=True, help="cost model JSON (supernet-place cost)")
+    pareto.add_argument("--output", type=Path, required=True, help="frontier JSON")
+    pareto.add_argument("--evaluations", type=Path, nargs="*", default=[], help="measured placements to plot")
+    pareto.add_argument("--plot", type=Path, default=None, help="PNG of the frontier and the measured placements")
+
+    cost = commands.add_parser("cost", help="decode cost model per layer and mixer, measured through vLLM (CPU build)")
+    cost.add_argument("--checkpoint", type=Path, required=True)
+    cost.add_argument("--context", type=int, default=4096, help="tokens of context per request (default 4096)")
+    cost.add_argument("--batch", type=int, default=1, help="requests decoded together (default 1)")
+    cost.add_argument("--steps", type=int, default=16, help="decode steps timed per placement")
+    cost.add_argument("--validate", type=int, default=6, help="random hybrid placements measured whole to check the model")
+    cost.add_argument("--output", type=Path, required=True)
+
+    stability = commands.add_parser("stability", help="rank correlation of placement quality between two checkpoints")
+    stability.add_argument("--evaluations", type=Path, nargs=2, required=True, help="two JSONL files (e.g. mid-training, final)")
     return parser
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("evaluations", "surrogate", "cost"):
+        for path in _as_list(getattr(args, name, None)):
+            if not path.is_file():
+                parser.error(f"--{name} {path}: no such file")
+    if args.command in ANALYSES:
+        if args.command != "stability" and not (args.checkpoint / "config.json").is_file():
+            parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)")
+        return
     if not (args.checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)")
     for path in args.data:
@@ -66,10 +111,16 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("evaluate: give exactly one of --sample (with --count) or --placements")
 
 
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)
+    if args.command in ANALYSES:
+        return ANALYSES[args.command](parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.checkpoint)
@@ -112,6 +163,122 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shared prefixes saved {sharing.saved_fraction:.1%} of decoder-layer computations "
               f"({sharing.computed} of {sharing.without_sharing})", file=sys.stderr)
     return 0
+
+
+def _spec(checkpoint: Path):
+    from shared_spec import Apriel2TextConfig, SupernetSpec
+
+    return SupernetSpec.from_config(Apriel2TextConfig.from_file(checkpoint / "config.json"))
+
+
+def _records(paths: list[Path]):
+    records = {}
+    for path in paths:
+        for record in read_evaluations(path):
+            records[record.placement] = record  # the latest measurement of a placement wins
+    return list(records.values())
+
+
+def run_fit(parser, args) -> int:
+    import json
+
+    from fast_llm_supernet.toolkit.surrogate import fit_surrogate
+
+    records = _records(args.evaluations)
+    try:
+        surrogate, report = fit_surrogate(records, _spec(args.checkpoint), args.held_out_fraction, args.seed, args.max_distance)
+    except ValueError as error:
+        parser.error(f"fit: {error}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    surrogate.save(args.output)
+    report_path = args.output.with_name(args.output.stem + "_report.json")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    metrics, baseline = report["held_out_metrics"], report["per_layer_only_held_out_metrics"]
+    print(f"fitted on {report['train']} placements, pair distance {report['distance']}, alpha {report['alpha']:g}; "
+          f"on {report['held_out']} held-out placements: Spearman {metrics['spearman']:.3f}, Kendall "
+          f"{metrics['kendall']:.3f}, R2 {metrics['r2']:.3f} (per-layer terms only: Spearman {baseline['spearman']:.3f}, "
+          f"R2 {baseline['r2']:.3f}); wrote {args.output} and {report_path}")
+    return 0
+
+
+def run_pareto(parser, args) -> int:
+    import json
+
+    import numpy as np
+
+    from fast_llm_supernet.toolkit.cost import CostModel
+    from fast_llm_supernet.toolkit.pareto import pareto_front
+    from fast_llm_supernet.toolkit.surrogate import Surrogate
+
+    spec = _spec(args.checkpoint)
+    surrogate = Surrogate.load(args.surrogate)
+    cost_model = CostModel.load(args.cost)
+    if cost_model.mixers != surrogate.mixers or surrogate.num_layers != spec.num_layers:
+        parser.error("pareto: the surrogate and the cost model must describe the checkpoint's layers and mixers")
+    single, pairs = surrogate.arrays()
+    front = pareto_front(single, pairs, np.array(cost_model.per_layer))
+    all_attention = cost_model.predict([surrogate.mixers.index("attention")] * spec.num_layers)
+    points = [
+        {"predicted_quality": 1 - loss, "predicted_seconds_per_step": cost_model.shared + cost,
+         "predicted_speedup": all_attention / (cost_model.shared + cost),
+         "placement": ",".join(surrogate.mixers[m] for m in placement)}
+        for cost, loss, placement in front
+    ]
+    for point in points:  # compact spelling
+        point["placement"] = _canonical(point["placement"].split(","), spec)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"context": cost_model.context, "points": points}, indent=2) + "\n")
+    print(f"{len(points)} frontier points at context {cost_model.context}; wrote {args.output}")
+    if args.plot is not None:
+        from fast_llm_supernet.toolkit.plot import plot_front
+
+        plot_front(points, _records(args.evaluations), cost_model, spec, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _canonical(mixers: list[str], spec) -> str:
+    return Placement.parse(mixers, spec).canonical
+
+
+def run_stability(parser, args) -> int:
+    import numpy as np
+
+    from fast_llm_supernet.toolkit.surrogate import rank_metrics
+
+    first, second = ({r.placement: r.top1 for r in read_evaluations(path)} for path in args.evaluations)
+    common = sorted(set(first) & set(second))
+    if len(common) < 3:
+        parser.error(f"stability: the two files share {len(common)} placements; at least 3 are needed")
+    metrics = rank_metrics(np.array([first[p] for p in common]), np.array([second[p] for p in common]))
+    print(f"{len(common)} placements in both: Spearman {metrics['spearman']:.3f}, Kendall {metrics['kendall']:.3f}")
+    return 0
+
+
+def run_cost(parser, args) -> int:
+    from fast_llm_supernet.toolkit.cost import measure_cost_model
+    from fast_llm_supernet.toolkit.surrogate import mixer_names
+
+    spec = _spec(args.checkpoint)
+    try:
+        mixers = mixer_names(spec)
+    except ValueError as error:
+        parser.error(f"cost: {error}")
+    hybrids = [p for p in sample_placements(spec, args.validate, "stratified", seed=12345) if len(set(p.mixers)) > 1]
+    validate = [p.canonical for p in hybrids]
+    model = measure_cost_model(args.checkpoint, mixers, spec.num_layers, args.context, validate, args.batch, args.steps,
+                               log_path=args.output.with_suffix(".log"))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.output)
+    errors = [abs(v["relative_error"]) for v in model.validation]
+    print(f"shared {model.shared * 1e3:.2f} ms/step; per-layer mixer ms: "
+          + ", ".join(f"{name} {1e3 * sum(row[m] for row in model.per_layer) / spec.num_layers:.3f}" for m, name in enumerate(mixers))
+          + (f"; on {len(errors)} hybrids not used to build it: mean |error| {sum(errors) / len(errors):.1%}, max {max(errors):.1%}"
+             if errors else ""))
+    return 0
+
+
+ANALYSES = {"fit": run_fit, "pareto": run_pareto, "stability": run_stability, "cost": run_cost}
 
 
 if __name__ == "__main__":

@@ -150,9 +150,11 @@ def placement_terms(placement, single, pairs, cost) -> tuple[float, float]:
     """(cost, predicted loss) of one placement: the sums `pareto_front` optimises."""
     single, pairs, cost = _check_inputs(single, pairs, cost)
     layers = range(len(placement))
-    total_cost = sum(cost[l, placement[l]] for l in layers)
-    loss = sum(single[l, placement[l]] for l in layers)
-    loss += sum(terms[l, placement[l], placement[l + d]] for d, terms in pairs.items() for l in range(len(terms)))
+    total_cost = sum(cost[layer, placement[layer]] for layer in layers)
+    loss = sum(single[layer, placement[layer]] for layer in layers)
+    loss += sum(
+        terms[layer, placement[layer], placement[layer + d]] for d, terms in pairs.items() for layer in range(len(terms))
+    )
     return float(total_cost), float(loss)
 
 
