@@ -14,6 +14,12 @@ from shared_spec.placement import NAME_PATTERN, Placement, PlacementError
 from shared_spec.spec import SupernetSpec
 
 PRESETS_FILENAME = "supernet_presets.json"
+# The metrics a request's service level is matched against (`supernet-place presets` records both, measured):
+# top-1 agreement with the teacher on held-out text (all-attention = 1.0), and decode speed-up over
+# all-attention at the context length in `SPEEDUP_CONTEXT_METRIC`.
+QUALITY_METRIC = "quality"
+SPEEDUP_METRIC = "speedup"
+SPEEDUP_CONTEXT_METRIC = "speedup_context"
 
 
 class Preset(BaseModel):
@@ -54,6 +60,42 @@ class PresetsFile(BaseModel):
                 raise PlacementError(f"preset {name!r}: {error}") from None
         if self.default is not None:
             Placement.parse(self.default, spec, self)
+
+    def choose(self, names: list[str], min_quality: float | None, min_speedup: float | None) -> str:
+        """Among the presets `names` (those a deployment serves), the fastest whose recorded quality is at least
+        `min_quality`, or the best-quality one whose recorded speed-up is at least `min_speedup` (both given:
+        the fastest meeting both). PlacementError naming the best available when none qualifies."""
+        rated = {
+            name: self.presets[name].metrics for name in names
+            if QUALITY_METRIC in self.presets[name].metrics and SPEEDUP_METRIC in self.presets[name].metrics
+        }
+        if not rated:
+            raise PlacementError(
+                f"no served preset records both {QUALITY_METRIC!r} and {SPEEDUP_METRIC!r}, so a service level cannot "
+                "be matched; name a placement instead (presets are measured by `supernet-place presets`)"
+            )
+        qualifying = [
+            name for name, metrics in rated.items()
+            if (min_quality is None or metrics[QUALITY_METRIC] >= min_quality)
+            and (min_speedup is None or metrics[SPEEDUP_METRIC] >= min_speedup)
+        ]
+        if qualifying:
+            if min_quality is not None:
+                return max(qualifying, key=lambda n: (rated[n][SPEEDUP_METRIC], rated[n][QUALITY_METRIC]))
+            return max(qualifying, key=lambda n: (rated[n][QUALITY_METRIC], rated[n][SPEEDUP_METRIC]))
+        best_quality = max(rated, key=lambda n: rated[n][QUALITY_METRIC])
+        fastest = max(rated, key=lambda n: rated[n][SPEEDUP_METRIC])
+
+        def describe(name: str) -> str:
+            return f"{name!r} (quality {rated[name][QUALITY_METRIC]:.3f}, speed-up {rated[name][SPEEDUP_METRIC]:.2f}x)"
+
+        asked = " and ".join(
+            text for text, value in ((f"min_quality {min_quality}", min_quality), (f"min_speedup {min_speedup}", min_speedup))
+            if value is not None
+        )
+        raise PlacementError(
+            f"no served preset meets {asked}; best quality available: {describe(best_quality)}, fastest: {describe(fastest)}"
+        )
 
     def resolved(self, spec: SupernetSpec) -> dict[str, Placement]:
         return {name: Placement.parse(preset.placement, spec) for name, preset in self.presets.items()}

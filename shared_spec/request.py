@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PLACEMENT_DESCRIPTION = (
     "Mixer per decoder layer: a list of mixer names (one per layer, or one per layer with a choice), "
@@ -29,6 +29,32 @@ class PlacementRequest(BaseModel):
         description=PLACEMENT_DESCRIPTION,
         examples=[["attention", "gdn", "gdn", "kda"], "attention,gdn*2,kda", "gdn*", "fast"],
     )
+    min_quality: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Instead of a placement: the fastest served preset whose recorded quality (held-out top-1 "
+        "agreement with the teacher, all-attention = 1.0) is at least this. HTTP 400 naming the best available "
+        "when none qualifies. The choice is reported in the `x-supernet-placement` / `x-supernet-preset` headers.",
+        examples=[0.95],
+    )
+    min_speedup: float | None = Field(
+        None,
+        gt=0,
+        description="Instead of a placement: the best-quality served preset whose recorded decode speed-up over "
+        "all-attention is at least this factor (with min_quality too: the fastest meeting both).",
+        examples=[2.0],
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_choose(self) -> PlacementRequest:
+        if self.placement is not None and (self.min_quality is not None or self.min_speedup is not None):
+            raise ValueError("give either `placement` or a service level (`min_quality` / `min_speedup`), not both")
+        return self
+
+    @property
+    def by_service_level(self) -> bool:
+        return self.min_quality is not None or self.min_speedup is not None
 
 
 def placement_request_json_schema() -> dict[str, Any]:

@@ -40,7 +40,7 @@ def test_evaluate_fit_cost_pareto_plot(tiny, tmp_path, capsys):  # noqa: F811
     assert main(["cost", "--checkpoint", checkpoint, "--context", "64", "--steps", "4", "--validate", "3",
                  "--output", str(tmp_path / "cost.json")]) == 0
     cost = CostModel.load(tmp_path / "cost.json")
-    assert cost.mixers == ["attention", "sliding_window", "gdn", "kda"]
+    assert sorted(cost.mixers) == ["attention", "gdn", "kda", "sliding_window"]
     assert all(value > 0 for row in cost.per_layer for value in row) and cost.shared > 0
     assert cost.validation and all(abs(v["relative_error"]) < 5 for v in cost.validation)
     assert "on 3 hybrids not used to build it" in capsys.readouterr().out or len(cost.validation) < 3

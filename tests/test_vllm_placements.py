@@ -78,3 +78,46 @@ def test_a_string_is_parsed_once_then_looked_up(spec):
     first = serving.resolve("gdn,kda,attention")
     assert serving.resolve("gdn,kda,attention") is first  # the canonical string workers get each step
     assert serving.resolve("fast") == first
+
+
+def rated_presets() -> PresetsFile:
+    return PresetsFile.model_validate({"presets": {
+        "fast": {"placement": "gdn,kda", "metrics": {"quality": 0.8, "speedup": 3.0}},
+        "quality": {"placement": "fa*", "metrics": {"quality": 1.0, "speedup": 1.0}},
+        "local": {"placement": "swa*", "metrics": {"quality": 0.95, "speedup": 1.8}},
+        "unrated": {"placement": "kda*"},
+    }})
+
+
+@pytest.mark.parametrize(
+    ("fields", "preset"),
+    [
+        ({"min_quality": 0.9}, "local"),
+        ({"min_quality": 0.5}, "fast"),
+        ({"min_quality": 1.0}, "quality"),
+        ({"min_speedup": 1.5}, "local"),
+        ({"min_speedup": 2.5}, "fast"),
+        ({"min_quality": 0.9, "min_speedup": 1.0}, "local"),
+    ],
+)
+def test_service_level_chooses_among_served_rated_presets(spec, fields, preset):
+    serving = ServingPlacements(spec, rated_presets())
+    placement, chosen = serving.resolve_request(fields)
+    assert chosen == preset and placement == serving.resolve(preset)
+    thinned = ServingPlacements(spec, rated_presets(), allowed=["quality", "fast"])
+    if preset == "local" and "min_quality" in fields:  # not served there: the next qualifying one
+        assert thinned.resolve_request(fields)[1] == "quality"
+
+
+def test_service_level_errors_name_the_best_available(spec):
+    serving = ServingPlacements(spec, rated_presets())
+    with pytest.raises(PlacementError, match=r"no served preset meets min_quality 0.99 and min_speedup 2.0; "
+                                             r"best quality available: 'quality' .*fastest: 'fast'"):
+        serving.resolve_request({"min_quality": 0.99, "min_speedup": 2.0})
+    with pytest.raises(PlacementError, match="either `placement` or a service level"):
+        serving.resolve_request({"placement": "fast", "min_quality": 0.5})
+    with pytest.raises(PlacementError, match="min_quality"):
+        serving.resolve_request({"min_quality": "high"})
+    with pytest.raises(PlacementError, match="serves no presets"):
+        ServingPlacements(spec).resolve_request({"min_quality": 0.5})
+    assert serving.resolve_request({"placement": "fast"}) == (serving.resolve("fast"), None)

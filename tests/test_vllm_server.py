@@ -27,9 +27,11 @@ pytestmark = pytest.mark.engine
 PRESETS = {
     "default": "fast",
     "presets": {
-        "fast": {"placement": ["gdn", "kda"], "description": "linear mixers only"},
-        "quality": {"placement": "fa*", "description": "full attention"},
-        "local": {"placement": "swa*", "description": "sliding window"},
+        # Recorded quality / speed-up (as `supernet-place presets` writes them) for service-level requests.
+        "fast": {"placement": ["gdn", "kda"], "description": "linear mixers only",
+                 "metrics": {"quality": 0.80, "speedup": 3.0}},
+        "quality": {"placement": "fa*", "description": "full attention", "metrics": {"quality": 1.0, "speedup": 1.0}},
+        "local": {"placement": "swa*", "description": "sliding window", "metrics": {"quality": 0.95, "speedup": 1.8}},
     },
 }
 ALLOWED = ["fast", "quality", "local"]
@@ -184,3 +186,52 @@ def test_invalid_placement_in_a_stream_is_400_before_the_stream_starts(client, r
         extra_body={"placement": "fast"},
     )  # fmt: skip
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
+
+
+@pytest.mark.parametrize(
+    ("service_level", "preset", "placement"),
+    [
+        ({"min_quality": 0.9}, "local", "swa*"),  # the fastest preset at quality >= 0.9
+        ({"min_quality": 0.99}, "quality", "fa*"),
+        ({"min_speedup": 2.0}, "fast", ["gdn", "kda"]),  # the best quality at >= 2x
+        ({"min_quality": 0.9, "min_speedup": 1.5}, "local", "swa*"),
+    ],
+)
+def test_service_level_picks_a_preset_and_reports_it(client, reference_tokens, service_level, preset, placement):
+    raw = client.completions.with_raw_response.create(
+        model="supernet", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0,
+        extra_body={**service_level, "return_token_ids": True},
+    )  # fmt: skip
+    assert raw.headers["x-supernet-preset"] == preset
+    assert raw.headers["x-supernet-placement"] == _canonical(preset)
+    assert raw.parse().choices[0].token_ids == reference_tokens(placement)
+
+
+def _canonical(preset: str) -> str:
+    return {"local": "swa*2,attention", "quality": "fa*2,attention", "fast": "gdn,kda,attention"}[preset]
+
+
+def test_a_named_placement_is_reported_in_the_headers(client):
+    raw = client.completions.with_raw_response.create(
+        model="supernet", prompt=PROMPT, max_tokens=1, extra_body={"placement": "fast"}
+    )
+    assert raw.headers["x-supernet-placement"] == "gdn,kda,attention"
+    assert "x-supernet-preset" not in raw.headers
+
+
+@pytest.mark.parametrize(
+    ("fields", "message_parts"),
+    [
+        ({"min_quality": 0.999, "min_speedup": 2.0}, ["no served preset meets", "best quality available: 'quality'",
+                                                      "fastest: 'fast'"]),
+        ({"min_quality": 1.5}, ["min_quality", "less than or equal to 1"]),
+        ({"min_quality": 0.9, "placement": "fast"}, ["either `placement` or a service level"]),
+    ],
+)
+def test_unmet_or_malformed_service_level_is_400(client, reference_tokens, fields, message_parts):
+    with pytest.raises(openai.BadRequestError) as raised:
+        _complete(client, fields)
+    message = str(raised.value)
+    for part in message_parts:
+        assert part in message, message
+    assert _complete(client, {"min_quality": 0.9}) == reference_tokens("swa*")

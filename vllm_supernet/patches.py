@@ -38,12 +38,13 @@ vLLM 0.32 internals relied on:
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from shared_spec import Placement, PlacementError
 from vllm_supernet.batch import SupernetBatch
 from vllm_supernet.config import MODEL_TYPE
-from vllm_supernet.placements import EXTRA_ARGS_KEY, ServingPlacements
+from vllm_supernet.placements import EXTRA_ARGS_KEY, REQUEST_KEYS, ServingPlacements
 
 # Under vLLM's logger tree so vLLM's logging config (level, format) applies.
 logger = logging.getLogger("vllm.supernet")
@@ -53,6 +54,8 @@ _runner_installed = False
 # The deployment the API server serves (set by the `build_app` patch), for validating requests as
 # they are parsed. None in offline use, where `process_inputs` validates.
 _api_server_deployment: ServingPlacements | None = None
+# Per HTTP request: the placement its completion runs with, for the response headers (PlacementHeaders).
+_response_choice: ContextVar[dict[str, str] | None] = ContextVar("supernet_response_choice", default=None)
 
 
 def is_supernet(model_config) -> bool:
@@ -69,13 +72,21 @@ def install_frontend_patches() -> None:
     _patch_build_app()
 
 
-def _resolve_or_400(serving: ServingPlacements, value: Any) -> Placement:
+def _resolve_or_400(serving: ServingPlacements, fields: dict[str, Any]) -> tuple[Placement, str | None]:
+    """(placement, preset chosen for a service level) of a request's fields, or a 400 naming the problem."""
     from vllm.exceptions import VLLMValidationError
 
     try:
-        return serving.resolve(value)
+        return serving.resolve_request(fields)
     except PlacementError as error:
+        value = {key: fields[key] for key in REQUEST_KEYS if key in fields}
         raise VLLMValidationError(f"invalid placement: {error}", parameter=EXTRA_ARGS_KEY, value=value) from None
+
+
+def _with_placement(extra_args: dict | None, placement: Placement) -> dict:
+    """extra_args with the canonical placement in place of whatever chose it."""
+    kept = {key: value for key, value in (extra_args or {}).items() if key not in REQUEST_KEYS}
+    return {**kept, EXTRA_ARGS_KEY: placement.canonical}
 
 
 def _patch_request_models() -> None:
@@ -88,14 +99,18 @@ def _patch_request_models() -> None:
         def to_sampling_params(self, *args, _original=original, **kwargs):
             params = _original(self, *args, **kwargs)
             extra = self.model_extra or {}
-            if EXTRA_ARGS_KEY in extra:
-                # A top-level `placement` (extra_body) wins over `vllm_xargs.placement`.
-                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: extra[EXTRA_ARGS_KEY]}
+            top_level = {key: extra[key] for key in REQUEST_KEYS if key in extra}
+            if top_level:
+                # Top-level fields (extra_body) win over `vllm_xargs`.
+                kept = {k: v for k, v in (params.extra_args or {}).items() if k not in REQUEST_KEYS}
+                params.extra_args = {**kept, **top_level}
             serving = _api_server_deployment
             if serving is not None:  # parsed here, before any stream starts: a bad one is a 400
-                value = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
-                placement = _resolve_or_400(serving, value)
-                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: placement.canonical}
+                placement, preset = _resolve_or_400(serving, params.extra_args or {})
+                params.extra_args = _with_placement(params.extra_args, placement)
+                choice = _response_choice.get()
+                if choice is not None:  # reported in the response headers (PlacementHeaders)
+                    choice.update(placement=placement.canonical, hash=placement.hash, preset=preset or "")
             return params
 
         request_cls.to_sampling_params = to_sampling_params
@@ -112,8 +127,8 @@ def _patch_input_processor() -> None:
             return original(self, request_id, prompt, params, *args, **kwargs)
         serving = ServingPlacements.from_model_config(self.model_config)
         # A canonical string from `to_sampling_params` is a look-up; anything else is parsed here.
-        placement = _resolve_or_400(serving, (params.extra_args or {}).get(EXTRA_ARGS_KEY))
-        params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: placement.canonical}
+        placement, _ = _resolve_or_400(serving, params.extra_args or {})
+        params.extra_args = _with_placement(params.extra_args, placement)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         salt = f"supernet-placement:{placement.hash}"
         request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
@@ -141,9 +156,40 @@ def _patch_build_app() -> None:
             async def supernet_presets() -> dict[str, Any]:
                 return listing
 
+            app.add_middleware(PlacementHeaders)
+
         return app
 
     entry.build_app = build_app
+
+
+class PlacementHeaders:
+    """ASGI middleware: a completion's response carries the placement it ran with (`x-supernet-placement`, its
+    hash, and `x-supernet-preset` when a service level chose a preset). `to_sampling_params` fills the holder
+    this puts in the request's context; the headers go out with the response start, after it (streams too)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        choice: dict[str, str] = {}
+        token = _response_choice.set(choice)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start" and choice:
+                headers = [*message.get("headers", []), (b"x-supernet-placement", choice["placement"].encode()),
+                           (b"x-supernet-placement-hash", choice["hash"].encode())]
+                if choice["preset"]:
+                    headers.append((b"x-supernet-preset", choice["preset"].encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            _response_choice.reset(token)
 
 
 def install_runner_patch() -> None:

@@ -18,11 +18,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shared_spec import Placement, PlacementError, PresetsFile, SupernetSpec
+from pydantic import ValidationError
+
+from shared_spec import Placement, PlacementError, PlacementRequest, PresetsFile, SupernetSpec
 
 ENV_ALLOWED = "VLLM_SUPERNET_PLACEMENTS"
 HF_OVERRIDE_KEY = "supernet_placements"
 EXTRA_ARGS_KEY = "placement"
+# Every request field this project adds (shared_spec.request.PlacementRequest).
+REQUEST_KEYS = tuple(PlacementRequest.model_fields)
 
 
 class ServingPlacements:
@@ -98,6 +102,22 @@ class ServingPlacements:
                     self._parsed = {value: known}
             return known
         return self._parse(list(value) if isinstance(value, tuple) else value)
+
+    def resolve_request(self, fields: dict[str, Any]) -> tuple[Placement, str | None]:
+        """A request's fields (`placement`, or a service level `min_quality` / `min_speedup`) -> (placement,
+        the preset chosen for the service level or None); PlacementError names what is wrong."""
+        try:
+            request = PlacementRequest.model_validate({key: fields[key] for key in REQUEST_KEYS if key in fields})
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in error.errors())
+            raise PlacementError(problems) from None
+        if not request.by_service_level:
+            return self.resolve(request.placement), None
+        served = [name for name in self.preset_listing()["presets"]]
+        if self.presets is None or not served:
+            raise PlacementError("this deployment serves no presets, so a service level cannot be matched; name a placement")
+        name = self.presets.choose(served, request.min_quality, request.min_speedup)
+        return self.resolve(name), name
 
     def _parse(self, value: Any) -> Placement:
         placement = Placement.parse(value, self.spec, self.presets)

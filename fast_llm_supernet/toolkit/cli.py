@@ -8,6 +8,7 @@
                             [--evaluations evals.jsonl --plot front.png]
     supernet-place stability --evaluations A.jsonl B.jsonl
     supernet-place cost     --checkpoint DIR --context 4096 --output cost.json [--validate N]
+    supernet-place presets  --checkpoint DIR --front front.json --data heldout.jsonl --output presets.json [--install]
 
 Every subcommand checks its arguments before it loads a model; `evaluate` appends to its JSONL file and
 skips the placements the file already holds for the same checkpoint and text, so an interrupted run resumes.
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--validate", type=int, default=6, help="random hybrid placements measured whole to check the model")
     cost.add_argument("--output", type=Path, required=True)
 
+    presets = commands.add_parser("presets", help="presets along the frontier, measured (quality and vLLM speed)")
+    _common(presets)
+    presets.add_argument("--front", type=Path, required=True, help="frontier JSON (supernet-place pareto)")
+    presets.add_argument("--output", type=Path, required=True, help="the presets JSON written")
+    presets.add_argument("--install", action="store_true", help="also write it into the checkpoint (served presets)")
+    presets.add_argument("--repeats", type=int, default=2, help="alternated speed measurements per preset")
+
     stability = commands.add_parser("stability", help="rank correlation of placement quality between two checkpoints")
     stability.add_argument("--evaluations", type=Path, nargs=2, required=True, help="two JSONL files (e.g. mid-training, final)")
     return parser
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(args.checkpoint)
     held_out = load_held_out(args.data, args.checkpoint, args.sequence_length, args.max_tokens, args.batch_size)
     label = str(args.checkpoint)
+
+    if args.command == "presets":
+        return run_presets(parser, args, model, held_out)
 
     if args.command == "quality":
         prompts = DEFAULT_PROMPTS
@@ -275,6 +286,34 @@ def run_cost(parser, args) -> int:
           + ", ".join(f"{name} {1e3 * sum(row[m] for row in model.per_layer) / spec.num_layers:.3f}" for m, name in enumerate(mixers))
           + (f"; on {len(errors)} hybrids not used to build it: mean |error| {sum(errors) / len(errors):.1%}, max {max(errors):.1%}"
              if errors else ""))
+    return 0
+
+
+def run_presets(parser, args, model, held_out) -> int:
+    import json
+    import shutil
+
+    from fast_llm_supernet.toolkit.presets import measure_presets, pick_from_front
+
+    front = json.loads(args.front.read_text())
+    picks = pick_from_front(front["points"])
+    if not picks:
+        parser.error(f"presets: no frontier point of {args.front} reaches any quality or speed target")
+    presets = measure_presets(model, args.checkpoint, picks, held_out, front["context"], repeats=args.repeats,
+                              log_path=args.output.with_suffix(".log"))
+    presets.validate_against(model.spec)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(presets.model_dump_json(indent=2) + "\n")
+    for name in picks:
+        metrics = presets.presets[name].metrics
+        print(f"{name:<6} quality {metrics['quality']:.3f} (predicted {metrics['predicted_quality']:.3f}), speed-up "
+              f"{metrics['speedup']:.2f}x (predicted {metrics['predicted_speedup']:.2f}x) at {front['context']} tokens: "
+              f"{presets.presets[name].placement}")
+    if args.install:
+        from shared_spec import PRESETS_FILENAME
+
+        shutil.copyfile(args.output, args.checkpoint / PRESETS_FILENAME)
+        print(f"installed as {args.checkpoint / PRESETS_FILENAME}")
     return 0
 
 

@@ -86,6 +86,7 @@ def _engine(connection, checkpoint: str, options: dict, log_path: str) -> None:
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    llm = None
     try:
         from vllm import LLM, SamplingParams
 
@@ -109,22 +110,34 @@ def _engine(connection, checkpoint: str, options: dict, log_path: str) -> None:
                                         extra_args={"placement": placement})
                 prompt = [rng.randrange(3, vocab) for _ in range(context)]
                 engine.add_request(f"cost-{counter}", {"prompt_token_ids": prompt}, params)
-            step_times, decoding, started = [], False, 0
+            llm.collective_rpc("mixer_profile")  # drop what earlier work recorded
+            generated: dict[str, int] = {}
+            start = counted_at_start = None
             while engine.has_unfinished_requests():
-                if decoding:
-                    llm.collective_rpc("mixer_profile")  # drop what prefill recorded
-                    started = time.perf_counter()
                 outputs = engine.step()
-                if decoding:
-                    step_times.append((time.perf_counter() - started, llm.collective_rpc("mixer_profile")[0]))
-                decoding = decoding or (len(outputs) == batch and all(len(o.outputs[0].token_ids) >= 1 for o in outputs))
-            connection.send({"steps": step_times})
+                now = time.perf_counter()
+                for output in outputs:
+                    generated[output.request_id] = len(output.outputs[0].token_ids)
+                if start is None and len(generated) == batch and min(generated.values()) >= 1:
+                    start, counted_at_start = now, sum(generated.values())  # prefill done: decode from here
+            decoded = sum(generated.values()) - counted_at_start
+            # Decode forwards only (one token per request); the first one warms up.
+            forwards = [f for f in llm.collective_rpc("mixer_profile")[0] if f["tokens"] == batch][1:]
+            connection.send({"step_seconds": (now - start) * batch / decoded, "forwards": forwards})
     except BaseException:  # noqa: B036 -- report any failure to the parent
         import traceback
 
         connection.send({"error": traceback.format_exc()})
     finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()  # else the engine-core process outlives this one
         connection.close()
+
+
+def engine_options(max_model_len: int, batch: int) -> dict:
+    """A small engine: a fixed 1 GiB cache (not a share of RAM, which another process may hold), whole-prompt prefill."""
+    return {"max_model_len": max_model_len, "max_num_seqs": max(batch, 1), "kv_cache_memory_bytes": 2**30,
+            "max_num_batched_tokens": max(2048, max_model_len)}
 
 
 class ProfilingEngine:
@@ -145,9 +158,11 @@ class ProfilingEngine:
             raise RuntimeError(f"profiling engine: {answer['error']}")
         return answer
 
-    def measure(self, placement: str, context: int, batch: int, steps: int) -> list[tuple[float, dict]]:
+    def measure(self, placement: str, context: int, batch: int, steps: int) -> dict:
+        """Decode `steps` tokens for `batch` requests of `context` tokens: {"step_seconds": wall time per decode step
+        (prefill excluded), "forwards": per decode forward {"seconds", "mixers": {layer: seconds}}}."""
         self.connection.send({"op": "measure", "placement": placement, "context": context, "batch": batch, "steps": steps})
-        return self._answer()["steps"]
+        return self._answer()
 
     def stop(self) -> None:
         if self.process.is_alive():
@@ -157,15 +172,6 @@ class ProfilingEngine:
                 self.process.terminate()
 
 
-def _mixer_seconds(profile: dict, num_layers: int, batch: int) -> dict[int, float]:
-    """Per layer: seconds its mixer took in one decode step (calls with `batch` token rows)."""
-    seconds: dict[int, float] = {}
-    for key, calls in profile.items():
-        layer = int(key.split(":")[0])
-        seconds[layer] = seconds.get(layer, 0.0) + sum(t for rows, t in calls if rows == batch)
-    return seconds
-
-
 def measure_cost_model(
     checkpoint: Path, mixers: list[str], num_layers: int, context: int, validate: list[str], batch: int = 1,
     steps: int = 16, log_path: Path | None = None, progress: bool = True,
@@ -173,24 +179,23 @@ def measure_cost_model(
     """Build the cost model from the uniform placements, then check it on `validate` (compact placement strings)."""
     from tqdm.auto import tqdm
 
-    options = {"max_model_len": context + steps + 8, "max_num_seqs": max(batch, 1), "gpu_memory_utilization": 0.3,
-               "max_num_batched_tokens": max(2048, context + 8)}
+    options = engine_options(context + steps + 8, batch)
     engine = ProfilingEngine(checkpoint, options, log_path or Path(f"/tmp/supernet_cost_{os.getpid()}.log"))
     per_layer = [[0.0] * len(mixers) for _ in range(num_layers)]
-    shared_samples = []
+    shared_samples = []  # a decode step's wall time minus its mixers' time, per uniform run
     bar = tqdm(total=len(mixers) + len(validate), desc=f"cost at {context} tokens", disable=not progress)
     try:
         for m, name in enumerate(mixers):
-            steps_measured = engine.measure(f"{name}*", context, batch, steps)[1:]  # the first decode step warms up
-            layer_samples = [_mixer_seconds(profile, num_layers, batch) for _, profile in steps_measured]
+            measured = engine.measure(f"{name}*", context, batch, steps)
             for layer in range(num_layers):
-                per_layer[layer][m] = statistics.median(sample.get(layer, 0.0) for sample in layer_samples)
-            shared_samples += [total - sum(sample.values()) for (total, _), sample in zip(steps_measured, layer_samples, strict=True)]
+                per_layer[layer][m] = statistics.median(f["mixers"].get(str(layer), f["mixers"].get(layer, 0.0))
+                                                        for f in measured["forwards"])
+            shared_samples.append(measured["step_seconds"] - sum(row[m] for row in per_layer))
             bar.update(1)
         model = CostModel(mixers=mixers, context=context, batch=batch, per_layer=per_layer,
                           shared=statistics.median(shared_samples))
         for placement in validate:
-            measured = statistics.median(total for total, _ in engine.measure(placement, context, batch, steps)[1:])
+            measured = engine.measure(placement, context, batch, steps)["step_seconds"]
             indices = [mixers.index(name) for name in _expand(placement, num_layers)]
             predicted = model.predict(indices)
             model.validation.append({"placement": placement, "measured": measured, "predicted": predicted,
