@@ -25,7 +25,8 @@ vLLM 0.32 internals relied on:
   cover tokens, LoRA, multimodal data and the salt only (vllm/v1/core/kv_cache_utils.py), so two
   placements never share cached KV.
 - `vllm.entrypoints.launchers.api_server.entry.build_app` builds the FastAPI app with the model
-  config; the wrapper adds `GET /v1/supernet/presets` and keeps the deployment for request validation.
+  config; the wrapper adds `GET /v1/supernet/presets`, keeps the deployment for request validation and wraps
+  the app's built middleware stack (`app.middleware_stack`, Starlette) with `PlacementHeaders`.
 - `GPUModelRunner._init_model_kwargs` (vllm/v1/worker/gpu_model_runner.py; `CPUModelRunner` inherits
   it) returns extra keyword arguments for `model.forward`; it runs in `_preprocess`, after
   `_prepare_inputs` has filled `query_start_loc` for the step. The batch order is
@@ -156,7 +157,8 @@ def _patch_build_app() -> None:
             async def supernet_presets() -> dict[str, Any]:
                 return listing
 
-            app.add_middleware(PlacementHeaders)
+            # vLLM has built the app's middleware stack already (add_middleware would refuse): wrap it.
+            app.middleware_stack = PlacementHeaders(app.middleware_stack or app.build_middleware_stack())
 
         return app
 
