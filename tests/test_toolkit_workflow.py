@@ -52,3 +52,25 @@ def test_evaluate_fit_cost_pareto_plot(tiny, tmp_path, capsys):  # noqa: F811
     speedups = [p["predicted_speedup"] for p in front]
     assert speedups == sorted(speedups, reverse=True)  # sorted by cost: fastest first
     assert (tmp_path / "front.png").stat().st_size > 10_000
+
+    # Presets along the frontier, measured for real, installed into (a copy of) the checkpoint.
+    import shutil
+
+    from shared_spec import PresetsFile
+
+    served = tmp_path / "served"
+    shutil.copytree(checkpoint, served)
+    qualities = sorted(p["predicted_quality"] for p in front)  # a random tiny model: targets it can reach
+    assert main(["presets", "--checkpoint", str(served), "--front", str(tmp_path / "front.json"), "--data", data,
+                 "--sequence-length", "32", "--max-tokens", "64", "--repeats", "1",
+                 "--quality-targets", str(qualities[-1]), str(qualities[0]), "--speed-targets",
+                 "--output", str(tmp_path / "presets.json"), "--install"]) == 0
+    assert "q" in capsys.readouterr().out
+    presets = PresetsFile.load(served)
+    picked = {name: p for name, p in presets.presets.items() if "speedup" in p.metrics}
+    assert picked and all({"quality", "speedup", "speedup_context", "predicted_quality"} <= set(p.metrics)
+                          for p in picked.values())
+    assert "all-attention" in presets.presets  # the checkpoint's own presets are kept
+    assert main(["pareto", "--checkpoint", checkpoint, "--surrogate", str(tmp_path / "surrogate.json"),
+                 "--cost", str(tmp_path / "cost.json"), "--presets", str(tmp_path / "presets.json"),
+                 "--output", str(tmp_path / "front.json"), "--plot", str(tmp_path / "front.png")]) == 0

@@ -129,3 +129,34 @@ def test_gguf_errors_name_the_problem(tmp_path):
     with pytest.raises(ConversionError, match="teacher: "):
         convert(tmp_path / "bad.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.engine
+def test_served_gguf_conversion_answers_a_chat_as_the_teacher(tokenizer, tmp_path):
+    """vLLM (float32) serving the converted GGUF teacher answers a chat, through the file's own chat template,
+    with the dequantized teacher's greedy tokens as `transformers` generates them (all-attention)."""
+    import transformers
+    from openai import OpenAI
+
+    from vllm_supernet.server_process import CPU_DEFAULT_ARGS, openai_server
+
+    make_teacher(tmp_path / "hf", "llama", vocab_size=len(tokenizer))
+    (tmp_path / "gguf").mkdir()
+    write_gguf(tmp_path / "hf", tmp_path / "gguf" / "teacher.gguf", "llama", tokenizer)
+    convert(tmp_path / "gguf", tmp_path / "supernet", window_size=4, save_teacher=tmp_path / "teacher")
+    messages = [{"role": "user", "content": "Return the list of items."}]
+    teacher_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    ids = teacher_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = teacher.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=teacher_tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    with openai_server(tmp_path / "supernet", tmp_path / "server.log", [*CPU_DEFAULT_ARGS, "--dtype", "float32"],
+                       served_model_name="supernet") as server:
+        client = OpenAI(base_url=server.openai_base_url, api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="supernet", messages=messages, max_tokens=8, temperature=0.0,
+            extra_body={"placement": "attention*", "return_token_ids": True, "ignore_eos": True},
+        )
+    assert reply.choices[0].token_ids == expected

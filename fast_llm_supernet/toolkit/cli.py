@@ -29,6 +29,7 @@ from fast_llm_supernet.toolkit.quality import (
     quality_table,
     write_quality,
 )
+from fast_llm_supernet.toolkit.presets import QUALITY_TARGETS, SPEED_TARGETS
 from fast_llm_supernet.toolkit.sampling import sample_placements
 from fast_llm_supernet.toolkit.store import append_evaluations, read_evaluations
 from shared_spec import Placement, PlacementError
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--output", type=Path, required=True, help="frontier JSON")
     pareto.add_argument("--evaluations", type=Path, nargs="*", default=[], help="measured placements to plot")
     pareto.add_argument("--plot", type=Path, default=None, help="PNG of the frontier and the measured placements")
+    pareto.add_argument("--presets", type=Path, default=None, help="presets JSON (supernet-place presets) to mark")
 
     cost = commands.add_parser("cost", help="decode cost model per layer and mixer, measured through vLLM (CPU build)")
     cost.add_argument("--checkpoint", type=Path, required=True)
@@ -93,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--output", type=Path, required=True, help="the presets JSON written")
     presets.add_argument("--install", action="store_true", help="also write it into the checkpoint (served presets)")
     presets.add_argument("--repeats", type=int, default=2, help="alternated speed measurements per preset")
+    presets.add_argument("--quality-targets", type=float, nargs="*", default=list(QUALITY_TARGETS),
+                         help=f"predicted top-1 agreements to reach (default {' '.join(map(str, QUALITY_TARGETS))})")
+    presets.add_argument("--speed-targets", type=float, nargs="*", default=list(SPEED_TARGETS),
+                         help=f"predicted speed-ups to reach (default {' '.join(map(str, SPEED_TARGETS))})")
 
     stability = commands.add_parser("stability", help="rank correlation of placement quality between two checkpoints")
     stability.add_argument("--evaluations", type=Path, nargs=2, required=True, help="two JSONL files (e.g. mid-training, final)")
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("evaluations", "surrogate", "cost"):
+    for name in ("evaluations", "surrogate", "cost", "presets", "front"):
         for path in _as_list(getattr(args, name, None)):
             if not path.is_file():
                 parser.error(f"--{name} {path}: no such file")
@@ -243,7 +249,16 @@ def run_pareto(parser, args) -> int:
     if args.plot is not None:
         from fast_llm_supernet.toolkit.plot import plot_front
 
-        plot_front(points, _records(args.evaluations), cost_model, spec, args.plot)
+        measured = []
+        if args.presets is not None:
+            from shared_spec import PresetsFile
+            from shared_spec.presets import QUALITY_METRIC, SPEEDUP_METRIC
+
+            for name, preset in PresetsFile.model_validate_json(args.presets.read_text()).presets.items():
+                if QUALITY_METRIC in preset.metrics and SPEEDUP_METRIC in preset.metrics:
+                    measured.append({"name": name, "measured_quality": preset.metrics[QUALITY_METRIC],
+                                     "measured_speedup": preset.metrics[SPEEDUP_METRIC]})
+        plot_front(points, _records(args.evaluations), cost_model, spec, args.plot, measured)
         print(f"wrote {args.plot}")
     return 0
 
@@ -296,7 +311,7 @@ def run_presets(parser, args, model, held_out) -> int:
     from fast_llm_supernet.toolkit.presets import measure_presets, pick_from_front
 
     front = json.loads(args.front.read_text())
-    picks = pick_from_front(front["points"])
+    picks = pick_from_front(front["points"], args.quality_targets, args.speed_targets)
     if not picks:
         parser.error(f"presets: no frontier point of {args.front} reaches any quality or speed target")
     presets = measure_presets(model, args.checkpoint, picks, held_out, front["context"], repeats=args.repeats,
