@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fast_llm_supernet.model import checkpoint, generation
+from fast_llm_supernet.model import checkpoint, generation, speculative
 from fast_llm_supernet.model.attention import Attention, linear_bias_enabled, stochastic_sub_mixer_configs
 from fast_llm_supernet.model.gdn import GatedDeltaNet
 from fast_llm_supernet.model.kda import KimiDeltaAttention
@@ -330,12 +330,24 @@ class SupernetForCausalLM(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        draft_placement: PlacementLike = None,
+        num_speculative_tokens: int = 4,
+        speculation_stats: speculative.SpeculationStats | None = None,
     ) -> torch.Tensor:
         """Prompt plus up to `max_new_tokens` tokens, [B, T + new] (or [T + new] for a 1-D prompt).
 
         Prefills the caches once, then decodes one token per step. Sequences that emitted an EOS
         keep emitting it until every sequence has finished (or the budget is spent).
+
+        With `draft_placement`, self-speculative decoding (`model/speculative.py`): the draft placement
+        proposes `num_speculative_tokens` tokens, `placement` verifies them in one forward; the output
+        follows `placement` exactly (greedy: the same tokens). `speculation_stats` collects acceptance.
         """
+        if draft_placement is not None:
+            return self._speculative_generate(
+                input_ids, placement, draft_placement, num_speculative_tokens, max_new_tokens, do_sample, temperature,
+                top_k, top_p, generator, eos_token_id, speculation_stats,
+            )
         squeeze = input_ids.dim() == 1
         if squeeze:
             input_ids = input_ids[None]
@@ -360,6 +372,33 @@ class SupernetForCausalLM(nn.Module):
             if len(eos_ids) and bool(finished.all()):
                 break
             next_input = next_token[:, None]
+        return sequences[0] if squeeze else sequences
+
+    def _speculative_generate(
+        self, input_ids, placement, draft_placement, num_speculative_tokens, max_new_tokens, do_sample, temperature,
+        top_k, top_p, generator, eos_token_id, stats,
+    ) -> torch.Tensor:
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        if top_k is not None or top_p is not None:
+            raise ValueError("speculative decoding samples with temperature only (top_k / top_p are not supported)")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        target, draft = self.resolve_placement(placement), self.resolve_placement(draft_placement)
+        squeeze = input_ids.dim() == 1
+        rows = input_ids[None] if squeeze else input_ids
+        eos_ids = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        outputs = [
+            speculative.speculative_generate_one(
+                self, row, target, draft, num_speculative_tokens, max_new_tokens, do_sample, temperature, generator,
+                eos_ids, stats,
+            )
+            for row in rows
+        ]
+        # Rows that stopped early are padded with their EOS, as `generate` does.
+        width = max(len(tokens) for tokens in outputs)
+        padded = [tokens + [tokens[-1]] * (width - len(tokens)) for tokens in outputs]
+        sequences = torch.cat([rows, torch.tensor(padded, dtype=rows.dtype, device=rows.device)], dim=1)
         return sequences[0] if squeeze else sequences
 
     # ---- checkpoints -------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from fast_llm_supernet.toolkit.evaluate import Sharing, evaluate_placements, load_held_out
+from fast_llm_supernet.toolkit.presets import QUALITY_TARGETS, SPEED_TARGETS
 from fast_llm_supernet.toolkit.quality import (
     DEFAULT_PROMPTS,
     load_model_and_tokenizer,
     quality_table,
     write_quality,
 )
-from fast_llm_supernet.toolkit.presets import QUALITY_TARGETS, SPEED_TARGETS
 from fast_llm_supernet.toolkit.sampling import sample_placements
 from fast_llm_supernet.toolkit.store import append_evaluations, read_evaluations
 from shared_spec import Placement, PlacementError
