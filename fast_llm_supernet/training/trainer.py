@@ -411,36 +411,39 @@ class Trainer:
         if loss_config.activation > 0:
             match_layers = [i for i, name in enumerate(placement.mixers) if (i, name) in self.trainable_mixers]
         teacher = self.teacher if (loss_config.needs_teacher_logits or match_layers) else None
-        accumulation = self.config.data.gradient_accumulation
-        sums: dict[str, float] = defaultdict(float)
-        self.optimizer.zero_grad(set_to_none=True)
-        for micro in range(accumulation):
-            batch = self._batch(step * accumulation + micro)
-            with self._autocast():
-                logits, teacher_logits, activations = distillation_forward(
-                    self.student, teacher, self.placements.teacher, placement, batch["input_ids"], match_layers
-                )
+
+        def micro_step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+            logits, teacher_logits, activations = distillation_forward(
+                self.student, teacher, self.placements.teacher, placement, batch["input_ids"], match_layers
+            )
             output = distillation_loss(
                 loss_config, logits, teacher_logits, batch["labels"], batch["loss_mask"], activations
             )
             if output.total.requires_grad:  # False when the placement runs only frozen mixers (all-attention)
-                (output.total / accumulation).backward()
-            for name, value in output.metrics.items():
-                sums[name] += value / accumulation
-        return self._optimizer_step(sums), placement
+                (output.total * scale).backward()
+            return output.metrics
+
+        return self._accumulate(step, micro_step), placement
 
     def _layer_local_step(self, step: int) -> dict[str, float]:
+        def micro_step(batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+            return layer_local_backward(
+                self.student, self.teacher, self.placements.teacher, batch["input_ids"], batch["loss_mask"],
+                self.trainable_mixers, self.config.loss, scale=scale,
+            ).metrics
+
+        return self._accumulate(step, micro_step)
+
+    def _accumulate(self, step: int, micro_step) -> dict[str, float]:
+        """Gradients of the step's micro-batches (`micro_step(batch, scale)` runs the backward passes and returns
+        its metrics), their mean metrics, then one optimizer step."""
         accumulation = self.config.data.gradient_accumulation
         sums: dict[str, float] = defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(accumulation):
-            batch = self._batch(step * accumulation + micro)
             with self._autocast():
-                output = layer_local_backward(
-                    self.student, self.teacher, self.placements.teacher, batch["input_ids"], batch["loss_mask"],
-                    self.trainable_mixers, self.config.loss, scale=1.0 / accumulation,
-                )
-            for name, value in output.metrics.items():
+                metrics = micro_step(self._batch(step * accumulation + micro), 1.0 / accumulation)
+            for name, value in metrics.items():
                 sums[name] += value / accumulation
         return self._optimizer_step(sums)
 
