@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from vllm_supernet.engine_process import EngineProcess, time_decode  # noqa: E402
 
 # Model size shared by every checkpoint (supernet and native), so mixers compare at equal sizes.
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 512, 4, 8, 4, 64
@@ -272,17 +272,8 @@ def _engine_worker(connection, model: str, options: dict, log_path: str, extra_e
                     extra_args={"placement": placement} if placement is not None else None,
                 )  # fmt: skip
                 engine.add_request(f"bench-{counter}", {"prompt_token_ids": prompt}, params)
-            generated: dict[str, int] = {}
-            start = counted_at_start = None
-            while engine.has_unfinished_requests():
-                outputs = engine.step()
-                now = time.perf_counter()
-                for output in outputs:
-                    generated[output.request_id] = len(output.outputs[0].token_ids)
-                if start is None and len(generated) == len(placements) and min(generated.values()) >= 1:
-                    start, counted_at_start = now, sum(generated.values())
-            decoded = sum(generated.values()) - counted_at_start
-            connection.send({"tokens": decoded, "seconds": now - start, "rate": decoded / (now - start)})
+            decoded, seconds = time_decode(engine, len(placements))
+            connection.send({"tokens": decoded, "seconds": seconds, "rate": decoded / seconds})
     except BaseException:  # noqa: B036 -- report any failure (also KeyboardInterrupt) to the parent
         try:
             connection.send({"error": traceback.format_exc()})
@@ -307,66 +298,21 @@ def _cache_report(text: str) -> dict:
     return report
 
 
-class Engine:
-    """A vllm.LLM in a child process (spawned, as vLLM's offline engine needs a `__main__` guard)."""
+class Engine(EngineProcess):
+    """A vllm.LLM in a child process (`_engine_worker`), timing decode batches."""
 
-    def __init__(
-        self,
-        name: str,
-        model: Path,
-        options: dict,
-        logdir: Path,
-        extra_env: dict | None = None,
-        wait: bool = True,
-    ):
-        self.name = name
-        self.log_path = logdir / f"{name}.log"
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.process = context.Process(
-            target=_engine_worker, args=(child, str(model), options, str(self.log_path), extra_env or {})
-        )
-        self.process.start()
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> None:
-        self._answer()
-
-    def _answer(self) -> dict:
-        while not self.connection.poll(1.0):
-            if not self.process.is_alive():
-                raise RuntimeError(f"engine {self.name} died; log {self.log_path}:\n{self.log_tail()}")
-        answer = self.connection.recv()
-        if "error" in answer:
-            raise RuntimeError(
-                f"engine {self.name}: {answer['error']}\nlog {self.log_path}:\n{self.log_tail()}"
-            )
-        return answer
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+    def __init__(self, name: str, model: Path, options: dict, logdir: Path, extra_env: dict | None = None,
+                 wait: bool = True):  # fmt: skip
+        log_path = logdir / f"{name}.log"
+        super().__init__(name, _engine_worker, (str(model), options, str(log_path), extra_env or {}), log_path, wait)
 
     def decode(self, placements: list[str | None], context: int, new_tokens: int) -> float:
-        self.connection.send({"op": "decode", "placements": placements, "context": context,
-                              "new_tokens": new_tokens})  # fmt: skip
-        return self._answer()["rate"]
+        return self.request({"op": "decode", "placements": placements, "context": context,
+                             "new_tokens": new_tokens})["rate"]  # fmt: skip
 
     def cache_report(self) -> dict:
         """vLLM's start-up report: KV cache size (tokens) and max concurrency at max_model_len."""
         return _cache_report(self.log_path.read_text(errors="replace"))
-
-    def stop(self) -> None:
-        if not self.process.is_alive():
-            return
-        try:
-            self.connection.send({"op": "stop"})
-        except (BrokenPipeError, OSError):
-            pass
-        self.process.join(timeout=60)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------- the run

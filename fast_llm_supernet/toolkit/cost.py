@@ -15,11 +15,9 @@ KV / state bytes per request are computed exactly from the config (`cache_bytes_
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import statistics
-import time
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -32,6 +30,7 @@ from shared_spec import (
     Placement,
 )
 from shared_spec.apriel2_config import StochasticMixerConfig
+from vllm_supernet.engine_process import EngineProcess, time_decode
 
 
 class CostModel(BaseModel):
@@ -111,19 +110,10 @@ def _engine(connection, checkpoint: str, options: dict, log_path: str) -> None:
                 prompt = [rng.randrange(3, vocab) for _ in range(context)]
                 engine.add_request(f"cost-{counter}", {"prompt_token_ids": prompt}, params)
             llm.collective_rpc("mixer_profile")  # drop what earlier work recorded
-            generated: dict[str, int] = {}
-            start = counted_at_start = None
-            while engine.has_unfinished_requests():
-                outputs = engine.step()
-                now = time.perf_counter()
-                for output in outputs:
-                    generated[output.request_id] = len(output.outputs[0].token_ids)
-                if start is None and len(generated) == batch and min(generated.values()) >= 1:
-                    start, counted_at_start = now, sum(generated.values())  # prefill done: decode from here
-            decoded = sum(generated.values()) - counted_at_start
+            decoded, seconds = time_decode(engine, batch)
             # Decode forwards only (one token per request); the first one warms up.
             forwards = [f for f in llm.collective_rpc("mixer_profile")[0] if f["tokens"] == batch][1:]
-            connection.send({"step_seconds": (now - start) * batch / decoded, "forwards": forwards})
+            connection.send({"step_seconds": seconds * batch / decoded, "forwards": forwards})
     except BaseException:  # noqa: B036 -- report any failure to the parent
         import traceback
 
@@ -140,36 +130,17 @@ def engine_options(max_model_len: int, batch: int) -> dict:
             "max_num_batched_tokens": max(2048, max_model_len)}
 
 
-class ProfilingEngine:
-    def __init__(self, checkpoint: Path, options: dict, log_path: Path):
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.log_path = log_path
-        self.process = context.Process(target=_engine, args=(child, str(checkpoint), options, str(log_path)))
-        self.process.start()
-        self._answer()
+class ProfilingEngine(EngineProcess):
+    """A vllm.LLM with the mixer profiler in a child process (`_engine`)."""
 
-    def _answer(self) -> dict:
-        while not self.connection.poll(1.0):
-            if not self.process.is_alive():
-                raise RuntimeError(f"the profiling engine died; log {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
-        answer = self.connection.recv()
-        if "error" in answer:
-            raise RuntimeError(f"profiling engine: {answer['error']}")
-        return answer
+    def __init__(self, checkpoint: Path, options: dict, log_path: Path):
+        super().__init__("profiling", _engine, (str(checkpoint), options, str(log_path)), log_path)
 
     def measure(self, placement: str, context: int, batch: int, steps: int) -> dict:
         """Decode `steps` tokens for `batch` requests of `context` tokens: {"step_seconds": wall time per decode step
         (prefill excluded), "forwards": per decode forward {"seconds", "mixers": {layer: seconds}}}."""
-        self.connection.send({"op": "measure", "placement": placement, "context": context, "batch": batch, "steps": steps})
-        return self._answer()
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.connection.send({"op": "stop"})
-            self.process.join(timeout=60)
-            if self.process.is_alive():
-                self.process.terminate()
+        return self.request({"op": "measure", "placement": placement, "context": context, "batch": batch,
+                             "steps": steps})
 
 
 def measure_cost_model(

@@ -1,0 +1,75 @@
+"""`vllm_supernet.engine_process`: an offline vLLM engine in a child process, driven over a pipe.
+
+vLLM's offline `LLM` needs an `if __name__ == "__main__":` guard and its engine-core child must be shut down
+with it, so measurements that start engines from library code (`benchmarks/`, the placement toolkit's cost
+model) run one in a spawned process: `target(connection, *args)` builds it, sends `{"ready": True}`, then answers
+each command dict with a dict (`{"error": traceback}` on failure) until `{"op": "stop"}`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+
+class EngineProcess:
+    def __init__(self, name: str, target, args: tuple, log_path: Path, wait: bool = True):
+        self.name = name
+        self.log_path = Path(log_path)
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=target, args=(child, *args))
+        self.process.start()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        self._answer()
+
+    def request(self, command: dict) -> dict:
+        self.connection.send(command)
+        return self._answer()
+
+    def _answer(self) -> dict:
+        while not self.connection.poll(1.0):
+            if not self.process.is_alive():
+                raise RuntimeError(f"engine {self.name} died; log {self.log_path}:\n{self.log_tail()}")
+        answer = self.connection.recv()
+        if "error" in answer:
+            raise RuntimeError(f"engine {self.name}: {answer['error']}\nlog {self.log_path}:\n{self.log_tail()}")
+        return answer
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if not self.process.is_alive():
+            return
+        try:
+            self.connection.send({"op": "stop"})
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=10)
+
+
+def time_decode(engine, num_requests: int) -> tuple[int, float]:
+    """Step a `LLMEngine` until its requests finish: (tokens decoded, seconds). The clock starts once each of the
+    `num_requests` requests has its first token, so prefill never counts."""
+    import time
+
+    generated: dict[str, int] = {}
+    start = counted_at_start = None
+    now = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for output in outputs:
+            generated[output.request_id] = len(output.outputs[0].token_ids)
+        if start is None and len(generated) == num_requests and min(generated.values()) >= 1:
+            start, counted_at_start = now, sum(generated.values())
+    if start is None:
+        raise RuntimeError("the requests finished before every one had its first token")
+    return sum(generated.values()) - counted_at_start, now - start
