@@ -1,5 +1,6 @@
 """Training side of the supernet: the PyTorch reference model (`model`), the single-machine trainer
-(`training`), command-line tools (`tools`) and the Fast-LLM plugin (`fast_llm_adapter`).
+(`training`), command-line tools (`tools`), the placement toolkit (`toolkit`: evaluate, surrogate, cost model,
+Pareto search, presets) and the Fast-LLM plugin (`fast_llm_adapter`).
 
 Importing the package is cheap (no torch import); the heavy names load on first use.
 """
