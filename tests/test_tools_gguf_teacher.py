@@ -100,7 +100,8 @@ def test_gguf_teacher_converts_and_all_attention_matches_transformers(architectu
     main(["--teacher", str(tmp_path / "gguf"), "--output", str(tmp_path / "supernet"),
           "--save-teacher", str(tmp_path / "dequantized"), "--window-size", "4"])
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", dtype=torch.float32).eval()
-    assert "quantization_config" not in json.loads((tmp_path / "dequantized" / "config.json").read_text())
+    saved_config = json.loads((tmp_path / "dequantized" / "config.json").read_text())
+    assert "quantization_config" not in saved_config and "_model_name_or_path" not in saved_config
     original = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     supernet = SupernetForCausalLM.from_pretrained(tmp_path / "supernet")
     ids = torch.randint(3, len(tokenizer), (2, 12))

@@ -79,8 +79,11 @@ def load_gguf(gguf_file: str | Path):
         raise GGUFError(f"transformers cannot read {path}: {error}") from error
     # The weights are dequantized already; the marker only blocks save_pretrained.
     model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # `_model_name_or_path` (the file's `general.name`) and `unk_token_id` come from the GGUF metadata; no HF
+    # Llama config has them, and Fast-LLM's importer refuses unknown keys.
+    for key in ("quantization_config", "_model_name_or_path", "unk_token_id"):
+        if hasattr(model.config, key):
+            delattr(model.config, key)
     return model, tokenizer
 
 
