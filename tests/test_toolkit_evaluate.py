@@ -103,3 +103,20 @@ def test_quality_cli_writes_table_and_answers(tiny):
     assert [row["label"] for row in rows][:4] == ["all-attention", "all-SWA", "all-GDN", "all-KDA"]
     assert all(set(row["answers"]) == {"Hello?"} for row in rows)
     assert "| all-attention | 1.000" in (tiny / "quality" / "quality.md").read_text()
+
+
+def test_stability_ranks_placements_of_two_checkpoints(tiny, tmp_path, capsys):
+    from fast_llm_supernet.toolkit.evaluate import PlacementQuality
+    from fast_llm_supernet.toolkit.store import append_evaluations
+
+    def record(placement: str, top1: float) -> PlacementQuality:
+        return PlacementQuality(placement=placement, hash="0" * 12, top1=top1, top1_se=0, kl=1 - top1, kl_se=0,
+                                ppl=1, tokens=64, attention_layers=0)
+
+    names = ["gdn*", "kda*", "sliding_window*", "gdn,kda*", "attention*"]
+    append_evaluations(tmp_path / "mid.jsonl", [record(n, q) for n, q in zip(names, [0.1, 0.2, 0.3, 0.4, 1.0])])
+    append_evaluations(tmp_path / "final.jsonl", [record(n, q) for n, q in zip(names, [0.5, 0.4, 0.6, 0.7, 1.0])])
+    assert main(["stability", "--evaluations", str(tmp_path / "mid.jsonl"), str(tmp_path / "final.jsonl")]) == 0
+    assert "5 placements in both: Spearman 0.900, Kendall 0.800" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["stability", "--evaluations", str(tmp_path / "mid.jsonl"), str(tmp_path / "missing.jsonl")])

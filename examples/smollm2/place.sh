@@ -14,17 +14,20 @@ CONTEXT=${CONTEXT:-4096}
 RESULTS=examples/smollm2/results/place
 PLACE=".venv/bin/supernet-place"
 mkdir -p "$OUT" "$RESULTS"
-# 100 uniform + 200 stratified by the number of attention layers, 2048 held-out tokens each.
+# 100 uniform + 200 stratified by the number of attention layers (195 distinct: the strata near all-attention
+# hold few placements) + 20 more uniform, 2048 held-out tokens each: >= 300 placements.
 $PLACE evaluate --checkpoint "$CKPT" --data "$DATA" --max-tokens 2048 --threads 2 \
   --sample uniform --count 100 --seed 0 --output "$OUT/evaluations.jsonl"
 $PLACE evaluate --checkpoint "$CKPT" --data "$DATA" --max-tokens 2048 --threads 2 \
   --sample stratified --count 200 --seed 1 --output "$OUT/evaluations.jsonl"
+$PLACE evaluate --checkpoint "$CKPT" --data "$DATA" --max-tokens 2048 --threads 2 \
+  --sample uniform --count 20 --seed 2 --output "$OUT/evaluations.jsonl"
 $PLACE fit --checkpoint "$CKPT" --evaluations "$OUT/evaluations.jsonl" --output "$OUT/surrogate.json"
 [ -f "$OUT/cost.json" ] || $PLACE cost --checkpoint "$CKPT" --context "$CONTEXT" --validate 8 --output "$OUT/cost.json"
 $PLACE pareto --checkpoint "$CKPT" --surrogate "$OUT/surrogate.json" --cost "$OUT/cost.json" \
   --evaluations "$OUT/evaluations.jsonl" --output "$OUT/front.json" --plot "$OUT/pareto.png"
 [ -f "$OUT/presets.json" ] || $PLACE presets --checkpoint "$CKPT" --front "$OUT/front.json" --data "$DATA" \
-  --max-tokens 2048 --threads 2 --output "$OUT/presets.json" --install
+  --max-tokens 2048 --threads 2 --repeats 1 --output "$OUT/presets.json" --install
 # The plot again, with the presets as measured.
 $PLACE pareto --checkpoint "$CKPT" --surrogate "$OUT/surrogate.json" --cost "$OUT/cost.json" \
   --evaluations "$OUT/evaluations.jsonl" --presets "$OUT/presets.json" --output "$OUT/front.json" --plot "$OUT/pareto.png"
