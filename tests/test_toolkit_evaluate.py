@@ -114,8 +114,8 @@ def test_stability_ranks_placements_of_two_checkpoints(tiny, tmp_path, capsys):
                                 ppl=1, tokens=64, attention_layers=0)
 
     names = ["gdn*", "kda*", "sliding_window*", "gdn,kda*", "attention*"]
-    append_evaluations(tmp_path / "mid.jsonl", [record(n, q) for n, q in zip(names, [0.1, 0.2, 0.3, 0.4, 1.0])])
-    append_evaluations(tmp_path / "final.jsonl", [record(n, q) for n, q in zip(names, [0.5, 0.4, 0.6, 0.7, 1.0])])
+    append_evaluations(tmp_path / "mid.jsonl", [record(n, q) for n, q in zip(names, [0.1, 0.2, 0.3, 0.4, 1.0], strict=True)])
+    append_evaluations(tmp_path / "final.jsonl", [record(n, q) for n, q in zip(names, [0.5, 0.4, 0.6, 0.7, 1.0], strict=True)])
     assert main(["stability", "--evaluations", str(tmp_path / "mid.jsonl"), str(tmp_path / "final.jsonl")]) == 0
     assert "5 placements in both: Spearman 0.900, Kendall 0.800" in capsys.readouterr().out
     with pytest.raises(SystemExit):
