@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fast_llm_supernet.model import SupernetForCausalLM
 from fast_llm_supernet.training.data import PackedData, load_tokenizer, pack_documents, read_documents
+from fast_llm_supernet.training.loss import kl_divergence
 from shared_spec import MixerKind, Placement
 from shared_spec.placement import uniform_placement
 
@@ -152,7 +153,7 @@ def evaluate_placements(
             previous = mixers
             logprobs = F.log_softmax(model.lm_head(model.model.norm(stack[-1])).float(), dim=-1)
             weight = mask.to(logprobs.dtype)
-            kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1)  # [B, T]
+            kl = kl_divergence(teacher_logprobs, logprobs)  # [B, T]
             nll = -logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             accumulator = accumulators[index]
             accumulator.kl.append((kl * weight).sum(-1))

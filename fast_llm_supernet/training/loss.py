@@ -76,20 +76,23 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p || q) = sum_v p (log p - log q) from log-probabilities [*, V] -> [*]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token T^2 * KL(teacher || student) = T^2 * sum_v p_t (log p_t - log p_s).  [*, V] -> [*]."""
     student_log_probs = _log_probs(student_logits, temperature)
     teacher_log_probs = _log_probs(teacher_logits, temperature)
-    per_token = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
-    return per_token * temperature**2
+    return kl_divergence(teacher_log_probs, student_log_probs) * temperature**2
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token T^2 * KL(student || teacher) = T^2 * sum_v p_s (log p_s - log p_t).  [*, V] -> [*]."""
     student_log_probs = _log_probs(student_logits, temperature)
     teacher_log_probs = _log_probs(teacher_logits, temperature)
-    per_token = (student_log_probs.exp() * (student_log_probs - teacher_log_probs)).sum(-1)
-    return per_token * temperature**2
+    return kl_divergence(student_log_probs, teacher_log_probs) * temperature**2
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
