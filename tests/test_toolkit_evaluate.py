@@ -88,6 +88,8 @@ def test_evaluate_cli_appends_and_resumes(tiny, capsys):
     with output.open("a") as handle:  # a run killed mid-line leaves a partial record: ignored
         handle.write('{"placement": "gd')
     assert len(read_evaluations(output)) == 7
+    assert main([*args, "--sample", "uniform", "--count", "8", "--chunk", "2"]) == 0  # ... and replaced on resume
+    assert len(read_evaluations(output)) == 8 and output.read_text().count("\n") == 8
     (tiny / "list.txt").write_text("gdn*\nmamba*\n")
     with pytest.raises(SystemExit):
         main([*args, "--placements", str(tiny / "list.txt")])

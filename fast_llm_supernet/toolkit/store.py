@@ -14,14 +14,15 @@ def read_evaluations(path: Path, data: str | None = None, checkpoint: str | None
     A truncated last line (a run killed mid-write) is ignored."""
     if not path.exists():
         return []
+    lines = path.read_text().splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = PlacementQuality.model_validate(json.loads(line))
         except (json.JSONDecodeError, ValueError) as error:
-            if number == len(path.read_text().splitlines()):
+            if number == len(lines):
                 continue
             raise ValueError(f"{path}:{number}: not an evaluation record ({error})") from error
         if (data is None or record.data == data) and (checkpoint is None or record.checkpoint == checkpoint):
@@ -30,7 +31,14 @@ def read_evaluations(path: Path, data: str | None = None, checkpoint: str | None
 
 
 def append_evaluations(path: Path, records: list[PlacementQuality]) -> None:
+    """Append records, one per line. A partial last line left by a killed run is dropped first: appended after it,
+    it would become a corrupt line in the middle of the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        text = path.read_bytes()
+        if text and not text.endswith(b"\n"):
+            with path.open("r+b") as handle:
+                handle.truncate(text.rfind(b"\n") + 1)
     with path.open("a") as handle:
         for record in records:
             handle.write(record.model_dump_json() + "\n")
