@@ -146,36 +146,36 @@ def fit_surrogate(
     """Fit on all but `held_out_fraction` of the records; report rank metrics on the held-out ones against the
     per-layer-only model, and a learning curve (held-out Spearman against the number of training placements).
     The saved surrogate is then refitted on every record with the chosen distance and alpha."""
+    if len(records) < 10:
+        raise ValueError(f"fitting needs at least 10 evaluated placements, got {len(records)}")
     names = mixer_names(spec)
     indices = placement_indices(records, names, spec)
     loss = np.array([1.0 - r.top1 for r in records])
-    if len(records) < 10:
-        raise ValueError(f"fitting needs at least 10 evaluated placements, got {len(records)}")
     train, test = split_held_out(len(records), held_out_fraction, seed)
     num_mixers = len(names)
 
+    def surrogate_of(distance, alpha, single, pairs, metrics=None) -> Surrogate:
+        return Surrogate(mixers=names, num_layers=spec.num_layers, distance=distance, alpha=alpha,
+                         single=single.tolist(), pairs={d: t.tolist() for d, t in pairs.items()}, metrics=metrics or {})
+
     def held_out_metrics(train_rows, distances) -> tuple[dict, int, float]:
         distance, alpha, single, pairs = fit_terms(indices[train_rows], loss[train_rows], num_mixers, distances, seed=seed)
-        surrogate = Surrogate(mixers=names, num_layers=spec.num_layers, distance=distance, alpha=alpha,
-                              single=single.tolist(), pairs={d: t.tolist() for d, t in pairs.items()})
+        surrogate = surrogate_of(distance, alpha, single, pairs)
         return rank_metrics(-surrogate.predict_loss(indices[test]), -loss[test]), distance, alpha
 
     distances = tuple(range(0, max_distance + 1))
     full, distance, alpha = held_out_metrics(train, distances)
     per_layer, _, _ = held_out_metrics(train, (0,))
     curve = []
-    for size in sorted({int(len(train) * f) for f in (0.25, 0.5, 0.75, 1.0)}):
+    for size in sorted({int(len(train) * f) for f in (0.25, 0.5, 0.75)} - {len(train)}):
         if size >= 10:
             metrics, d, _ = held_out_metrics(train[:size], distances)
             curve.append({"train_placements": size, "distance": d, **metrics})
+    curve.append({"train_placements": len(train), "distance": distance, **full})  # the fit above
     report = {
         "placements": len(records), "train": len(train), "held_out": len(test), "distance": distance, "alpha": alpha,
         "held_out_metrics": full, "per_layer_only_held_out_metrics": per_layer, "learning_curve": curve,
     }
-    distance, alpha, single, pairs = fit_terms(indices, loss, num_mixers, (distance,), (alpha,), seed=seed)
-    surrogate = Surrogate(
-        mixers=names, num_layers=spec.num_layers, distance=distance, alpha=alpha, single=single.tolist(),
-        pairs={d: t.tolist() for d, t in pairs.items()},
-        metrics={f"held_out_{k}": v for k, v in full.items()},
-    )
+    surrogate = surrogate_of(*fit_terms(indices, loss, num_mixers, (distance,), (alpha,), seed=seed),
+                             metrics={f"held_out_{k}": v for k, v in full.items()})
     return surrogate, report
