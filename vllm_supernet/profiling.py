@@ -3,14 +3,13 @@
 Mixed into the workers with `LLM(..., worker_extension_cls="vllm_supernet.profiling.MixerProfiler")`; then
 `llm.collective_rpc("start_mixer_profiling")` wraps the model's `forward` and every built mixer's `run` with a wall
 clock, and `llm.collective_rpc("mixer_profile")` returns (and clears) one record per forward pass: its token count,
-its seconds, and the seconds each layer's mixers took in it. On CPU every kernel is synchronous, so a call's wall
+its seconds, and per layer the seconds its mixers took in it. On CPU every kernel is synchronous, so a call's wall
 time is its cost; on CUDA the wrappers synchronise before reading the clock (which slows the run they measure).
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import torch
 
@@ -20,20 +19,21 @@ class MixerProfiler:
         """Wrap the forward pass and every mixer's `run`; returns how many mixers are timed."""
         model = self.model_runner.get_model()
         self._forwards: list[dict] = []
-        self._current: dict[int, float] = defaultdict(float)  # layer -> mixer seconds in the running forward
+        num_layers = len(model.model.decoder.blocks)
+        self._current = [0.0] * num_layers  # layer -> mixer seconds in the running forward
         synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         if getattr(model, "_profiled_forward", None) is None:
             forward = model.forward
 
             def timed_forward(input_ids, *args, _forward=forward, **kwargs):
-                self._current = defaultdict(float)
+                self._current = [0.0] * num_layers
                 synchronize()
                 start = time.perf_counter()
                 output = _forward(input_ids, *args, **kwargs)
                 synchronize()
                 tokens = int(input_ids.shape[0]) if input_ids is not None else int(kwargs["positions"].shape[0])
                 self._forwards.append({"tokens": tokens, "seconds": time.perf_counter() - start,
-                                       "mixers": dict(self._current)})
+                                       "mixers": self._current})
                 return output
 
             model._profiled_forward = forward
@@ -59,6 +59,6 @@ class MixerProfiler:
         return count
 
     def mixer_profile(self) -> list[dict]:
-        """The forward passes since the last call: [{"tokens", "seconds", "mixers": {layer: seconds}}]."""
+        """The forward passes since the last call: [{"tokens", "seconds", "mixers": [seconds per layer]}]."""
         forwards, self._forwards = self._forwards, []
         return forwards

@@ -110,12 +110,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         for path in _as_list(getattr(args, name, None)):
             if not path.is_file():
                 parser.error(f"--{name} {path}: no such file")
-    if args.command in ANALYSES:
-        if args.command != "stability" and not (args.checkpoint / "config.json").is_file():
-            parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)")
-        return
-    if not (args.checkpoint / "config.json").is_file():
+    if args.command != "stability" and not (args.checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)")
+    if args.command in ANALYSES:
+        return
     for path in args.data:
         if not path.is_file():
             parser.error(f"--data {path}: no such file")
@@ -238,11 +236,9 @@ def run_pareto(parser, args) -> int:
     points = [
         {"predicted_quality": 1 - loss, "predicted_seconds_per_step": cost_model.shared + cost,
          "predicted_speedup": all_attention / (cost_model.shared + cost),
-         "placement": ",".join(surrogate.mixers[m] for m in placement)}
+         "placement": Placement.parse([surrogate.mixers[m] for m in placement], spec).canonical}
         for cost, loss, placement in front
     ]
-    for point in points:  # compact spelling
-        point["placement"] = _canonical(point["placement"].split(","), spec)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"context": cost_model.context, "points": points}, indent=2) + "\n")
     print(f"{len(points)} frontier points at context {cost_model.context}; wrote {args.output}")
@@ -261,10 +257,6 @@ def run_pareto(parser, args) -> int:
         plot_front(points, _records(args.evaluations), cost_model, spec, args.plot, measured)
         print(f"wrote {args.plot}")
     return 0
-
-
-def _canonical(mixers: list[str], spec) -> str:
-    return Placement.parse(mixers, spec).canonical
 
 
 def run_stability(parser, args) -> int:
@@ -291,8 +283,7 @@ def run_cost(parser, args) -> int:
     except ValueError as error:
         parser.error(f"cost: {error}")
     hybrids = [p for p in sample_placements(spec, args.validate, "stratified", seed=12345) if len(set(p.mixers)) > 1]
-    validate = [p.canonical for p in hybrids]
-    model = measure_cost_model(args.checkpoint, mixers, spec.num_layers, args.context, validate, args.batch, args.steps,
+    model = measure_cost_model(args.checkpoint, mixers, spec.num_layers, args.context, hybrids, args.batch, args.steps,
                                log_path=args.output.with_suffix(".log"))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     model.save(args.output)

@@ -138,16 +138,16 @@ class ProfilingEngine(EngineProcess):
 
     def measure(self, placement: str, context: int, batch: int, steps: int) -> dict:
         """Decode `steps` tokens for `batch` requests of `context` tokens: {"step_seconds": wall time per decode step
-        (prefill excluded), "forwards": per decode forward {"seconds", "mixers": {layer: seconds}}}."""
+        (prefill excluded), "forwards": per decode forward {"seconds", "mixers": [seconds per layer]}}."""
         return self.request({"op": "measure", "placement": placement, "context": context, "batch": batch,
                              "steps": steps})
 
 
 def measure_cost_model(
-    checkpoint: Path, mixers: list[str], num_layers: int, context: int, validate: list[str], batch: int = 1,
+    checkpoint: Path, mixers: list[str], num_layers: int, context: int, validate: list[Placement], batch: int = 1,
     steps: int = 16, log_path: Path | None = None, progress: bool = True,
 ) -> CostModel:
-    """Build the cost model from the uniform placements, then check it on `validate` (compact placement strings)."""
+    """Build the cost model from the uniform placements, then check it on the `validate` placements."""
     from tqdm.auto import tqdm
 
     options = engine_options(context + steps + 8, batch)
@@ -159,17 +159,15 @@ def measure_cost_model(
         for m, name in enumerate(mixers):
             measured = engine.measure(f"{name}*", context, batch, steps)
             for layer in range(num_layers):
-                per_layer[layer][m] = statistics.median(f["mixers"].get(str(layer), f["mixers"].get(layer, 0.0))
-                                                        for f in measured["forwards"])
+                per_layer[layer][m] = statistics.median(f["mixers"][layer] for f in measured["forwards"])
             shared_samples.append(measured["step_seconds"] - sum(row[m] for row in per_layer))
             bar.update(1)
         model = CostModel(mixers=mixers, context=context, batch=batch, per_layer=per_layer,
                           shared=statistics.median(shared_samples))
         for placement in validate:
-            measured = engine.measure(placement, context, batch, steps)["step_seconds"]
-            indices = [mixers.index(name) for name in _expand(placement, num_layers)]
-            predicted = model.predict(indices)
-            model.validation.append({"placement": placement, "measured": measured, "predicted": predicted,
+            measured = engine.measure(placement.canonical, context, batch, steps)["step_seconds"]
+            predicted = model.predict([mixers.index(name) for name in placement.mixers])
+            model.validation.append({"placement": placement.canonical, "measured": measured, "predicted": predicted,
                                      "relative_error": (predicted - measured) / measured})
             bar.update(1)
     finally:
@@ -177,8 +175,3 @@ def measure_cost_model(
         engine.stop()
     return model
 
-
-def _expand(placement: str, num_layers: int) -> list[str]:
-    from shared_spec.placement import parse_compact
-
-    return parse_compact(placement, num_layers)
