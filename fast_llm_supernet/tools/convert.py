@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from fast_llm_supernet.model.checkpoint import (
     model_notes_json,
     save_checkpoint,
 )
-from fast_llm_supernet.tools.gguf_teacher import GGUFError, dequantize_gguf, is_gguf_source, smollm2_gguf_path
+from fast_llm_supernet.tools.gguf_teacher import GGUFError, hf_teacher_directory, is_gguf_teacher
 from shared_spec import (
     DEFAULT_MIXER_NAMES,
     PRESETS_FILENAME,
@@ -560,15 +559,9 @@ def convert(
     to `save_teacher` if given (the trainer's frozen teacher, the reference of every comparison), else to a
     temporary directory.
     """
-    if str(teacher_dir) == "smollm2" or is_gguf_source(teacher_dir):
+    if is_gguf_teacher(teacher_dir):
         try:
-            source = smollm2_gguf_path() if str(teacher_dir) == "smollm2" else teacher_dir
-            if save_teacher is not None:
-                hf_teacher = dequantize_gguf(source, save_teacher)
-                return convert(hf_teacher, output_dir, mixers, main_mixer, window_size, dtype, seed,
-                               conv_kernel_size, allow_teacher_window)
-            with tempfile.TemporaryDirectory(prefix="supernet-teacher-") as scratch:
-                hf_teacher = dequantize_gguf(source, scratch)
+            with hf_teacher_directory(teacher_dir, save_teacher) as hf_teacher:
                 return convert(hf_teacher, output_dir, mixers, main_mixer, window_size, dtype, seed,
                                conv_kernel_size, allow_teacher_window)
         except GGUFError as error:

