@@ -52,10 +52,6 @@ class PlacementRequest(BaseModel):
             raise ValueError("give either `placement` or a service level (`min_quality` / `min_speedup`), not both")
         return self
 
-    @property
-    def by_service_level(self) -> bool:
-        return self.min_quality is not None or self.min_speedup is not None
-
 
 def placement_request_json_schema() -> dict[str, Any]:
     return PlacementRequest.model_json_schema()

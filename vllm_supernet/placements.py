@@ -13,6 +13,7 @@ allowed placement is the default.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -25,8 +26,9 @@ from shared_spec import Placement, PlacementError, PlacementRequest, PresetsFile
 ENV_ALLOWED = "VLLM_SUPERNET_PLACEMENTS"
 HF_OVERRIDE_KEY = "supernet_placements"
 EXTRA_ARGS_KEY = "placement"
-# Every request field this project adds (shared_spec.request.PlacementRequest).
+# Every request field this project adds (shared_spec.request.PlacementRequest), and those naming a service level.
 REQUEST_KEYS = tuple(PlacementRequest.model_fields)
+SERVICE_LEVEL_KEYS = tuple(key for key in REQUEST_KEYS if key != EXTRA_ARGS_KEY)
 
 
 class ServingPlacements:
@@ -106,18 +108,18 @@ class ServingPlacements:
     def resolve_request(self, fields: dict[str, Any]) -> tuple[Placement, str | None]:
         """A request's fields (`placement`, or a service level `min_quality` / `min_speedup`) -> (placement,
         the preset chosen for the service level or None); PlacementError names what is wrong."""
+        if all(fields.get(key) is None for key in SERVICE_LEVEL_KEYS):
+            # Every request in the frontend and every worker step: a memoised look-up, no validation model.
+            return self.resolve(fields.get(EXTRA_ARGS_KEY)), None
         try:
             request = PlacementRequest.model_validate({key: fields[key] for key in REQUEST_KEYS if key in fields})
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in error.errors())
             raise PlacementError(problems) from None
-        if not request.by_service_level:
-            return self.resolve(request.placement), None
-        served = [name for name in self.preset_listing()["presets"]]
-        if self.presets is None or not served:
+        if not self.served_presets:
             raise PlacementError("this deployment serves no presets, so a service level cannot be matched; name a placement")
-        name = self.presets.choose(served, request.min_quality, request.min_speedup)
-        return self.resolve(name), name
+        name = self.presets.choose(list(self.served_presets), request.min_quality, request.min_speedup)
+        return self.served_presets[name], name
 
     def _parse(self, value: Any) -> Placement:
         placement = Placement.parse(value, self.spec, self.presets)
@@ -128,19 +130,25 @@ class ServingPlacements:
             )
         return placement
 
+    @functools.cached_property
+    def served_presets(self) -> dict[str, Placement]:
+        """The checkpoint's presets whose placement this deployment serves, by name."""
+        if self.presets is None:
+            return {}
+        resolved = self.presets.resolved(self.spec)
+        return {name: p for name, p in resolved.items() if self.allowed is None or p in self.allowed}
+
     def preset_listing(self) -> dict[str, Any]:
         """What clients may ask for: presets (resolved), the default, the allowed set, the layer choices."""
-        presets = {}
-        if self.presets is not None:
-            for name, preset in self.presets.presets.items():
-                placement = Placement.parse(preset.placement, self.spec)
-                if self.allowed is None or placement in self.allowed:
-                    presets[name] = {
-                        "placement": placement.canonical,
-                        "hash": placement.hash,
-                        "description": preset.description,
-                        "metrics": preset.metrics,
-                    }
+        presets = {
+            name: {
+                "placement": placement.canonical,
+                "hash": placement.hash,
+                "description": self.presets.presets[name].description,
+                "metrics": self.presets.presets[name].metrics,
+            }
+            for name, placement in self.served_presets.items()
+        }
         return {
             "default": {"placement": self.default.canonical, "hash": self.default.hash},
             "presets": presets,
