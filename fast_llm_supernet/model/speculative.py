@@ -158,9 +158,7 @@ def speculative_generate_one(
             pending_target = [next_token]
         _restore(draft, draft_snapshot)
         pending_draft = kept + [next_token]
-        output += kept + [next_token]
-        for index, token in enumerate(output):
-            if token in eos_ids:
-                del output[index + 1 :]
-                break
+        emitted = kept + [next_token]
+        stop = next((i for i, token in enumerate(emitted) if token in eos_ids), None)  # an EOS ends the sequence
+        output += emitted if stop is None else emitted[: stop + 1]
     return output[:max_new_tokens]

@@ -343,10 +343,11 @@ class SupernetForCausalLM(nn.Module):
         proposes `num_speculative_tokens` tokens, `placement` verifies them in one forward; the output
         follows `placement` exactly (greedy: the same tokens). `speculation_stats` collects acceptance.
         """
+        eos_ids = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
         if draft_placement is not None:
             return self._speculative_generate(
                 input_ids, placement, draft_placement, num_speculative_tokens, max_new_tokens, do_sample, temperature,
-                top_k, top_p, generator, eos_token_id, speculation_stats,
+                top_k, top_p, generator, eos_ids, speculation_stats,
             )
         squeeze = input_ids.dim() == 1
         if squeeze:
@@ -355,7 +356,6 @@ class SupernetForCausalLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         eos = torch.tensor(eos_ids, device=input_ids.device, dtype=input_ids.dtype)
 
         caches = self.new_caches(placement, input_ids.shape[0], device=input_ids.device)
@@ -376,7 +376,7 @@ class SupernetForCausalLM(nn.Module):
 
     def _speculative_generate(
         self, input_ids, placement, draft_placement, num_speculative_tokens, max_new_tokens, do_sample, temperature,
-        top_k, top_p, generator, eos_token_id, stats,
+        top_k, top_p, generator, eos_ids, stats,
     ) -> torch.Tensor:
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
@@ -387,7 +387,6 @@ class SupernetForCausalLM(nn.Module):
         target, draft = self.resolve_placement(placement), self.resolve_placement(draft_placement)
         squeeze = input_ids.dim() == 1
         rows = input_ids[None] if squeeze else input_ids
-        eos_ids = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
         outputs = [
             speculative.speculative_generate_one(
                 self, row, target, draft, num_speculative_tokens, max_new_tokens, do_sample, temperature, generator,
