@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,15 +42,11 @@ def stage(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 88 - len(title)), flush=True)
 
 
+@contextmanager
 def timed(record: dict, name: str):
-    class Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc):
-            record[name] = round(time.perf_counter() - self.start, 1)
-
-    return Timer()
+    start = time.perf_counter()
+    yield
+    record[name] = round(time.perf_counter() - start, 1)
 
 
 def convert_teacher(workdir: Path, window_size: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fast_llm_supernet.model import SupernetForCausalLM
-from fast_llm_supernet.toolkit.evaluate import HeldOutRows, PlacementQuality, evaluate_placements
+from fast_llm_supernet.toolkit.evaluate import HeldOutRows, evaluate_placements
 from fast_llm_supernet.training.data import CHAT_TEMPLATE, load_tokenizer
 from shared_spec import MixerKind, Placement, SupernetSpec
 
@@ -34,7 +34,7 @@ def _name_of(spec: SupernetSpec, layer: int, kind: MixerKind) -> str:
 
 
 def spread_layers(num_layers: int, count: int) -> list[int]:
-    """`count` layers spread evenly over the depth, each in the middle of its share: 8 of 30 -> 2, 6, 9, 13, 17, 21, 24, 28."""
+    """`count` layers spread evenly over the depth, each in the middle of its share: 8 of 30 -> 1, 5, 9, 13, 16, 20, 24, 28."""
     return sorted({min(num_layers - 1, int((i + 0.5) * num_layers / count)) for i in range(count)})
 
 
@@ -119,5 +119,3 @@ def write_quality(rows: list[dict], output: Path, title: str = "") -> None:
 def load_model_and_tokenizer(checkpoint: Path):
     return SupernetForCausalLM.from_pretrained(checkpoint), load_tokenizer(checkpoint)
 
-
-__all__ = ["PlacementQuality", "named_placements", "quality_table", "write_quality", "spread_layers"]
