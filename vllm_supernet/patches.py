@@ -84,10 +84,15 @@ def _resolve_or_400(serving: ServingPlacements, fields: dict[str, Any]) -> tuple
         raise VLLMValidationError(f"invalid placement: {error}", parameter=EXTRA_ARGS_KEY, value=value) from None
 
 
+def _replacing_request_fields(extra_args: dict | None, fields: dict[str, Any]) -> dict:
+    """extra_args with this project's request fields (placement, service level) replaced by `fields`."""
+    kept = {key: value for key, value in (extra_args or {}).items() if key not in REQUEST_KEYS}
+    return {**kept, **fields}
+
+
 def _with_placement(extra_args: dict | None, placement: Placement) -> dict:
     """extra_args with the canonical placement in place of whatever chose it."""
-    kept = {key: value for key, value in (extra_args or {}).items() if key not in REQUEST_KEYS}
-    return {**kept, EXTRA_ARGS_KEY: placement.canonical}
+    return _replacing_request_fields(extra_args, {EXTRA_ARGS_KEY: placement.canonical})
 
 
 def _patch_request_models() -> None:
@@ -103,8 +108,7 @@ def _patch_request_models() -> None:
             top_level = {key: extra[key] for key in REQUEST_KEYS if key in extra}
             if top_level:
                 # Top-level fields (extra_body) win over `vllm_xargs`.
-                kept = {k: v for k, v in (params.extra_args or {}).items() if k not in REQUEST_KEYS}
-                params.extra_args = {**kept, **top_level}
+                params.extra_args = _replacing_request_fields(params.extra_args, top_level)
             serving = _api_server_deployment
             if serving is not None:  # parsed here, before any stream starts: a bad one is a 400
                 placement, preset = _resolve_or_400(serving, params.extra_args or {})
