@@ -1,4 +1,4 @@
-"""The request-side `placement` field, as clients send it to the server.
+"""The request-side `placement` fields, as clients send them to the server.
 
 The server reads it from `extra_body={"placement": ...}`, from `vllm_xargs`, or offline from
 `SamplingParams(extra_args={"placement": ...})`; this schema is what all three accept.
@@ -44,6 +44,15 @@ class PlacementRequest(BaseModel):
         description="Instead of a placement: the best-quality served preset whose recorded decode speed-up over "
         "all-attention is at least this factor (with min_quality too: the fastest meeting both).",
         examples=[2.0],
+    )
+
+    draft_placement: str | list[str] | None = Field(
+        None,
+        description="On a deployment serving self-speculative decoding (`vllm_supernet.speculative.SelfSpeculator`): "
+        "the placement that drafts this request's tokens, in any form `placement` takes; the request's own "
+        "placement verifies them, so the output is the same. Omitted: the deployment's "
+        "`supernet_draft_placement`.",
+        examples=["gdn*", "sliding_window*"],
     )
 
     @model_validator(mode="after")

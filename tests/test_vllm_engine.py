@@ -98,7 +98,8 @@ def engine_results(tmp_path_factory):
             },
             {"name": "long_b", "requests": [_request(long_prompt, ["fa", "swa"], max_tokens=4, logprobs=0)]},
         ],
-        "invalid": [["fa", "bogus"], "not_a_preset", ["fa"] * 5, "fa**"],
+        # The last: a draft placement on an engine that does not speculate.
+        "invalid": [["fa", "bogus"], "not_a_preset", ["fa"] * 5, "fa**", {"draft_placement": "swa*"}],
     }
     return run_engine(scenario, tmp_path_factory.mktemp("vllm_engine"))
 
@@ -178,6 +179,7 @@ def test_invalid_placements_are_rejected_and_engine_keeps_serving(engine_results
     assert "bogus" in errors['["fa", "bogus"]'] and "valid choices" in errors['["fa", "bogus"]']
     assert "not_a_preset" in errors['"not_a_preset"']
     assert "5 entries" in errors['["fa", "fa", "fa", "fa", "fa"]']
+    assert "does not speculate" in errors['{"draft_placement": "swa*"}']
     assert len(engine_results["after_invalid"][0]["token_ids"]) == 2
 
 

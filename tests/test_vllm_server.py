@@ -2,9 +2,11 @@
 
 The server (`python -m vllm.entrypoints.openai.api_server`, the plugin installed and nothing else)
 serves a copy of the upstream fixture with a tiny tokenizer and a presets file, thinned to three
-presets with `--hf-overrides '{"supernet_placements": [...]}'`. Placement by list, compact string,
-preset name, `vllm_xargs` and absence must give the PyTorch reference's greedy text; invalid
-placements get HTTP 400 naming the problem, and the server keeps serving.
+presets with `--hf-overrides '{"supernet_placements": [...]}'`, and decodes with self-speculation
+(`--speculative-config` custom_class `SelfSpeculator`, 3 drafts, the `local` preset drafting unless a
+request names a `draft_placement`). Placement by list, compact string, preset name, `vllm_xargs` and
+absence, with any draft, must give the PyTorch reference's greedy text (without speculation); invalid
+placements and draft placements get HTTP 400 naming the problem, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ PRESETS = {
     },
 }
 ALLOWED = ["fast", "quality", "local"]
+DEPLOYMENT_DRAFT = "local"  # a preset name: sliding window in both layers
+SPECULATIVE_CONFIG = {
+    "method": "custom_class",
+    "model": "vllm_supernet.speculative.SelfSpeculator",
+    "num_speculative_tokens": 3,
+}
 PROMPT = "def main():"
 MAX_TOKENS = 6
 STARTUP_SECONDS = 600
@@ -53,7 +61,9 @@ def server(checkpoint, tmp_path_factory):
     server_args = [
         *CPU_DEFAULT_ARGS, "--dtype", "float32",
         "--chat-template", str(checkpoint / "chat_template.jinja"),
-        "--hf-overrides", json.dumps({"supernet_placements": ALLOWED}),
+        "--hf-overrides", json.dumps({"supernet_placements": ALLOWED, "supernet_draft_placement": DEPLOYMENT_DRAFT}),
+        "--speculative-config", json.dumps(SPECULATIVE_CONFIG),
+        "--no-enable-prefix-caching",  # vLLM 0.32 on CPU: no prefix caching for hybrid models that speculate
     ]  # fmt: skip
     env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with openai_server(
@@ -235,3 +245,61 @@ def test_unmet_or_malformed_service_level_is_400(client, reference_tokens, field
     for part in message_parts:
         assert part in message, message
     assert _complete(client, {"min_quality": 0.9}) == reference_tokens("swa*")
+
+
+# ---- self-speculative decoding ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "draft"),
+    [("quality", "fast"), ("quality", None), ("fast", "quality"), ("fast", ["swa", "swa"]), ("local", "local")],
+)
+def test_draft_placement_per_request_keeps_the_targets_output(client, reference_tokens, target, draft):
+    extra = {"placement": target} if draft is None else {"placement": target, "draft_placement": draft}
+    assert _complete(client, extra) == reference_tokens(_canonical_list(target))
+
+
+def test_chat_and_stream_with_a_draft_placement(client, reference_tokens):
+    chat = client.chat.completions.create(
+        model="supernet",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"placement": "quality", "draft_placement": "fast"},
+    )
+    plain = client.chat.completions.create(
+        model="supernet",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"placement": "quality", "draft_placement": "quality"},  # accepted whole: the target's own
+    )
+    assert chat.choices[0].message.content == plain.choices[0].message.content
+    stream = client.completions.create(
+        model="supernet", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+        extra_body={"placement": "fast", "draft_placement": "local", "return_token_ids": True},
+    )  # fmt: skip
+    streamed = [token for chunk in stream for token in (chunk.choices[0].token_ids or [])]
+    assert streamed == reference_tokens(["gdn", "kda"])
+
+
+@pytest.mark.parametrize(
+    ("draft", "message_parts"),
+    [
+        (["fa", "bogus"], ["draft_placement", "'bogus'", "valid choices"]),
+        (["kda", "kda"], ["draft_placement", "not served by this deployment"]),
+        ("nonexistent_preset", ["draft_placement"]),
+    ],
+)
+def test_invalid_draft_placement_is_400_and_server_keeps_serving(client, reference_tokens, draft, message_parts):
+    with pytest.raises(openai.BadRequestError) as raised:
+        _complete(client, {"placement": "quality", "draft_placement": draft})
+    assert raised.value.status_code == 400
+    message = str(raised.value)
+    for part in message_parts:
+        assert part in message, message
+    assert _complete(client, {"placement": "quality", "draft_placement": "fast"}) == reference_tokens("fa*")
+
+
+def _canonical_list(preset: str):
+    return {"quality": "fa*", "fast": ["gdn", "kda"], "local": "swa*"}[preset]

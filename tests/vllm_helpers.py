@@ -92,7 +92,9 @@ def rank_shapes(model) -> dict:
 
 def _main(scenario_path: str) -> None:
     """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
-    placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?}]}], invalid: [placement values],
+    placement?, draft_placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?, temperature?, n?,
+    seed?}]}], invalid: [placement values, or {"draft_placement": value}] (with speculative_config in
+    engine, and disable_log_stats False, `speculation` gives each batch's drafting counts),
     env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`)}."""
     from vllm import LLM, SamplingParams
 
@@ -107,10 +109,12 @@ def _main(scenario_path: str) -> None:
         results["rank_shapes"] = llm.collective_rpc("rank_shapes")
 
     def params(request: dict) -> SamplingParams:
-        extra = {"placement": request["placement"]} if "placement" in request else None
+        extra = {key: request[key] for key in ("placement", "draft_placement") if key in request} or None
         return SamplingParams(
             max_tokens=request["max_tokens"],
-            temperature=0.0,
+            temperature=request.get("temperature", 0.0),
+            n=request.get("n", 1),
+            seed=request.get("seed"),
             detokenize=False,
             prompt_logprobs=request.get("prompt_logprobs"),
             logprobs=request.get("logprobs"),
@@ -131,6 +135,8 @@ def _main(scenario_path: str) -> None:
                 "token_ids": list(completion.token_ids),
                 "num_cached_tokens": output.num_cached_tokens or 0,
             }
+            if len(output.outputs) > 1:
+                item["samples"] = [list(sample.token_ids) for sample in output.outputs]
             if completion.logprobs is not None:
                 item["logprobs"] = [
                     step[token].logprob
@@ -144,13 +150,19 @@ def _main(scenario_path: str) -> None:
             found.append(item)
         return found
 
+    results["speculation"] = {}
     for batch in scenario.get("batches", []):
+        before = speculation_counts(llm) if engine.get("speculative_config") else None
         results["batches"][batch["name"]] = generate(batch["requests"])
+        if before is not None:
+            after = speculation_counts(llm)
+            results["speculation"][batch["name"]] = {key: after[key] - before[key] for key in after}
     for value in scenario.get("invalid", []):
+        request = value if isinstance(value, dict) else {"placement": value}  # {"draft_placement": ...}
         try:
             llm.generate(
                 [{"prompt_token_ids": [1, 5, 6]}],
-                params({"placement": value, "max_tokens": 1}),
+                params({**request, "max_tokens": 1}),
                 use_tqdm=False,
             )
             results["invalid"].append({"value": value, "error": None})
@@ -159,6 +171,21 @@ def _main(scenario_path: str) -> None:
     # After the rejections the engine still serves.
     results["after_invalid"] = generate([{"prompt_token_ids": [1, 5, 6], "max_tokens": 2}])
     Path(scenario["result"]).write_text(json.dumps(results))
+
+
+def speculation_counts(llm) -> dict[str, int]:
+    """vLLM's speculative-decoding counters so far (the engine needs `disable_log_stats=False`): drafting
+    rounds, drafted tokens, accepted tokens."""
+    names = {
+        "vllm:spec_decode_num_drafts": "rounds",
+        "vllm:spec_decode_num_draft_tokens": "drafted",
+        "vllm:spec_decode_num_accepted_tokens": "accepted",
+    }
+    counts = dict.fromkeys(names.values(), 0)
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            counts[names[metric.name]] += int(metric.value)
+    return counts
 
 
 if __name__ == "__main__":

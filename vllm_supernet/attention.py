@@ -129,8 +129,8 @@ class SupernetAttention(nn.Module):
                 "it by them)"
             )
 
-    def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
-        """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
+    def project(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """hidden_states [N, D], positions [N] -> query [N, Hq, Dh], key, value [N, Hkv, Dh] (rotated)."""
         num_tokens = hidden_states.shape[0]
         qkv, _ = self.qkv_proj(hidden_states)
         # [N, Hq + 2 Hkv, Dh] (this rank's heads): query heads, key heads, value heads.
@@ -142,6 +142,11 @@ class SupernetAttention(nn.Module):
             cos, sin = self._cos_sin.index_select(0, positions)[:, None].chunk(2, dim=-1)  # [N, 1, Dh/2]
             query_key = ops.apply_rotary(query_key, cos, sin)  # queries and keys rotated together
         query, key = query_key.split([self.num_heads, self.num_kv_heads], dim=1)
+        return query, key, value
+
+    def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
+        """hidden_states [N, D], positions [N] of `step`'s tokens -> [N, D]."""
+        query, key, value = self.project(hidden_states, positions)
         metadata = layer_metadata(self.layer_name)
         if metadata is None:  # dummy run: no cache to read or write
             attended = torch.zeros_like(query)
@@ -159,6 +164,67 @@ class SupernetAttention(nn.Module):
             )
         output, _ = self.o_proj(attended.flatten(1))
         return output
+
+    def new_cache(self, dtype: torch.dtype, device: torch.device) -> KVBuffer:
+        return KVBuffer()
+
+    def forward_on_cache(self, hidden_states: torch.Tensor, positions: torch.Tensor, cache: KVBuffer) -> torch.Tensor:
+        """One sequence's next tokens on a cache of its own (the speculative draft's), outside vLLM's
+        paged cache: hidden_states [T, D], positions [T] (following the cache's) -> [T, D]."""
+        query, key, value = self.project(hidden_states, positions)
+        keys, values = cache.append(key, value)  # [S, Hkv, Dh], every token so far
+        first_key = 0 if self.window_size is None else max(0, int(positions[0]) - (self.window_size - 1))
+        attended = attend(
+            query, keys[first_key:], values[first_key:], positions,
+            torch.arange(first_key, cache.length, device=positions.device), self.scale, self.window_size,
+        )
+        output, _ = self.o_proj(attended.flatten(1))
+        return output
+
+
+class KVBuffer:
+    """One sequence's keys and values [S, Hkv, Dh] in a buffer that grows by doubling; `length` tokens are
+    valid, so going back to an earlier length (a rejected draft) is setting it."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key.shape[0]
+        if self.keys is None or end > self.keys.shape[0]:
+            capacity = max(end, 2 * (0 if self.keys is None else self.keys.shape[0]), 64)
+            keys = key.new_empty(capacity, *key.shape[1:])
+            values = value.new_empty(capacity, *value.shape[1:])
+            if self.keys is not None:
+                keys[: self.length] = self.keys[: self.length]
+                values[: self.length] = self.values[: self.length]
+            self.keys, self.values = keys, values
+        self.keys[self.length : end] = key
+        self.values[self.length : end] = value
+        self.length = end
+        return self.keys[:end], self.values[:end]
+
+
+def attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal (sliding-window) attention of one sequence: query [T, Hq, D] at `query_positions` [T] over
+    keys/values [S, Hkv, D] at `key_positions` [S] -> [T, Hq, D]."""
+    allowed = ops.attention_mask(query_positions, key_positions, window)  # [T, S]
+    # enable_gqa: query head h reads KV group h // (Hq / Hkv), as in the reference mixer.
+    attended = F.scaled_dot_product_attention(
+        query.transpose(0, 1), keys.to(query.dtype).transpose(0, 1), values.to(query.dtype).transpose(0, 1),
+        attn_mask=allowed, scale=scale, enable_gqa=True,
+    )
+    return attended.transpose(0, 1)
 
 
 # ---- the KV cache backend --------------------------------------------------------------------------
@@ -389,14 +455,11 @@ def paged_attention_reference(
         positions = torch.arange(first_key, context, device=query.device)
         key_blocks = metadata.block_table[request, positions // block_size]
         cached = kv_cache[key_blocks, :, positions % block_size]  # [S, Hkv, 2D]
-        keys = cached[..., :head_size].to(query.dtype).transpose(0, 1)  # [Hkv, S, D]
-        values = cached[..., head_size:].to(query.dtype).transpose(0, 1)
         query_positions = torch.arange(first_query, context, device=query.device)
-        allowed = ops.attention_mask(query_positions, positions, window)  # [T, S]
-        q = query[start : start + num_query].transpose(0, 1)  # [Hq, T, D]
-        # enable_gqa: query head h reads KV group h // (Hq / Hkv), as in the reference mixer.
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True)
-        output[start : start + num_query] = attended.transpose(0, 1)
+        output[start : start + num_query] = attend(
+            query[start : start + num_query], cached[..., :head_size], cached[..., head_size:],
+            query_positions, positions, scale, window,
+        )
         start += num_query
     return output
 

@@ -149,11 +149,22 @@ class LinearMixerLayer(nn.Module, MambaBase):
         if len(split.decode_slots):
             decoded = self.decode(hidden_states.index_select(0, split.rows), split.decode_slots)
             output.index_copy_(0, split.rows, decoded)
+        for rows, sources, slots in split.speculative:  # token j of every verifying request, j = 0, 1, ...
+            self.copy_pages(sources, slots)
+            output.index_copy_(0, rows, self.decode(hidden_states.index_select(0, rows), slots))
         for slots, start, length, has_state in split.others:  # prefills and chunks: one by one
             cache = self.load_cache(slots, has_state, hidden_states.dtype)
             output[start : start + length] = self.forward_sequence(hidden_states[start : start + length][None], cache)[0]
             self.store_cache(slots, cache)
         return output
+
+    def copy_pages(self, sources: torch.Tensor, slots: torch.Tensor) -> None:
+        """State pages `sources` [B] into pages `slots` [B] (where they differ)."""
+        moved = sources != slots
+        if bool(moved.any()):
+            sources, slots = sources[moved], slots[moved]
+            for pages in self.kv_cache:
+                pages.index_copy_(0, slots, pages.index_select(0, sources))
 
     def load_cache(self, slots: torch.Tensor, has_state: bool, dtype: torch.dtype) -> LinearMixerCache:
         """The states of pages `slots` as a reference cache (zeros for a request starting from scratch)."""
@@ -163,11 +174,26 @@ class LinearMixerLayer(nn.Module, MambaBase):
         if not has_state:
             conv.zero_()
             recurrent.zero_()
+        return self.as_cache(conv, recurrent)
+
+    def as_cache(self, conv: torch.Tensor, recurrent: torch.Tensor) -> LinearMixerCache:
+        """A page's layout (conv states [B, C_total, K-1] of every convolution stacked, recurrent state) as a
+        reference cache."""
         channels = conv.shape[1] // len(self.conv_names)  # every convolution of a mixer has the same width
         return LinearMixerCache(
             conv_states=dict(zip(self.conv_names, conv.split(channels, dim=1), strict=True)),
             recurrent_state=recurrent,
         )
+
+    def new_cache(self, dtype: torch.dtype, device: torch.device) -> LinearMixerCache:
+        """Zero states of one sequence, outside vLLM's pages (the speculative draft's)."""
+        conv_shape, recurrent_shape = self.page_shapes_of_rank
+        conv = torch.zeros(1, *conv_shape, dtype=dtype, device=device)
+        return self.as_cache(conv, torch.zeros(1, *recurrent_shape, dtype=torch.float32, device=device))
+
+    def forward_on_cache(self, hidden_states: torch.Tensor, positions: torch.Tensor, cache: LinearMixerCache) -> torch.Tensor:
+        """One sequence's next tokens [T, D] on its own cache -> [T, D] (positions: unused, the state has them)."""
+        return self.forward_sequence(hidden_states[None], cache)[0]
 
     def store_cache(self, slots: torch.Tensor, cache: LinearMixerCache) -> None:
         conv_pages, recurrent_pages = self.kv_cache
@@ -189,45 +215,93 @@ class LinearMixerLayer(nn.Module, MambaBase):
 
 @dataclass
 class DecodeSplit:
-    """How a step's requests on one linear mixer split into one-token continuations (decoded together)
-    and the rest (run one by one). Computed once per step and request subset: the layers of one vLLM
-    cache group share their metadata object, which holds the memo.
+    """How a step's requests on one linear mixer split into one-token continuations (decoded together),
+    speculative verifications and the rest (run one by one). Computed once per step and request subset:
+    the layers of one vLLM cache group share their metadata object, which holds the memo.
 
     decode_slots [B] (int64): state pages of the continuations; rows [B]: their rows among the
     subset's tokens, None when they are all of them, in order. others: (state page [1], first row,
     length, has a state already) per other request.
+
+    speculative: with speculative decoding, a request verifying drafts feeds 1 + k tokens and vLLM gives
+    it k + 1 state pages (`MambaSpec.num_speculative_blocks`; GDN metadata `spec_state_indices_tensor`
+    [S, k + 1], `num_accepted_tokens` [S]), as its own GDN layers: token j starts from the state after
+    token j - 1 (token 0: after the last accepted token of the previous step, page
+    `num_accepted_tokens - 1`) and leaves its state in page j, so the next step resumes from whichever
+    token was accepted last. Per token position j: (rows [n], source pages [n], pages [n]) of the
+    requests that have a token j.
     """
 
     decode_slots: torch.Tensor
     rows: torch.Tensor | None
     others: list[tuple[torch.Tensor, int, int, bool]]
+    speculative: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
     def of(cls, step: StepRequests, metadata, num_tokens: int) -> DecodeSplit:
         memo = metadata.__dict__.setdefault("_supernet_decode_splits", {})
         key = (tuple(step.requests), num_tokens)
         if key not in memo:
-            memo[key] = cls._compute(step, metadata.non_spec_state_indices_tensor, num_tokens)
+            memo[key] = cls._compute(step, metadata, num_tokens)
         return memo[key]
 
     @classmethod
-    def _compute(cls, step: StepRequests, state_slots: torch.Tensor, num_tokens: int) -> DecodeSplit:
-        decodes, rows, others, offset = [], [], [], 0  # state_slots [R]: each request's state page
+    def _compute(cls, step: StepRequests, metadata, num_tokens: int) -> DecodeSplit:
+        state_slots, verifying = request_state_pages(metadata, len(step.query_start_loc) - 1)
+        decodes, rows, others, offset = [], [], [], 0
+        speculative: list[tuple[list[int], list[int], list[int]]] = []
         for request in step.requests:
             length = step.query_len(request)
-            if length == 1 and step.num_computed[request] > 0:
+            if request in verifying:
+                pages, accepted = verifying[request]
+                for j in range(length):
+                    if len(speculative) <= j:
+                        speculative.append(([], [], []))
+                    speculative[j][0].append(offset + j)
+                    speculative[j][1].append(pages[accepted - 1] if j == 0 else pages[j - 1])
+                    speculative[j][2].append(pages[j])
+            elif length == 1 and step.num_computed[request] > 0:
                 decodes.append(request)
                 rows.append(offset)
             elif length > 0:
-                slot = state_slots[request : request + 1].long()
+                slot = torch.tensor([state_slots[request]], dtype=torch.long, device=metadata_device(metadata))
                 others.append((slot, offset, length, step.num_computed[request] > 0))
             offset += length
-        all_decodes = not others and rows == list(range(num_tokens))
+        all_decodes = not others and not speculative and rows == list(range(num_tokens))
+        device = metadata_device(metadata)
         return cls(
-            decode_slots=state_slots[decodes].long(),
-            rows=None if all_decodes else torch.tensor(rows, dtype=torch.long, device=state_slots.device),
+            decode_slots=torch.tensor([state_slots[r] for r in decodes], dtype=torch.long, device=device),
+            rows=None if all_decodes else torch.tensor(rows, dtype=torch.long, device=device),
             others=others,
+            speculative=[
+                tuple(torch.tensor(values, dtype=torch.long, device=device) for values in position)
+                for position in speculative
+            ],
         )
+
+
+def metadata_device(metadata) -> torch.device:
+    indices = metadata.non_spec_state_indices_tensor
+    return (indices if indices is not None else metadata.spec_state_indices_tensor).device
+
+
+def request_state_pages(metadata, num_requests: int) -> tuple[dict[int, int], dict[int, tuple[list[int], int]]]:
+    """Each batch request's state page, and for requests verifying drafts their k + 1 pages and accepted
+    count, from vLLM's GDN metadata (which lists verifying and other requests apart, each in batch order)."""
+    masks = metadata.spec_sequence_masks_cpu
+    if masks is None:
+        return dict(enumerate(metadata.non_spec_state_indices_tensor[:num_requests].tolist())), {}
+    spec_pages = metadata.spec_state_indices_tensor.tolist()
+    accepted = metadata.num_accepted_tokens.tolist()
+    other_pages = [] if metadata.non_spec_state_indices_tensor is None else metadata.non_spec_state_indices_tensor.tolist()
+    state_slots, verifying = {}, {}
+    for request, is_verifying in enumerate(masks[:num_requests].tolist()):
+        if is_verifying:
+            index = len(verifying)
+            verifying[request] = (spec_pages[index], accepted[index])
+        else:
+            state_slots[request] = other_pages[len(state_slots)]
+    return state_slots, verifying
 
 
 class ShardedConvolution(nn.Module):

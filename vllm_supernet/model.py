@@ -14,7 +14,8 @@ and each layer runs each mixer some request needs on exactly those requests' tok
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -162,29 +163,28 @@ class SupernetDecoderBlock(nn.Module):
         return self.mixer.mixers[name] if self.is_stochastic else self.mixer
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        residual: torch.Tensor | None,
-        positions: torch.Tensor,
-        groups: list[tuple[str, StepRequests]],
+        self, hidden_states: torch.Tensor, residual: torch.Tensor | None, mix: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states [N, D] (the previous block's output, not yet added to `residual`); groups:
-        (mixer name, the requests that run it) covering the batch."""
+        """hidden_states [N, D] (the previous block's output, not yet added to `residual`); `mix` runs
+        the mixers on the normed input [N, D] -> [N, D] (`mix_groups`, or the draft's `forward_sequence`)."""
         if residual is None:
             residual, normed = hidden_states, self.input_layernorm(hidden_states)
         else:
             normed, residual = self.input_layernorm(hidden_states, residual)
+        normed, residual = self.post_attention_layernorm(mix(normed), residual)
+        return self.mlp(normed), residual
+
+    def mix_groups(self, normed: torch.Tensor, positions: torch.Tensor, groups: list[tuple[str, StepRequests]]):
+        """A step's mixers: groups are (mixer name, the requests that run it), covering the batch."""
         if len(groups) == 1 and groups[0][1].token_index is None:
             name, step = groups[0]
-            mixer_output = self.get_mixer(name).run(normed, positions, step)
-        else:
-            mixer_output = torch.zeros_like(normed)
-            for name, step in groups:
-                rows = step.token_index
-                mixer_input, mixer_positions = normed.index_select(0, rows), positions.index_select(0, rows)
-                mixer_output.index_copy_(0, rows, self.get_mixer(name).run(mixer_input, mixer_positions, step))
-        normed, residual = self.post_attention_layernorm(mixer_output, residual)
-        return self.mlp(normed), residual
+            return self.get_mixer(name).run(normed, positions, step)
+        mixer_output = torch.zeros_like(normed)
+        for name, step in groups:
+            rows = step.token_index
+            mixer_input, mixer_positions = normed.index_select(0, rows), positions.index_select(0, rows)
+            mixer_output.index_copy_(0, rows, self.get_mixer(name).run(mixer_input, mixer_positions, step))
+        return mixer_output
 
 
 class SupernetDecoder(nn.Module):
@@ -241,6 +241,31 @@ def check_parallel(config: Apriel2TextConfig, serving: ServingPlacements, vllm_c
             )
 
 
+def check_speculative_config(vllm_config: VllmConfig) -> None:
+    """Speculative decoding serves with this project's self-speculator only: vLLM's own draft methods
+    load a second model, which cannot hold a supernet's recurrent layers (vLLM issue 49112)."""
+    speculative = vllm_config.speculative_config
+    if speculative is None:
+        return
+    from vllm_supernet.speculative import SELF_SPECULATOR
+
+    if speculative.method != "custom_class" or speculative.model != SELF_SPECULATOR:
+        raise ValueError(
+            f"Apriel2ForCausalLM (supernet) speculates with its own placements only: use speculative_config "
+            f'{{"method": "custom_class", "model": "{SELF_SPECULATOR}", "num_speculative_tokens": K}} '
+            f"(got method {speculative.method!r}, model {speculative.model!r})"
+        )
+    from vllm.triton_utils import HAS_TRITON
+
+    if vllm_config.cache_config.enable_prefix_caching and not HAS_TRITON:
+        # vLLM 0.32 keeps hybrid models' states for prefix caching with a Triton kernel when it speculates
+        # (mamba_utils.precopy_mamba_align_fused_kernel), which has no CPU stand-in.
+        raise ValueError(
+            "speculative decoding with prefix caching needs Triton for the linear mixers' states (vLLM 0.32); "
+            "on CPU start the engine with --no-enable-prefix-caching (offline: enable_prefix_caching=False)"
+        )
+
+
 class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
     """vLLM model for Apriel2 text supernet checkpoints (`model_type: apriel2_text`)."""
 
@@ -249,10 +274,7 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        if vllm_config.speculative_config is not None:
-            # vLLM 0.32's draft_model method hands the drafter the target's KV group 0, and the GDN/KDA
-            # state pages here hold one state per request (no per-draft-token slots).
-            raise NotImplementedError("speculative decoding is not supported by the supernet plugin yet")
+        check_speculative_config(vllm_config)
         self.config = vllm_config.model_config.hf_config.apriel2()
         self.serving = ServingPlacements.from_model_config(vllm_config.model_config)
         check_parallel(self.config, self.serving, vllm_config)
@@ -284,9 +306,14 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         batch = supernet_batch if supernet_batch is not None else SupernetBatch.empty()
         blocks = self.model.decoder.blocks
         layer_groups = batch.layer_groups(self.serving.default, len(blocks), hidden_states.device)
+        mixes = [partial(block.mix_groups, positions=positions, groups=groups) for block, groups in zip(blocks, layer_groups, strict=True)]
+        return self.run_blocks(hidden_states, mixes)
+
+    def run_blocks(self, hidden_states: torch.Tensor, mixes: list[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+        """Embedded tokens [N, D] through every decoder block (block i mixing with `mixes[i]`) and the final norm."""
         residual = None
-        for block, groups in zip(blocks, layer_groups, strict=True):
-            hidden_states, residual = block(hidden_states, residual, positions, groups)
+        for block, mix in zip(self.model.decoder.blocks, mixes, strict=True):
+            hidden_states, residual = block(hidden_states, residual, mix)
         hidden_states, _ = self.model.norm(hidden_states, residual)
         return hidden_states
 

@@ -34,6 +34,13 @@ vLLM 0.32 internals relied on:
   tokens are `query_start_loc[i] : query_start_loc[i + 1]`, `input_batch.num_computed_tokens_cpu[i]`
   counts the tokens already in its caches, and `runner.requests[req_id].sampling_params` holds its
   `extra_args`. The wrapper adds `supernet_batch` (`batch.SupernetBatch`).
+- `GPUModelRunner.propose_draft_token_ids` calls a `custom_class` drafter's `propose(sampled_token_ids,
+  num_tokens_no_spec, token_ids_cpu, ...)` with lists in `input_batch.req_ids` order, after the step's
+  bookkeeping has appended the accepted tokens to `token_ids_cpu`. The wrapper first tells the
+  `SelfSpeculator` each request's id and draft placement (`begin_step`): `propose` is given neither.
+- `vllm.triton_utils.dispatcher.register_kernels` (what the CPU platform's `register_triton_kernel_overrides`
+  calls at worker start) swaps a Triton kernel for a Python/C++ stand-in; `_fix_cpu_expand_kernel` registers a
+  correct stand-in for `rejection_sampler.expand_kernel` (vLLM 0.32's CPU one writes into a copy).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from typing import Any
 from shared_spec import Placement, PlacementError
 from vllm_supernet.batch import SupernetBatch
 from vllm_supernet.config import MODEL_TYPE
-from vllm_supernet.placements import EXTRA_ARGS_KEY, REQUEST_KEYS, ServingPlacements
+from vllm_supernet.placements import DRAFT_EXTRA_ARGS_KEY, EXTRA_ARGS_KEY, REQUEST_KEYS, ServingPlacements
 
 # Under vLLM's logger tree so vLLM's logging config (level, format) applies.
 logger = logging.getLogger("vllm.supernet")
@@ -73,26 +80,33 @@ def install_frontend_patches() -> None:
     _patch_build_app()
 
 
-def _resolve_or_400(serving: ServingPlacements, fields: dict[str, Any]) -> tuple[Placement, str | None]:
-    """(placement, preset chosen for a service level) of a request's fields, or a 400 naming the problem."""
+def _resolve_or_400(serving: ServingPlacements, fields: dict[str, Any]) -> tuple[Placement, str | None, Placement | None]:
+    """(placement, preset chosen for a service level, draft placement the request names or None) of a
+    request's fields, or a 400 naming the problem."""
     from vllm.exceptions import VLLMValidationError
 
     try:
-        return serving.resolve_request(fields)
+        placement, preset = serving.resolve_request(fields)
+        draft_value = fields.get(DRAFT_EXTRA_ARGS_KEY)
+        draft = serving.resolve_draft(draft_value) if draft_value is not None else None
     except PlacementError as error:
         value = {key: fields[key] for key in REQUEST_KEYS if key in fields}
         raise VLLMValidationError(f"invalid placement: {error}", parameter=EXTRA_ARGS_KEY, value=value) from None
+    return placement, preset, draft
 
 
 def _replacing_request_fields(extra_args: dict | None, fields: dict[str, Any]) -> dict:
-    """extra_args with this project's request fields (placement, service level) replaced by `fields`."""
+    """extra_args with this project's request fields (placement, service level, draft) replaced by `fields`."""
     kept = {key: value for key, value in (extra_args or {}).items() if key not in REQUEST_KEYS}
     return {**kept, **fields}
 
 
-def _with_placement(extra_args: dict | None, placement: Placement) -> dict:
-    """extra_args with the canonical placement in place of whatever chose it."""
-    return _replacing_request_fields(extra_args, {EXTRA_ARGS_KEY: placement.canonical})
+def _with_placement(extra_args: dict | None, placement: Placement, draft: Placement | None) -> dict:
+    """extra_args with the canonical placement (and draft placement) in place of whatever chose them."""
+    fields = {EXTRA_ARGS_KEY: placement.canonical}
+    if draft is not None:
+        fields[DRAFT_EXTRA_ARGS_KEY] = draft.canonical
+    return _replacing_request_fields(extra_args, fields)
 
 
 def _patch_request_models() -> None:
@@ -111,8 +125,8 @@ def _patch_request_models() -> None:
                 params.extra_args = _replacing_request_fields(params.extra_args, top_level)
             serving = _api_server_deployment
             if serving is not None:  # parsed here, before any stream starts: a bad one is a 400
-                placement, preset = _resolve_or_400(serving, params.extra_args or {})
-                params.extra_args = _with_placement(params.extra_args, placement)
+                placement, preset, draft = _resolve_or_400(serving, params.extra_args or {})
+                params.extra_args = _with_placement(params.extra_args, placement, draft)
                 choice = _response_choice.get()
                 if choice is not None:  # reported in the response headers (PlacementHeaders)
                     choice.update(placement=placement.canonical, hash=placement.hash, preset=preset or "")
@@ -132,8 +146,19 @@ def _patch_input_processor() -> None:
             return original(self, request_id, prompt, params, *args, **kwargs)
         serving = ServingPlacements.from_model_config(self.model_config)
         # A canonical string from `to_sampling_params` is a look-up; anything else is parsed here.
-        placement, _ = _resolve_or_400(serving, params.extra_args or {})
-        params.extra_args = _with_placement(params.extra_args, placement)
+        placement, _, draft = _resolve_or_400(serving, params.extra_args or {})
+        if draft is not None and self.vllm_config.speculative_config is None:
+            from vllm.exceptions import VLLMValidationError
+
+            from vllm_supernet.speculative import SELF_SPECULATOR
+
+            raise VLLMValidationError(
+                "invalid draft_placement: this deployment does not speculate (start it with speculative_config "
+                f'{{"method": "custom_class", "model": "{SELF_SPECULATOR}", ...}})',
+                parameter=DRAFT_EXTRA_ARGS_KEY,
+                value=draft.canonical,
+            )
+        params.extra_args = _with_placement(params.extra_args, placement, draft)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         salt = f"supernet-placement:{placement.hash}"
         request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
@@ -214,7 +239,61 @@ def install_runner_patch() -> None:
         return kwargs
 
     GPUModelRunner._init_model_kwargs = _init_model_kwargs
+
+    original_propose = GPUModelRunner.propose_draft_token_ids
+
+    def propose_draft_token_ids(self, *args, **kwargs):
+        from vllm_supernet.speculative import SelfSpeculator
+
+        if isinstance(getattr(self, "drafter", None), SelfSpeculator):
+            self.drafter.begin_step(_draft_requests(self, self.model.serving))
+        return original_propose(self, *args, **kwargs)
+
+    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+    _fix_cpu_expand_kernel()
     _runner_installed = True
+
+
+def _fix_cpu_expand_kernel() -> None:
+    """Replace vLLM 0.32's CPU stand-in for the rejection sampler's `expand_kernel`, which makes sampled
+    (temperature > 0) speculative decoding on CPU follow the wrong distribution.
+
+    `expand_batch_to_tokens` spreads each request's temperature (and top-k / top-p) over its draft tokens into
+    a new float (int32) tensor; the CPU stand-in (`vllm.utils.cpu_triton_utils._expand_kernel_impl`) hands the
+    C++ kernel `output.to(torch.int64)`, a copy, so the real output stays uninitialised memory and the target's
+    probabilities are divided by garbage (seen here: a greedy draft accepted 91 % of the time where the
+    target gives it 3.7 %). Greedy requests never read it. Registered again with vLLM's own kernel registry,
+    on CPU builds that use the C++ stand-ins (no Triton)."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    if not current_platform.is_cpu() or HAS_TRITON:
+        return
+    import torch
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    def expand_kernel(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):  # noqa: N803
+        counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+        values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
+        output.copy_(values.repeat_interleave(counts)[: output.numel()].to(output.dtype))
+
+    register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": expand_kernel})
+
+
+def _draft_requests(runner, serving: ServingPlacements) -> list:
+    """Each request of the step, in the batch order of `propose`'s lists: its id, draft placement, and how many
+    more tokens it may emit (drafts past `max_tokens` are never used)."""
+    from vllm_supernet.speculative import DraftRequest
+
+    batch = runner.input_batch
+    requests = []
+    for req_id in batch.req_ids[: batch.num_reqs]:
+        state = runner.requests[req_id]
+        params = state.sampling_params
+        draft = serving.resolve_draft((params.extra_args or {}).get(DRAFT_EXTRA_ARGS_KEY) if params else None)
+        remaining = params.max_tokens - len(state.output_token_ids) if params and params.max_tokens else None
+        requests.append(DraftRequest(req_id, draft, remaining))
+    return requests
 
 
 def _supernet_batch(runner, serving: ServingPlacements, num_reqs: int | None) -> SupernetBatch:

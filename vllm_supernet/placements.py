@@ -9,6 +9,10 @@ placement are rejected (HTTP 400) with the list of allowed ones. Without the opt
 served. The default placement (no `placement` in the request) is the presets file's `default`,
 else each layer's `main_mixer_name`; in a thinned deployment it must be allowed, else the first
 allowed placement is the default.
+
+With self-speculative decoding (`speculative.py`), `supernet_draft_placement` names the deployment's draft
+placement; a thinned deployment serves it too (its mixers are built), and a request's `draft_placement`
+is resolved and checked as a placement is.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from shared_spec import Placement, PlacementError, PlacementRequest, PresetsFile
 
 ENV_ALLOWED = "VLLM_SUPERNET_PLACEMENTS"
 HF_OVERRIDE_KEY = "supernet_placements"
+DRAFT_OVERRIDE_KEY = "supernet_draft_placement"  # the deployment's draft placement (self-speculation)
 EXTRA_ARGS_KEY = "placement"
+DRAFT_EXTRA_ARGS_KEY = "draft_placement"
 # Every request field this project adds (shared_spec.request.PlacementRequest), and those naming a service level.
 REQUEST_KEYS = tuple(PlacementRequest.model_fields)
-SERVICE_LEVEL_KEYS = tuple(key for key in REQUEST_KEYS if key != EXTRA_ARGS_KEY)
+SERVICE_LEVEL_KEYS = ("min_quality", "min_speedup")
 
 
 class ServingPlacements:
@@ -39,6 +45,7 @@ class ServingPlacements:
         spec: SupernetSpec,
         presets: PresetsFile | None = None,
         allowed: list[Any] | None = None,
+        draft: Any = None,
     ) -> None:
         self.spec = spec
         self.presets = presets
@@ -55,6 +62,14 @@ class ServingPlacements:
                         f"{HF_OVERRIDE_KEY} / {ENV_ALLOWED} entry {value!r}: {error}"
                     ) from None
             self.allowed = list(dict.fromkeys(resolved))
+        self.draft_default: Placement | None = None
+        if draft is not None:
+            try:
+                self.draft_default = Placement.parse(draft, spec, presets)
+            except PlacementError as error:
+                raise PlacementError(f"{DRAFT_OVERRIDE_KEY} {draft!r}: {error}") from None
+            if self.allowed is not None and self.draft_default not in self.allowed:
+                self.allowed.append(self.draft_default)  # a thinned deployment keeps the mixers its drafts need
         default = Placement.parse(None, spec, presets)
         if self.allowed is not None and default not in self.allowed:
             default = self.allowed[0]
@@ -84,7 +99,11 @@ class ServingPlacements:
                 allowed = [allowed]
             presets = PresetsFile.load(model_config.model) if Path(str(model_config.model)).is_dir() else None
             spec = SupernetSpec.from_config(hf_config.apriel2())
-            known = _deployments[id(hf_config)] = (hf_config, cls(spec, presets, list(allowed) if allowed else None))
+            draft = getattr(hf_config, DRAFT_OVERRIDE_KEY, None)
+            known = _deployments[id(hf_config)] = (
+                hf_config,
+                cls(spec, presets, list(allowed) if allowed else None, draft),
+            )
         return known[1]
 
     # ---- requests ---------------------------------------------------------------------------
@@ -120,6 +139,16 @@ class ServingPlacements:
             raise PlacementError("this deployment serves no presets, so a service level cannot be matched; name a placement")
         name = self.presets.choose(list(self.served_presets), request.min_quality, request.min_speedup)
         return self.served_presets[name], name
+
+    def resolve_draft(self, value: Any) -> Placement | None:
+        """A request's `draft_placement` value (None: the deployment's draft placement, maybe None) ->
+        Placement, or PlacementError naming the field."""
+        if value is None:
+            return self.draft_default
+        try:
+            return self.resolve(value)
+        except PlacementError as error:
+            raise PlacementError(f"{DRAFT_EXTRA_ARGS_KEY}: {error}") from None
 
     def _parse(self, value: Any) -> Placement:
         placement = Placement.parse(value, self.spec, self.presets)
