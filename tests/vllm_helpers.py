@@ -98,6 +98,8 @@ def _main(scenario_path: str) -> None:
     env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`)}."""
     from vllm import LLM, SamplingParams
 
+    from vllm_supernet.speculative import speculation_counts
+
     scenario = json.loads(Path(scenario_path).read_text())
     os.environ.update(scenario.get("env", {}))
     engine = dict(scenario["engine"])
@@ -171,21 +173,6 @@ def _main(scenario_path: str) -> None:
     # After the rejections the engine still serves.
     results["after_invalid"] = generate([{"prompt_token_ids": [1, 5, 6], "max_tokens": 2}])
     Path(scenario["result"]).write_text(json.dumps(results))
-
-
-def speculation_counts(llm) -> dict[str, int]:
-    """vLLM's speculative-decoding counters so far (the engine needs `disable_log_stats=False`): drafting
-    rounds, drafted tokens, accepted tokens."""
-    names = {
-        "vllm:spec_decode_num_drafts": "rounds",
-        "vllm:spec_decode_num_draft_tokens": "drafted",
-        "vllm:spec_decode_num_accepted_tokens": "accepted",
-    }
-    counts = dict.fromkeys(names.values(), 0)
-    for metric in llm.get_metrics():
-        if metric.name in names:
-            counts[names[metric.name]] += int(metric.value)
-    return counts
 
 
 if __name__ == "__main__":

@@ -55,19 +55,22 @@ class EngineProcess:
             self.process.join(timeout=10)
 
 
-def time_decode(engine, num_requests: int) -> tuple[int, float]:
+def time_decode(engine, num_requests: int, outputs: dict[str, list[int]] | None = None) -> tuple[int, float]:
     """Step a `LLMEngine` until its requests finish: (tokens decoded, seconds). The clock starts once each of the
-    `num_requests` requests has its first token, so prefill never counts."""
+    `num_requests` requests has its first token, so prefill never counts. `outputs`, if given, receives each
+    request's generated token ids."""
     import time
 
     generated: dict[str, int] = {}
     start = counted_at_start = None
     now = time.perf_counter()
     while engine.has_unfinished_requests():
-        outputs = engine.step()
+        step_outputs = engine.step()
         now = time.perf_counter()
-        for output in outputs:
+        for output in step_outputs:
             generated[output.request_id] = len(output.outputs[0].token_ids)
+            if outputs is not None:
+                outputs[output.request_id] = list(output.outputs[0].token_ids)
         if start is None and len(generated) == num_requests and min(generated.values()) >= 1:
             start, counted_at_start = now, sum(generated.values())
     if start is None:

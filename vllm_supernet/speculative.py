@@ -32,7 +32,8 @@ token lists, not a batch layout.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import numpy as np
@@ -70,6 +71,19 @@ class DraftSequence:
     snapshots: list[list] = field(default_factory=list)
 
 
+@dataclass
+class DraftTiming:
+    """What drafting cost since the last reset: wall seconds in `propose` for requests the draft already follows
+    (`seconds`) and for new ones, whose prompt it first runs through (`catch_up_seconds`); rounds drafted, tokens
+    drafted, draft forward passes."""
+
+    seconds: float = 0.0
+    catch_up_seconds: float = 0.0
+    rounds: int = 0
+    drafted: int = 0
+    forwards: int = 0
+
+
 def snapshot(caches: list) -> list:
     saved = [copy.copy(cache) for cache in caches]
     for cache in saved:
@@ -94,6 +108,7 @@ class SelfSpeculator:
         self.model = None
         self.sequences: dict[str, DraftSequence] = {}
         self.step_requests: list[DraftRequest] = []
+        self.timing = DraftTiming()
 
     def load_model(self, target_model) -> None:
         if not getattr(target_model, "accepts_supernet_batch", False):
@@ -128,7 +143,16 @@ class SelfSpeculator:
                 self.sequences.pop(request.req_id, None)
                 drafts.append([])
                 continue
+            catching_up = request.req_id not in self.sequences
+            start = time.perf_counter()
             drafts.append(self.draft(request.req_id, request.placement, token_ids_cpu[index, :num_tokens], budget))
+            seconds = time.perf_counter() - start
+            if catching_up:
+                self.timing.catch_up_seconds += seconds
+            else:
+                self.timing.seconds += seconds
+            self.timing.rounds += 1
+            self.timing.drafted += len(drafts[-1])
         return drafts
 
     def draft(self, req_id: str, placement: Placement, tokens: np.ndarray, count: int) -> list[int]:
@@ -172,6 +196,7 @@ class SelfSpeculator:
         """Run the draft placement on `token_ids` (positions start, start + 1, ...); the next token's logits [V]."""
         model = self.model
         device = model.model.embed_tokens.weight.device
+        self.timing.forwards += 1
         hidden_states = None
         for offset in range(0, len(token_ids), CATCH_UP_CHUNK):
             chunk = torch.tensor(token_ids[offset : offset + CATCH_UP_CHUNK], device=device)
@@ -182,3 +207,28 @@ class SelfSpeculator:
             ]
             hidden_states = model.run_blocks(model.embed_input_ids(chunk), mixes)
         return model.compute_logits(hidden_states[-1:])[0]
+
+
+class SpeculatorTiming:
+    """Worker extension (`LLM(..., worker_extension_cls="vllm_supernet.speculative.SpeculatorTiming")`):
+    `llm.collective_rpc("draft_timing")` returns each rank's `DraftTiming` since the last call (as a dict)."""
+
+    def draft_timing(self) -> dict:
+        drafter = self.model_runner.drafter
+        timing, drafter.timing = drafter.timing, DraftTiming()
+        return asdict(timing)
+
+
+def speculation_counts(llm) -> dict[str, int]:
+    """vLLM's speculative-decoding counters so far (the engine needs `disable_log_stats=False`): drafting
+    rounds, drafted tokens, accepted tokens."""
+    names = {
+        "vllm:spec_decode_num_drafts": "rounds",
+        "vllm:spec_decode_num_draft_tokens": "drafted",
+        "vllm:spec_decode_num_accepted_tokens": "accepted",
+    }
+    counts = dict.fromkeys(names.values(), 0)
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            counts[names[metric.name]] += int(metric.value)
+    return counts
