@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from fast_llm_supernet.toolkit.quality import DEFAULT_PROMPTS, named_placements  # noqa: E402
 from shared_spec import Apriel2TextConfig, SupernetSpec  # noqa: E402
-from vllm_supernet.engine_process import EngineProcess, time_decode  # noqa: E402
+from vllm_supernet.engine_process import EngineProcess, serve_engine, time_decode  # noqa: E402
 from vllm_supernet.speculative import SELF_SPECULATOR, speculation_counts  # noqa: E402
 
 HYBRID_TARGET = "attention in even layers, KDA in odd"
@@ -42,54 +41,41 @@ HYBRID_TARGET = "attention in even layers, KDA in odd"
 
 def _engine(connection, checkpoint: str, options: dict, log_path: str) -> None:
     """Child process: one vllm.LLM answering `run` commands with tokens, decode time and drafting counts."""
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    llm = None
-    try:
-        from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams
 
-        speculative = "speculative_config" in options
+    speculative = "speculative_config" in options
+    counter = 0
+
+    def build():
+        extra = {"worker_extension_cls": "vllm_supernet.speculative.SpeculatorTiming"} if speculative else {}
+        return LLM(model=checkpoint, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+                   enable_prefix_caching=False, seed=0, disable_log_stats=not speculative, **options, **extra)  # fmt: skip
+
+    def answer(llm, command: dict) -> dict:
+        nonlocal counter
+        before = speculation_counts(llm) if speculative else None
         if speculative:
-            options = {**options, "worker_extension_cls": "vllm_supernet.speculative.SpeculatorTiming"}
-        llm = LLM(model=checkpoint, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-                  enable_prefix_caching=False, seed=0, disable_log_stats=not speculative, **options)  # fmt: skip
-        engine = llm.llm_engine
-        connection.send({"ready": True})
-        counter = 0
-        while True:
-            command = connection.recv()
-            if command["op"] == "stop":
-                break
-            before = speculation_counts(llm) if speculative else None
-            if speculative:
-                llm.collective_rpc("draft_timing")  # drop earlier work's
-            request_ids = []
-            for prompt in command["prompts"]:
-                counter += 1
-                extra = {"placement": command["placement"]}
-                if command.get("draft"):
-                    extra["draft_placement"] = command["draft"]
-                params = SamplingParams(max_tokens=command["max_tokens"], temperature=0.0, detokenize=False,
-                                        ignore_eos=command["ignore_eos"], extra_args=extra)  # fmt: skip
-                request_ids.append(f"run-{counter}")
-                engine.add_request(request_ids[-1], {"prompt_token_ids": prompt}, params)
-            tokens: dict[str, list[int]] = {}
-            decoded, seconds = time_decode(engine, len(request_ids), outputs=tokens)
-            answer = {"tokens": [tokens[r] for r in request_ids], "decoded": decoded, "seconds": seconds}
-            if speculative:
-                after = speculation_counts(llm)
-                answer["speculation"] = {key: after[key] - before[key] for key in after}
-                answer["draft_timing"] = llm.collective_rpc("draft_timing")[0]
-            connection.send(answer)
-    except BaseException:  # noqa: B036 -- report any failure to the parent
-        import traceback
+            llm.collective_rpc("draft_timing")  # drop earlier work's
+        request_ids = []
+        for prompt in command["prompts"]:
+            counter += 1
+            extra = {"placement": command["placement"]}
+            if command.get("draft"):
+                extra["draft_placement"] = command["draft"]
+            params = SamplingParams(max_tokens=command["max_tokens"], temperature=0.0, detokenize=False,
+                                    ignore_eos=command["ignore_eos"], extra_args=extra)  # fmt: skip
+            request_ids.append(f"run-{counter}")
+            llm.llm_engine.add_request(request_ids[-1], {"prompt_token_ids": prompt}, params)
+        tokens: dict[str, list[int]] = {}
+        decoded, seconds = time_decode(llm.llm_engine, len(request_ids), outputs=tokens)
+        result = {"tokens": [tokens[r] for r in request_ids], "decoded": decoded, "seconds": seconds}
+        if speculative:
+            after = speculation_counts(llm)
+            result["speculation"] = {key: after[key] - before[key] for key in after}
+            result["draft_timing"] = llm.collective_rpc("draft_timing")[0]
+        return result
 
-        connection.send({"error": traceback.format_exc()})
-    finally:
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-        connection.close()
+    serve_engine(connection, log_path, build, answer)
 
 
 def break_even_acceptance(round_over_step: float, k: int) -> float | None:

@@ -37,14 +37,13 @@ import signal
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from vllm_supernet.engine_process import EngineProcess, time_decode  # noqa: E402
+from vllm_supernet.engine_process import EngineProcess, serve_engine, time_decode  # noqa: E402
 
 # Model size shared by every checkpoint (supernet and native), so mixers compare at equal sizes.
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 512, 4, 8, 4, 64
@@ -241,48 +240,35 @@ def weight_read_ratio(checkpoint: Path) -> float:
 
 def _engine_worker(connection, model: str, options: dict, log_path: str, extra_env: dict) -> None:
     """Runs in its own process: one vllm.LLM, answering measurement requests from the pipe."""
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)  # vLLM's logs (and its engine-core child's) go to the log file
-    os.dup2(log, 2)
-    os.environ.update(extra_env)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the `finally` below: stop the engine core
-    engine = None
-    if extra_env.get("PYTHONPATH"):
-        sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
-    try:
-        from vllm import LLM, SamplingParams
+    rng = random.Random(0)
+    counter = 0
 
-        llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-                  enable_prefix_caching=False, seed=0, **options)  # fmt: skip
-        engine = llm.llm_engine
-        rng = random.Random(0)
-        counter = 0
-        connection.send({"ready": True})
-        while True:
-            command = connection.recv()
-            if command["op"] == "stop":
-                break
-            # op "decode": one batch, request i with placements[i] (None: a native model).
-            placements, context, new_tokens = command["placements"], command["context"], command["new_tokens"]
-            for placement in placements:
-                counter += 1
-                prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(context - 1)]
-                params = SamplingParams(
-                    max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
-                    extra_args={"placement": placement} if placement is not None else None,
-                )  # fmt: skip
-                engine.add_request(f"bench-{counter}", {"prompt_token_ids": prompt}, params)
-            decoded, seconds = time_decode(engine, len(placements))
-            connection.send({"tokens": decoded, "seconds": seconds, "rate": decoded / seconds})
-    except BaseException:  # noqa: B036 -- report any failure (also KeyboardInterrupt) to the parent
-        try:
-            connection.send({"error": traceback.format_exc()})
-        except OSError:
-            pass
-    finally:
-        if engine is not None:
-            engine.engine_core.shutdown()  # else the engine-core process outlives this one
-        connection.close()
+    def build():
+        if extra_env.get("PYTHONPATH"):
+            sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
+        from vllm import LLM
+
+        return LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+                   enable_prefix_caching=False, seed=0, **options)  # fmt: skip
+
+    def answer(llm, command: dict) -> dict:
+        # op "decode": one batch, request i with placements[i] (None: a native model).
+        from vllm import SamplingParams
+
+        nonlocal counter
+        placements, context, new_tokens = command["placements"], command["context"], command["new_tokens"]
+        for placement in placements:
+            counter += 1
+            prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(context - 1)]
+            params = SamplingParams(
+                max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                extra_args={"placement": placement} if placement is not None else None,
+            )  # fmt: skip
+            llm.llm_engine.add_request(f"bench-{counter}", {"prompt_token_ids": prompt}, params)
+        decoded, seconds = time_decode(llm.llm_engine, len(placements))
+        return {"tokens": decoded, "seconds": seconds, "rate": decoded / seconds}
+
+    serve_engine(connection, log_path, build, answer, extra_env)
 
 
 def _cache_report(text: str) -> dict:

@@ -3,13 +3,20 @@
 vLLM's offline `LLM` needs an `if __name__ == "__main__":` guard and its engine-core child must be shut down
 with it, so measurements that start engines from library code (`benchmarks/`, the placement toolkit's cost
 model) run one in a spawned process: `target(connection, *args)` builds it, sends `{"ready": True}`, then answers
-each command dict with a dict (`{"error": traceback}` on failure) until `{"op": "stop"}`.
+each command dict with a dict (`{"error": traceback}` on failure) until `{"op": "stop"}`; `serve_engine` is that
+child's loop.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class EngineProcess:
@@ -53,6 +60,42 @@ class EngineProcess:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=10)
+
+
+def serve_engine(
+    connection,
+    log_path: str,
+    build: Callable[[], Any],
+    answer: Callable[[Any, dict], dict],
+    extra_env: dict[str, str] | None = None,
+) -> None:
+    """The child side of `EngineProcess`: vLLM's output (and its engine-core child's) goes to `log_path`;
+    `llm = build()`; `{"ready": True}`; then `answer(llm, command)` for each command until `{"op": "stop"}`. Any
+    failure reaches the parent as `{"error": traceback}`; leaving (SIGTERM included) shuts the engine core down,
+    which would otherwise outlive this process."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.update(extra_env or {})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the `finally` below
+    llm = None
+    try:
+        llm = build()
+        connection.send({"ready": True})
+        while True:
+            command = connection.recv()
+            if command["op"] == "stop":
+                break
+            connection.send(answer(llm, command))
+    except BaseException:  # noqa: B036 -- report any failure (also KeyboardInterrupt) to the parent
+        try:
+            connection.send({"error": traceback.format_exc()})
+        except OSError:
+            pass
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        connection.close()
 
 
 def time_decode(engine, num_requests: int, outputs: dict[str, list[int]] | None = None) -> tuple[int, float]:

@@ -31,7 +31,6 @@ token lists, not a batch layout.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -39,6 +38,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from fast_llm_supernet.model.speculative import restore, snapshot
 from shared_spec import Placement
 
 SELF_SPECULATOR = f"{__name__}.SelfSpeculator"
@@ -82,21 +82,6 @@ class DraftTiming:
     rounds: int = 0
     drafted: int = 0
     forwards: int = 0
-
-
-def snapshot(caches: list) -> list:
-    saved = [copy.copy(cache) for cache in caches]
-    for cache in saved:
-        if hasattr(cache, "conv_states"):  # the dict is updated by key: keep the entries, not the dict
-            cache.conv_states = dict(cache.conv_states)
-    return saved
-
-
-def restore(caches: list, saved: list) -> None:
-    for cache, state in zip(caches, saved, strict=True):
-        cache.__dict__.update(state.__dict__)
-        if hasattr(state, "conv_states"):
-            cache.conv_states = dict(state.conv_states)
 
 
 class SelfSpeculator:

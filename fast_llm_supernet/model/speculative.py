@@ -48,19 +48,21 @@ class SpeculationStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
-def _snapshot(caches) -> list:
-    saved = [copy.copy(layer) for layer in caches.layers]
+def snapshot(layers: list) -> list:
+    """A shallow copy of each layer's cache: what it holds now stays reachable however the cache moves on, since
+    every update replaces tensors (a KV buffer that only appends past its length does too)."""
+    saved = [copy.copy(layer) for layer in layers]
     for layer in saved:
         if hasattr(layer, "conv_states"):  # the dict is updated by key: keep the entries, not the dict
             layer.conv_states = dict(layer.conv_states)
     return saved
 
 
-def _restore(caches, snapshot: list) -> None:
-    for layer, saved in zip(caches.layers, snapshot, strict=True):
-        layer.__dict__.update(saved.__dict__)
-        if hasattr(saved, "conv_states"):
-            layer.conv_states = dict(saved.conv_states)
+def restore(layers: list, saved: list) -> None:
+    for layer, state in zip(layers, saved, strict=True):
+        layer.__dict__.update(state.__dict__)
+        if hasattr(state, "conv_states"):
+            layer.conv_states = dict(state.conv_states)
 
 
 def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -127,7 +129,7 @@ def speculative_generate_one(
         steps = min(k, max_new_tokens - len(output))
         # Draft: feed what it has not seen, then one token at a time.
         logits = model(torch.tensor([pending_draft], device=device), caches=draft)[0, -1]
-        draft_snapshot = _snapshot(draft)
+        draft_snapshot = snapshot(draft.layers)
         drafted, draft_probs = [], []
         for i in range(steps):
             if do_sample:
@@ -139,7 +141,7 @@ def speculative_generate_one(
             if i + 1 < steps:
                 logits = model(torch.tensor([[drafted[-1]]], device=device), caches=draft)[0, -1]
         # Target: every pending token and every draft in one forward.
-        target_snapshot = _snapshot(target)
+        target_snapshot = snapshot(target.layers)
         fed = pending_target + drafted
         target_logits = model(torch.tensor([fed], device=device), caches=target)[0, len(pending_target) - 1 :]
         accepted, next_token = verify(
@@ -152,11 +154,11 @@ def speculative_generate_one(
         stats.accepted_per_round.append(accepted)
         kept = drafted[:accepted]
         if accepted < steps:  # the target saw rejected drafts: back to before them, the kept ones fed next time
-            _restore(target, target_snapshot)
+            restore(target.layers, target_snapshot)
             pending_target = pending_target + kept + [next_token]
         else:
             pending_target = [next_token]
-        _restore(draft, draft_snapshot)
+        restore(draft.layers, draft_snapshot)
         pending_draft = kept + [next_token]
         emitted = kept + [next_token]
         stop = next((i for i, token in enumerate(emitted) if token in eos_ids), None)  # an EOS ends the sequence

@@ -30,7 +30,7 @@ from shared_spec import (
     Placement,
 )
 from shared_spec.apriel2_config import StochasticMixerConfig
-from vllm_supernet.engine_process import EngineProcess, time_decode
+from vllm_supernet.engine_process import EngineProcess, serve_engine, time_decode
 
 
 class CostModel(BaseModel):
@@ -82,46 +82,35 @@ def cache_bytes_per_request(config: Apriel2TextConfig, placement: Placement, con
 
 def _engine(connection, checkpoint: str, options: dict, log_path: str) -> None:
     """Child process: one vllm.LLM with the mixer profiler, answering `measure` requests."""
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    llm = None
-    try:
-        from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams
 
+    rng = random.Random(0)
+    counter = 0
+
+    def build():
         llm = LLM(model=checkpoint, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
                   enable_prefix_caching=False, seed=0, worker_extension_cls="vllm_supernet.profiling.MixerProfiler",
-                  **options)
-        engine = llm.llm_engine
+                  **options)  # fmt: skip
         llm.collective_rpc("start_mixer_profiling")
-        vocab = llm.llm_engine.model_config.get_vocab_size()
-        rng = random.Random(0)
-        connection.send({"ready": True})
-        counter = 0
-        while True:
-            command = connection.recv()
-            if command["op"] == "stop":
-                break
-            placement, context, batch, steps = command["placement"], command["context"], command["batch"], command["steps"]
-            for _ in range(batch):
-                counter += 1
-                params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, detokenize=False,
-                                        extra_args={"placement": placement})
-                prompt = [rng.randrange(3, vocab) for _ in range(context)]
-                engine.add_request(f"cost-{counter}", {"prompt_token_ids": prompt}, params)
-            llm.collective_rpc("mixer_profile")  # drop what earlier work recorded
-            decoded, seconds = time_decode(engine, batch)
-            # Decode forwards only (one token per request); the first one warms up.
-            forwards = [f for f in llm.collective_rpc("mixer_profile")[0] if f["tokens"] == batch][1:]
-            connection.send({"step_seconds": seconds * batch / decoded, "forwards": forwards})
-    except BaseException:  # noqa: B036 -- report any failure to the parent
-        import traceback
+        return llm
 
-        connection.send({"error": traceback.format_exc()})
-    finally:
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()  # else the engine-core process outlives this one
-        connection.close()
+    def answer(llm, command: dict) -> dict:
+        nonlocal counter
+        engine, vocab = llm.llm_engine, llm.llm_engine.model_config.get_vocab_size()
+        placement, context, batch, steps = command["placement"], command["context"], command["batch"], command["steps"]
+        for _ in range(batch):
+            counter += 1
+            params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, detokenize=False,
+                                    extra_args={"placement": placement})  # fmt: skip
+            prompt = [rng.randrange(3, vocab) for _ in range(context)]
+            engine.add_request(f"cost-{counter}", {"prompt_token_ids": prompt}, params)
+        llm.collective_rpc("mixer_profile")  # drop what earlier work recorded
+        decoded, seconds = time_decode(engine, batch)
+        # Decode forwards only (one token per request); the first one warms up.
+        forwards = [f for f in llm.collective_rpc("mixer_profile")[0] if f["tokens"] == batch][1:]
+        return {"step_seconds": seconds * batch / decoded, "forwards": forwards}
+
+    serve_engine(connection, log_path, build, answer)
 
 
 def engine_options(max_model_len: int, batch: int) -> dict:
