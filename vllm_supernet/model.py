@@ -166,7 +166,7 @@ class SupernetDecoderBlock(nn.Module):
         self, hidden_states: torch.Tensor, residual: torch.Tensor | None, mix: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden_states [N, D] (the previous block's output, not yet added to `residual`); `mix` runs
-        the mixers on the normed input [N, D] -> [N, D] (`mix_groups`, or the draft's `forward_sequence`)."""
+        the mixers on the normed input [N, D] -> [N, D] (`mix_groups`, or the draft's `forward_on_cache`: `speculative.py`)."""
         if residual is None:
             residual, normed = hidden_states, self.input_layernorm(hidden_states)
         else:
