@@ -135,7 +135,8 @@ def acceptance_table(engine: EngineProcess, targets: dict[str, str], drafts: dic
 def speed_table(speculative: EngineProcess, plain: EngineProcess, targets, drafts, prompts: dict[int, list[int]],
                 new_tokens: int, reps: int, k: int) -> list[dict]:  # fmt: skip
     runs = []
-    plan = [(c, t, d, r) for r in range(reps) for c in prompts for t in targets for d in [None, *drafts]]
+    order = [None, *drafts]  # None: the plain engine; reversed every other repetition
+    plan = [(c, t, d, r) for r in range(reps) for c in prompts for t in targets for d in order[:: 1 - 2 * (r % 2)]]
     for context, target_label, draft_label, rep in tqdm(plan, desc="speed", file=sys.stdout):
         command = {"op": "run", "prompts": [prompts[context]], "placement": targets[target_label],
                    "max_tokens": new_tokens + 1, "ignore_eos": True}  # fmt: skip
@@ -157,7 +158,7 @@ def summarise_speed(runs: list[dict], k: int) -> list[dict]:
         plain = [r for r in runs if (r["context"], r["target"], r["draft"]) == (context, target, None)]
         plain_speed = statistics.median(r["tokens_per_second"] for r in plain)
         step = 1 / plain_speed  # seconds per plain decode step
-        for draft in sorted({r["draft"] for r in runs if r["draft"]} , key=str):
+        for draft in sorted({r["draft"] for r in runs if r["draft"]}, key=str):
             mine = [r for r in runs if (r["context"], r["target"], r["draft"]) == (context, target, draft)]
             if not mine:
                 continue

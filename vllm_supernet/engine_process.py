@@ -112,7 +112,7 @@ def time_decode(engine, num_requests: int, outputs: dict[str, list[int]] | None 
         now = time.perf_counter()
         for output in step_outputs:
             generated[output.request_id] = len(output.outputs[0].token_ids)
-            if outputs is not None:
+            if outputs is not None and output.finished:  # copied once, not on every step of the clock
                 outputs[output.request_id] = list(output.outputs[0].token_ids)
         if start is None and len(generated) == num_requests and min(generated.values()) >= 1:
             start, counted_at_start = now, sum(generated.values())

@@ -248,6 +248,7 @@ class DecodeSplit:
     @classmethod
     def _compute(cls, step: StepRequests, metadata, num_tokens: int) -> DecodeSplit:
         state_slots, verifying = request_state_pages(metadata, len(step.query_start_loc) - 1)
+        device = metadata_device(metadata)
         decodes, rows, others, offset = [], [], [], 0
         speculative: list[tuple[list[int], list[int], list[int]]] = []
         for request in step.requests:
@@ -264,11 +265,10 @@ class DecodeSplit:
                 decodes.append(request)
                 rows.append(offset)
             elif length > 0:
-                slot = torch.tensor([state_slots[request]], dtype=torch.long, device=metadata_device(metadata))
+                slot = torch.tensor([state_slots[request]], dtype=torch.long, device=device)
                 others.append((slot, offset, length, step.num_computed[request] > 0))
             offset += length
         all_decodes = not others and not speculative and rows == list(range(num_tokens))
-        device = metadata_device(metadata)
         return cls(
             decode_slots=torch.tensor([state_slots[r] for r in decodes], dtype=torch.long, device=device),
             rows=None if all_decodes else torch.tensor(rows, dtype=torch.long, device=device),

@@ -39,8 +39,9 @@ vLLM 0.32 internals relied on:
   bookkeeping has appended the accepted tokens to `token_ids_cpu`. The wrapper first tells the
   `SelfSpeculator` each request's id and draft placement (`begin_step`): `propose` is given neither.
 - `vllm.triton_utils.dispatcher.register_kernels` (what the CPU platform's `register_triton_kernel_overrides`
-  calls at worker start) swaps a Triton kernel for a Python/C++ stand-in; `_fix_cpu_expand_kernel` registers a
-  correct stand-in for `rejection_sampler.expand_kernel` (vLLM 0.32's CPU one writes into a copy).
+  calls at worker start) swaps a Triton kernel for a Python/C++ stand-in; `fix_cpu_expand_kernel` registers a
+  correct stand-in for `rejection_sampler.expand_kernel` (vLLM 0.32's CPU one writes into a copy) when the
+  `SelfSpeculator` loads, in the worker, after the platform's own registration.
 """
 
 from __future__ import annotations
@@ -250,11 +251,10 @@ def install_runner_patch() -> None:
         return original_propose(self, *args, **kwargs)
 
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
-    _fix_cpu_expand_kernel()
     _runner_installed = True
 
 
-def _fix_cpu_expand_kernel() -> None:
+def fix_cpu_expand_kernel() -> None:
     """Replace vLLM 0.32's CPU stand-in for the rejection sampler's `expand_kernel`, which makes sampled
     (temperature > 0) speculative decoding on CPU follow the wrong distribution.
 

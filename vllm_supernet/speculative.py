@@ -105,6 +105,9 @@ class SelfSpeculator:
                 "name another with `draft_placement`)"
             )
         self.model = target_model
+        from vllm_supernet.patches import fix_cpu_expand_kernel
+
+        fix_cpu_expand_kernel()  # sampled requests verify through vLLM's rejection sampler
 
     def begin_step(self, requests: list[DraftRequest]) -> None:
         """Each request of the step, in `propose`'s order (the runner patch)."""
