@@ -135,3 +135,23 @@ def test_tensor_parallel_table_has_a_ratio_per_model_and_context():
     table = bench_tp.markdown({"rows": rows}, "python benchmarks/bench_tensor_parallel.py")
     assert table.count("**1.50x**") == len(rows)
     assert "| Llama | 512 |" in table and "| supernet all-GDN | 2048 |" in table
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_step_time_benchmark_runs_end_to_end(tmp_path):
+    """Three real in-process engines (supernet, thinned, native Mistral); every stage timed on every decode step."""
+    if str(BENCH.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH.parent))
+    bench_step = importlib.import_module("bench_step_time")
+    out = tmp_path / "out"
+    bench_step.main(["--placement", "all-SWA", "--context", "48", "--new-tokens", "6", "--rounds", "2",
+                     "--kv-cache-gib", "0.25", "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+    results = json.loads((out / "step_time_all-SWA_48.json").read_text())
+    assert set(results["median_ms"]) == {"supernet", "supernet thinned", "mistral_swa"}
+    stages = {*bench_step.SCHEDULER_STAGES, *bench_step.RUNNER_STAGES}
+    for median in results["median_ms"].values():
+        assert median["steps_timed"] >= 2 * 4  # decode steps of two rounds (the first token is prefill's)
+        assert set(median) == {"step", "steps_timed", *stages}  # vLLM 0.32 has every stage the table names
+        assert all(median[stage] > 0 for stage in stages) and median["step"] > median["_model_forward"]
+    assert "| supernet thinned |" in (out / "step_time_all-SWA_48.md").read_text()

@@ -39,3 +39,28 @@ def test_mixed_step_gives_each_mixer_exactly_its_requests_tokens(spec):
     assert by_name["kda"].requests == [1] and by_name["kda"].token_index.tolist() == [1, 2, 3]
     assert [name for name, _ in layer1] == ["fa"] and layer1[0][1].token_index is None
     assert [name for name, _ in layer2] == ["attention"]
+
+
+def test_deferred_metadata_is_built_once_when_a_layer_first_reads_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_supernet import batch as batch_module
+
+    class CountingBuilder:
+        calls = 0
+
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+            CountingBuilder.calls += 1
+            return {"prefix": common_prefix_len, "common": common_attn_metadata}
+
+    builder = batch_module.deferred_builder(CountingBuilder)()
+    assert isinstance(builder, CountingBuilder)
+    group = builder.build(0, "step inputs")  # what vLLM's runner does before every step
+    unread = builder.build(0, "another group's inputs")
+    assert CountingBuilder.calls == 0
+    context = SimpleNamespace(attn_metadata={"layers.0.gdn": group, "layers.1.gdn": group, "layers.0.kda": unread})
+    monkeypatch.setattr(batch_module, "get_forward_context", lambda: context)
+    first = batch_module.layer_metadata("layers.0.gdn")
+    assert first == {"prefix": 0, "common": "step inputs"} and CountingBuilder.calls == 1
+    assert batch_module.layer_metadata("layers.1.gdn") is first and CountingBuilder.calls == 1  # shared by the group
+    assert batch_module.layer_metadata("layers.9.gdn") is None

@@ -54,7 +54,7 @@ from fast_llm_supernet.model.attention import (
     softmax_scale,
 )
 from shared_spec import AttentionMixerConfig
-from vllm_supernet.batch import StepRequests, layer_metadata
+from vllm_supernet.batch import StepRequests, deferred_builder, layer_metadata
 
 
 class SupernetAttention(nn.Module):
@@ -302,7 +302,10 @@ class SupernetAttentionBackend(CPUAttentionBackend):
 
     @staticmethod
     def get_builder_cls() -> type[SupernetAttentionMetadataBuilder]:
-        return SupernetAttentionMetadataBuilder
+        return _DeferredAttentionMetadataBuilder
+
+
+_DeferredAttentionMetadataBuilder = deferred_builder(SupernetAttentionMetadataBuilder)
 
 
 # ---- paged attention on a subset of the batch: vLLM's CPU kernel and the PyTorch reference --------

@@ -6,7 +6,7 @@ Both are `MambaBase` layers (vllm/model_executor/layers/mamba/abstract.py) whose
 layers: each rank holds its heads' channels and states. Their metadata is vLLM's GDN metadata
 (`GDNAttentionMetadataBuilder`, vllm/v1/attention/backends/gdn_attn.py:
 `non_spec_state_indices_tensor` = each request's state page, already resolved for prefix caching's
-"align" mode).
+"align" mode), built only in steps that run the group (`batch.DeferredMetadata`).
 
 A step on a subset of the batch splits into one-token continuations, decoded together by the
 subclass's `decode` (a kernel on the pages in place), and prefills or prefill chunks, run one by one
@@ -30,10 +30,11 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateDtypeCalculator
 from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.v1.attention.backends.gdn_attn import GDNAttentionBackend, GDNAttentionMetadataBuilder
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from fast_llm_supernet.model.linear_mixer import GatedRMSNorm, LinearMixerCache
-from vllm_supernet.batch import StepRequests, layer_metadata
+from vllm_supernet.batch import StepRequests, deferred_builder, layer_metadata
 
 # (conv state [C, K-1], delta-rule state [H, Dk, Dv]) of one rank's page.
 PageShapes = tuple[tuple[int, int], tuple[int, int, int]]
@@ -97,6 +98,17 @@ class SupernetGatedRMSNorm(GatedRMSNorm):
         return normed.view(x.shape) * F.silu(gate)
 
 
+class LinearMixerBackend(GDNAttentionBackend):
+    """vLLM's GDN backend, its metadata built only when a layer of the group runs in the step."""
+
+    @staticmethod
+    def get_builder_cls() -> type[GDNAttentionMetadataBuilder]:
+        return _DeferredGDNMetadataBuilder
+
+
+_DeferredGDNMetadataBuilder = deferred_builder(GDNAttentionMetadataBuilder)
+
+
 class LinearMixerLayer(nn.Module, MambaBase):
     """Base of `SupernetGatedDeltaNet` and `SupernetKimiDeltaAttention`.
 
@@ -128,6 +140,9 @@ class LinearMixerLayer(nn.Module, MambaBase):
     @property
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.GDN_ATTN
+
+    def get_attn_backend(self) -> type[GDNAttentionBackend]:
+        return LinearMixerBackend
 
     def get_state_shape(self) -> PageShapes:
         return self.page_shapes_of_rank

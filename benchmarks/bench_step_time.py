@@ -1,0 +1,229 @@
+"""Decode step time of one placement against vLLM's own model of its mixer, split by engine stage.
+
+    .venv/bin/python benchmarks/bench_step_time.py --placement all-SWA --context 8192 --rounds 4
+
+`bench_vllm.py` times whole batches through the engine's multiprocess client, where one sample moves by
+10-30 % on a shared 2-core box. This one looks inside a step: every engine runs its engine core in its
+own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one `vllm.LLM` per child process), and each decode step
+(batch `--batch`, every request past its prefill) is timed whole and by stage, with wall clocks around
+the scheduler's `schedule` / `update_from_output` and the model runner's `_update_states`,
+`_prepare_inputs`, `_build_attention_metadata`, `_model_forward` and `sample_tokens` (vLLM 0.32's
+names; a stage missing from another vLLM is reported as absent, never guessed). The stages say where
+a difference comes from: the model's forward (the mixers, the linear layers) or the engine's per-step
+bookkeeping, which grows with the number of KV-cache groups (an unthinned supernet has one per mixer
+kind, a native model one).
+
+Engines, all up at once and timed in turn, round by round (order reversed every other round): the
+supernet serving every mixer with the placement per request, the supernet thinned to that placement
+(`hf_overrides={"supernet_placements": [...]}`), and the native model (`bench_vllm.NATIVE_FOR`). Same
+checkpoints as `bench_vllm.py` (written to `--workdir` if missing). Results: medians over every decode
+step of every round, in `--out` (`step_time_<placement>_<context>.{json,md}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vllm import NATIVE_FOR, PLACEMENTS, VOCAB, make_checkpoints, write_torchvision_stub  # noqa: E402
+from vllm_supernet.engine_process import EngineProcess, serve_engine  # noqa: E402
+
+SCHEDULER_STAGES = ("schedule", "update_from_output")
+RUNNER_STAGES = ("_update_states", "_prepare_inputs", "_build_attention_metadata", "_model_forward", "sample_tokens")
+
+
+def _instrument(llm) -> dict[str, list[float]]:
+    """Wall clocks around the engine's stages; returns stage -> seconds of each call since the last clear."""
+    core = llm.llm_engine.engine_core.engine_core  # in-process client -> EngineCore
+    runner = core.model_executor.driver_worker.worker.model_runner
+    seconds: dict[str, list[float]] = {}
+    for owner, names in ((core.scheduler, SCHEDULER_STAGES), (runner, RUNNER_STAGES)):
+        for name in names:
+            original = getattr(owner, name, None)
+            if original is None:
+                continue
+
+            def timed(*args, _original=original, _calls=seconds.setdefault(name, []), **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    _calls.append(time.perf_counter() - start)
+
+            setattr(owner, name, timed)
+    return seconds
+
+
+def _engine_worker(connection, model: str, options: dict, log_path: str, extra_env: dict) -> None:
+    """Runs in its own process: one in-process `vllm.LLM`, timing decode steps on request."""
+    rng = random.Random(0)
+    counter = 0
+    stages: dict[str, list[float]] = {}
+
+    def build():
+        nonlocal stages
+        if extra_env.get("PYTHONPATH"):
+            sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
+        from vllm import LLM
+
+        llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+                  enable_prefix_caching=False, seed=0, **options)  # fmt: skip
+        stages = _instrument(llm)
+        return llm
+
+    def answer(llm, command: dict) -> dict:
+        from vllm import SamplingParams
+
+        nonlocal counter
+        engine = llm.llm_engine
+        placement, batch, context = command["placement"], command["batch"], command["context"]
+        for _ in range(batch):
+            counter += 1
+            prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(context - 1)]
+            params = SamplingParams(
+                max_tokens=command["new_tokens"], temperature=0.0, ignore_eos=True, detokenize=False,
+                extra_args={"placement": placement} if placement is not None else None,
+            )  # fmt: skip
+            engine.add_request(f"step-{counter}", {"prompt_token_ids": prompt}, params)
+        steps: list[float] = []
+        by_stage: dict[str, list[float]] = {name: [] for name in stages}
+        generated: dict[str, int] = {}
+        while engine.has_unfinished_requests():
+            decoding = len(generated) == batch and min(generated.values()) >= 1
+            for calls in stages.values():
+                calls.clear()
+            start = time.perf_counter()
+            outputs = engine.step()
+            elapsed = time.perf_counter() - start
+            for output in outputs:
+                generated[output.request_id] = len(output.outputs[0].token_ids)
+            if decoding:  # every request past its prefill: a pure decode step
+                steps.append(elapsed)
+                for name, calls in stages.items():
+                    by_stage[name].append(sum(calls))
+        return {"steps": steps, "stages": by_stage}
+
+    serve_engine(connection, log_path, build, answer, extra_env)
+
+
+class StepEngine(EngineProcess):
+    def __init__(self, name: str, model: Path, options: dict, logdir: Path, extra_env: dict):
+        log_path = logdir / f"step_time_{name}.log"
+        super().__init__(name, _engine_worker, (str(model), options, str(log_path), extra_env), log_path, wait=False)
+
+
+def run(args) -> dict:
+    workdir = args.workdir
+    logdir = workdir / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = make_checkpoints(workdir, args.window)
+    placement = PLACEMENTS[args.placement]
+    options = {"max_model_len": args.context + args.new_tokens + 16, "max_num_seqs": args.batch,
+               "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}  # fmt: skip
+    in_process = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    native_kind = NATIVE_FOR[args.placement]
+    native_env = dict(in_process)
+    if native_kind == "qwen3_5_gdn":  # its model file imports torchvision (see bench_vllm.py)
+        stub = write_torchvision_stub(workdir / "torchvision_stub")
+        native_env["PYTHONPATH"] = os.pathsep.join([str(stub), str(REPO), os.environ.get("PYTHONPATH", "")])
+    engines = {
+        "supernet": (StepEngine("supernet", checkpoints["supernet"], options, logdir, in_process), placement),
+        "supernet thinned": (
+            StepEngine("supernet_thinned", checkpoints["supernet"],
+                       {**options, "hf_overrides": {"supernet_placements": [placement]}}, logdir, in_process),
+            placement,
+        ),  # fmt: skip
+        native_kind: (StepEngine(native_kind, checkpoints[native_kind], options, logdir, native_env), None),
+    }
+    samples: dict[str, dict] = {name: {"steps": [], "stages": {}} for name in engines}
+    started = time.time()
+    try:
+        for engine, engine_placement in engines.values():
+            engine.wait_ready()
+            engine.request({"op": "time", "placement": engine_placement, "batch": args.batch, "context": 32,
+                            "new_tokens": 4})  # warm-up  # fmt: skip
+        names = list(engines)
+        for round_index in tqdm(range(args.rounds), desc=f"{args.placement} at {args.context}", file=sys.stdout):
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                engine, engine_placement = engines[name]
+                result = engine.request({"op": "time", "placement": engine_placement, "batch": args.batch,
+                                         "context": args.context, "new_tokens": args.new_tokens})  # fmt: skip
+                samples[name]["steps"] += result["steps"]
+                for stage, values in result["stages"].items():
+                    samples[name]["stages"].setdefault(stage, []).extend(values)
+    finally:
+        for engine, _ in engines.values():
+            engine.stop()
+    return {
+        "settings": {"placement": args.placement, "context": args.context, "batch": args.batch,
+                     "new_tokens": args.new_tokens, "rounds": args.rounds, "window": args.window},  # fmt: skip
+        "native": native_kind,
+        "median_ms": {
+            name: {
+                "step": 1000 * statistics.median(sample["steps"]),
+                "steps_timed": len(sample["steps"]),
+                **{stage: 1000 * statistics.median(values) for stage, values in sample["stages"].items()},
+            }
+            for name, sample in samples.items()
+        },
+        "wall_seconds": time.time() - started,
+    }
+
+
+def markdown(results: dict, command: str) -> str:
+    medians = results["median_ms"]
+    native = medians[results["native"]]
+    stages = [stage for stage in (*SCHEDULER_STAGES, *RUNNER_STAGES) if stage in native]
+    settings = results["settings"]
+    lines = [
+        f"Command: `{command}` ({results['wall_seconds'] / 60:.1f} min). vLLM CPU build, bf16, eager, engine core in "
+        f"process; batch {settings['batch']} at {settings['context']} tokens, {settings['new_tokens']} new tokens, "
+        f"{settings['rounds']} rounds; medians over every decode step (ms).",
+        "",
+        "| engine | step | native step / step | " + " | ".join(f"`{stage}`" for stage in stages) + " |",
+        "|---|---|---|" + "---|" * len(stages),
+    ]
+    for name, median in medians.items():
+        cells = " | ".join(f"{median.get(stage, float('nan')):.3f}" for stage in stages)
+        lines.append(f"| {name} | {median['step']:.3f} | **{native['step'] / median['step']:.2f}x** | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--placement", choices=sorted(NATIVE_FOR), default="all-SWA")
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="cache budget per engine")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "step_time")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the engines on the way out
+    command = "python benchmarks/bench_step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"step_time_{args.placement}_{args.context}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results, command.strip())
+    (args.out / f"{stem}.md").write_text(table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
