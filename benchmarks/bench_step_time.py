@@ -37,7 +37,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vllm import NATIVE_FOR, PLACEMENTS, VOCAB, make_checkpoints, write_torchvision_stub  # noqa: E402
+from bench_vllm import LAYERS, NATIVE_FOR, PLACEMENTS, VOCAB, make_checkpoints, write_torchvision_stub  # noqa: E402
+
 from vllm_supernet.engine_process import EngineProcess, serve_engine  # noqa: E402
 
 SCHEDULER_STAGES = ("schedule", "update_from_output")
@@ -55,7 +56,9 @@ def _instrument(llm) -> dict[str, list[float]]:
             if original is None:
                 continue
 
-            def timed(*args, _original=original, _calls=seconds.setdefault(name, []), **kwargs):
+            calls = seconds[name] = []
+
+            def timed(*args, _original=original, _calls=calls, **kwargs):
                 start = time.perf_counter()
                 try:
                     return _original(*args, **kwargs)
@@ -128,7 +131,7 @@ def run(args) -> dict:
     workdir = args.workdir
     logdir = workdir / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = make_checkpoints(workdir, args.window)
+    checkpoints = make_checkpoints(workdir, args.window, args.layers)
     placement = PLACEMENTS[args.placement]
     options = {"max_model_len": args.context + args.new_tokens + 16, "max_num_seqs": args.batch,
                "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}  # fmt: skip
@@ -168,7 +171,8 @@ def run(args) -> dict:
             engine.stop()
     return {
         "settings": {"placement": args.placement, "context": args.context, "batch": args.batch,
-                     "new_tokens": args.new_tokens, "rounds": args.rounds, "window": args.window},  # fmt: skip
+                     "new_tokens": args.new_tokens, "rounds": args.rounds, "window": args.window,
+                     "layers": args.layers},  # fmt: skip
         "native": native_kind,
         "median_ms": {
             name: {
@@ -189,7 +193,7 @@ def markdown(results: dict, command: str) -> str:
     settings = results["settings"]
     lines = [
         f"Command: `{command}` ({results['wall_seconds'] / 60:.1f} min). vLLM CPU build, bf16, eager, engine core in "
-        f"process; batch {settings['batch']} at {settings['context']} tokens, {settings['new_tokens']} new tokens, "
+        f"process; {settings['layers']} layers, batch {settings['batch']} at {settings['context']} tokens, {settings['new_tokens']} new tokens, "
         f"{settings['rounds']} rounds; medians over every decode step (ms).",
         "",
         "| engine | step | native step / step | " + " | ".join(f"`{stage}`" for stage in stages) + " |",
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=LAYERS,
+                        help="decoder layers of every checkpoint (the rest of bench_vllm's sizes stay)")  # fmt: skip
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="cache budget per engine")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "step_time")
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/bench_step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_time_{args.placement}_{args.context}"
+    stem = f"step_time_{args.placement}_{args.context}" + ("" if args.layers == LAYERS else f"_l{args.layers}")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results, command.strip())
     (args.out / f"{stem}.md").write_text(table)

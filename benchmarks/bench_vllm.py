@@ -70,7 +70,7 @@ THINNED = {
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def make_supernet(directory: Path, window: int) -> None:
+def make_supernet(directory: Path, window: int, layers: int = LAYERS) -> None:
     import torch
 
     from fast_llm_supernet.model import SupernetForCausalLM
@@ -111,18 +111,18 @@ def make_supernet(directory: Path, window: int) -> None:
     config = Apriel2TextConfig.model_validate(
         {"hidden_size": HIDDEN, "vocab_size": VOCAB, "tie_word_embeddings": False,
          "embeddings": {"max_position_embeddings": 65536},
-         "decoder": {"type": "fixed", "num_blocks": LAYERS, "block": block}, "bos_token_id": 1, "eos_token_id": 2}
+         "decoder": {"type": "fixed", "num_blocks": layers, "block": block}, "bos_token_id": 1, "eos_token_id": 2}
     )  # fmt: skip
     torch.manual_seed(0)
     SupernetForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
 
 
-def make_native(kind: str, directory: Path, window: int) -> None:
+def make_native(kind: str, directory: Path, window: int, layers: int = LAYERS) -> None:
     """A transformers checkpoint with random weights, at the supernet's sizes."""
     import torch
     import transformers
 
-    common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    common = dict(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
                   num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTERMEDIATE,
                   vocab_size=VOCAB, rms_norm_eps=EPS, max_position_embeddings=65536,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
@@ -134,7 +134,7 @@ def make_native(kind: str, directory: Path, window: int) -> None:
         model_class = transformers.MistralForCausalLM
     elif kind == "qwen3_5_gdn":  # dense Qwen3.5 with Gated DeltaNet in every layer
         config = transformers.Qwen3_5TextConfig(
-            **common, layer_types=["linear_attention"] * LAYERS, linear_conv_kernel_dim=CONV_KERNEL,
+            **common, layer_types=["linear_attention"] * layers, linear_conv_kernel_dim=CONV_KERNEL,
             linear_key_head_dim=HEAD_DIM, linear_value_head_dim=HEAD_DIM,
             linear_num_key_heads=KV_HEADS, linear_num_value_heads=HEADS,
         )  # fmt: skip
@@ -190,14 +190,14 @@ def write_torchvision_stub(root: Path) -> Path:
     return root
 
 
-def make_checkpoints(workdir: Path, window: int) -> dict[str, Path]:
-    paths = {"supernet": workdir / f"supernet_w{window}"}
-    paths.update({kind: workdir / f"{kind}_w{window}" for kind in ("llama", "mistral_swa", "qwen3_5_gdn")})
+def make_checkpoints(workdir: Path, window: int, layers: int = LAYERS) -> dict[str, Path]:
+    suffix = f"_w{window}" if layers == LAYERS else f"_w{window}_l{layers}"
+    paths = {kind: workdir / f"{kind}{suffix}" for kind in ("supernet", "llama", "mistral_swa", "qwen3_5_gdn")}
     for kind, path in paths.items():
         if (path / "config.json").exists():
             continue
         path.mkdir(parents=True, exist_ok=True)
-        make_supernet(path, window) if kind == "supernet" else make_native(kind, path, window)
+        make_supernet(path, window, layers) if kind == "supernet" else make_native(kind, path, window, layers)
     return paths
 
 

@@ -9,8 +9,9 @@ not depend on its neighbours.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from vllm.forward_context import get_forward_context
