@@ -23,6 +23,7 @@ step of every round, in `--out` (`step_time_<placement>_<context>.{json,md}`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -37,7 +38,15 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vllm import LAYERS, NATIVE_FOR, PLACEMENTS, VOCAB, make_checkpoints, write_torchvision_stub  # noqa: E402
+from bench_vllm import (  # noqa: E402
+    LAYERS,
+    NATIVE_FOR,
+    PLACEMENTS,
+    add_random_requests,
+    build_engine,
+    make_checkpoints,
+    write_torchvision_stub,
+)
 
 from vllm_supernet.engine_process import EngineProcess, serve_engine  # noqa: E402
 
@@ -71,35 +80,19 @@ def _instrument(llm) -> dict[str, list[float]]:
 
 def _engine_worker(connection, model: str, options: dict, log_path: str, extra_env: dict) -> None:
     """Runs in its own process: one in-process `vllm.LLM`, timing decode steps on request."""
-    rng = random.Random(0)
-    counter = 0
+    rng, request_ids = random.Random(0), itertools.count()
     stages: dict[str, list[float]] = {}
 
     def build():
         nonlocal stages
-        if extra_env.get("PYTHONPATH"):
-            sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
-        from vllm import LLM
-
-        llm = LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-                  enable_prefix_caching=False, seed=0, **options)  # fmt: skip
+        llm = build_engine(model, options, extra_env)
         stages = _instrument(llm)
         return llm
 
     def answer(llm, command: dict) -> dict:
-        from vllm import SamplingParams
-
-        nonlocal counter
-        engine = llm.llm_engine
-        placement, batch, context = command["placement"], command["batch"], command["context"]
-        for _ in range(batch):
-            counter += 1
-            prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(context - 1)]
-            params = SamplingParams(
-                max_tokens=command["new_tokens"], temperature=0.0, ignore_eos=True, detokenize=False,
-                extra_args={"placement": placement} if placement is not None else None,
-            )  # fmt: skip
-            engine.add_request(f"step-{counter}", {"prompt_token_ids": prompt}, params)
+        engine, batch = llm.llm_engine, command["batch"]
+        add_random_requests(engine, [command["placement"]] * batch, command["context"], command["new_tokens"], rng,
+                            request_ids)  # fmt: skip
         steps: list[float] = []
         by_stage: dict[str, list[float]] = {name: [] for name in stages}
         generated: dict[str, int] = {}

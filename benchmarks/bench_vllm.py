@@ -28,6 +28,7 @@ All checkpoints are written here with random weights (no downloads, no tokenizer
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -238,37 +239,43 @@ def weight_read_ratio(checkpoint: Path) -> float:
 # ----------------------------------------------------------------------------- engine worker
 
 
+def build_engine(model: str, options: dict, extra_env: dict):
+    """The benchmarks' `vllm.LLM` (in an engine child process): bf16, eager, no prefix caching, no tokenizer."""
+    if extra_env.get("PYTHONPATH"):
+        sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
+    from vllm import LLM
+
+    return LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
+               enable_prefix_caching=False, seed=0, **options)  # fmt: skip
+
+
+def add_random_requests(engine, placements: list[str | None], context: int, new_tokens: int, rng: random.Random,
+                        request_ids) -> None:  # fmt: skip
+    """One request per entry of `placements` (None: a native model): a random prompt of `context` token ids, greedy,
+    exactly `new_tokens` new tokens. `request_ids` yields unique ids (an `itertools.count`)."""
+    from vllm import SamplingParams
+
+    for placement in placements:
+        prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(context - 1)]
+        params = SamplingParams(
+            max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+            extra_args={"placement": placement} if placement is not None else None,
+        )  # fmt: skip
+        engine.add_request(f"bench-{next(request_ids)}", {"prompt_token_ids": prompt}, params)
+
+
 def _engine_worker(connection, model: str, options: dict, log_path: str, extra_env: dict) -> None:
     """Runs in its own process: one vllm.LLM, answering measurement requests from the pipe."""
-    rng = random.Random(0)
-    counter = 0
-
-    def build():
-        if extra_env.get("PYTHONPATH"):
-            sys.path.insert(0, extra_env["PYTHONPATH"].split(os.pathsep)[0])
-        from vllm import LLM
-
-        return LLM(model=model, skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
-                   enable_prefix_caching=False, seed=0, **options)  # fmt: skip
+    rng, request_ids = random.Random(0), itertools.count()
 
     def answer(llm, command: dict) -> dict:
         # op "decode": one batch, request i with placements[i] (None: a native model).
-        from vllm import SamplingParams
-
-        nonlocal counter
-        placements, context, new_tokens = command["placements"], command["context"], command["new_tokens"]
-        for placement in placements:
-            counter += 1
-            prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(context - 1)]
-            params = SamplingParams(
-                max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
-                extra_args={"placement": placement} if placement is not None else None,
-            )  # fmt: skip
-            llm.llm_engine.add_request(f"bench-{counter}", {"prompt_token_ids": prompt}, params)
+        placements = command["placements"]
+        add_random_requests(llm.llm_engine, placements, command["context"], command["new_tokens"], rng, request_ids)
         decoded, seconds = time_decode(llm.llm_engine, len(placements))
         return {"tokens": decoded, "seconds": seconds, "rate": decoded / seconds}
 
-    serve_engine(connection, log_path, build, answer, extra_env)
+    serve_engine(connection, log_path, lambda: build_engine(model, options, extra_env), answer, extra_env)
 
 
 def _cache_report(text: str) -> dict:
