@@ -1,6 +1,6 @@
 """flash-linear-attention against the PyTorch kernels, on a CUDA GPU (skipped without one).
 
-On CUDA the GDN and KDA mixers run fla's Triton kernels (`ops.gated_delta_rule` of `fast_llm_supernet.model.ops`), for
+On CUDA the GDN and KDA mixers run fla's Triton kernels (`delta_rule_kernels.gated_delta_rule`), for
 training, prefill and decode alike; everywhere else they run its PyTorch kernels, which the
 rest of the suite checks against the token-by-token recurrence. These tests hold fla to the same
 numbers: chunked and recurrent kernels, scalar (GDN) and per-channel (KDA) decay, with a starting
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fast_llm_supernet.model import ops
+from fast_llm_supernet.model import delta_rule_kernels, ops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,8 +42,8 @@ def test_fla_matches_the_torch_kernels(per_channel, recurrent):
     expected_out, expected_state = reference(query, key, value, log_decay, beta, initial_state=initial_state)
 
     on_gpu = [x.cuda() for x in (query, key, value, log_decay, beta, initial_state)]
-    assert ops.uses_fla(on_gpu[0].device)
-    out, state = ops.gated_delta_rule(
+    assert delta_rule_kernels.uses_fla(on_gpu[0].device)
+    out, state = delta_rule_kernels.gated_delta_rule(
         *on_gpu[:5], initial_state=on_gpu[5], output_final_state=True, recurrent=recurrent
     )
     # Outputs here are ~0.1 and states ~1. fla's chunked kernels may multiply in TF32 on recent GPUs:

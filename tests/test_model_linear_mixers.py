@@ -167,10 +167,10 @@ def test_unsupported_upstream_options_are_rejected(config, field):
 def test_cpu_path_never_imports_fla():
     import sys
 
-    from fast_llm_supernet.model import ops
+    from fast_llm_supernet.model import delta_rule_kernels
 
     mixer = make_kda(torch.float32)
     with torch.no_grad():
         mixer(torch.randn(1, 5, HIDDEN))
-    assert not ops.uses_fla(torch.device("cpu"))
+    assert not delta_rule_kernels.uses_fla(torch.device("cpu"))
     assert "fla" not in sys.modules

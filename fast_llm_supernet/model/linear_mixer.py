@@ -1,6 +1,6 @@
 """`fast_llm_supernet.model.linear_mixer`: what the GDN and KDA mixers share: the causal convolution and
 gated norm modules, the decode cache and the delta rule run from and into it, the config checks and the
-decay-rate parameters (their math: `ops`)."""
+decay-rate parameters (their math: `ops`; which kernel runs it: `delta_rule_kernels`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fast_llm_supernet.model import ops
+from fast_llm_supernet.model import delta_rule_kernels, ops
 
 # Fast-LLM's defaults where an Apriel2 config.json leaves them out.
 DEFAULT_NORM_EPSILON = 1e-5
@@ -136,7 +136,7 @@ def run_delta_rule(
     q, k [B, T, H, Dk]; v [B, T, H, Dv]; g [B, T, H] or [B, T, H, Dk]; beta [B, T, H] -> o [B, T, H, Dv].
     A one-token step with a cache (decode) runs the recurrent kernel, anything else the chunked one.
     """
-    o, state = ops.gated_delta_rule(
+    o, state = delta_rule_kernels.gated_delta_rule(
         ops.l2norm(q),
         ops.l2norm(k),
         v,

@@ -10,7 +10,6 @@ function here names the function that is its reference (the tests compare the pa
 | `recurrent_gated_delta_rule` | the gated delta rule token by token | (the definition below) |
 | `chunk_gated_delta_rule` | the same in chunks of 64 tokens (WY form) | `recurrent_gated_delta_rule` |
 | `gated_delta_rule_step` | one token, the state updated in place (serving's decode step) | `recurrent_gated_delta_rule`, T = 1 |
-| `gated_delta_rule` | fla's Triton kernels on CUDA when installed, else the two above | `chunk_` / `recurrent_gated_delta_rule` |
 | `causal_conv1d` | depthwise causal convolution (+ SiLU); T = 1 is an elementwise decode step | `F.conv1d` over the padded input |
 | `l2norm`, `gated_rms_norm` | Fast-LLM's L2 norm (eps inside the root) and gated RMS norm | - |
 | `rotary_cos_sin`, `apply_rotary` | rotary tables (float64 angles, float32 tables) and the half-split rotation | - |
@@ -33,24 +32,16 @@ Fast-LLM's torch KDA exponentiates first and masks after: finite forward, NaN gr
 Per-channel decays build that [t, s, Dk] decay only within sub-chunks of 16 tokens; across
 sub-chunks the decay factors through the sub-chunk start into two factors <= 1 (see `_decayed_scores`).
 
-flash-linear-attention (`fla`) is imported lazily and only for CUDA tensors, so CPU runs never import it
-(and never pay for its Triton start-up). Set `SUPERNET_DISABLE_FLA=1` to force the pure-PyTorch kernels
-everywhere, e.g. to compare the two on a GPU.
+Which kernel runs where (flash-linear-attention's Triton kernels on CUDA, these elsewhere, and these for
+training where fla's backward is wrong) is `delta_rule_kernels`' decision; this module is the math only.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import logging
 import math
-import os
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16  # per-channel decay: the explicit [t, s, Dk] decay only within sub-chunks
@@ -310,71 +301,6 @@ def gated_delta_rule_step(
     delta = (value.unsqueeze(-2) - recalled).mul_(beta[..., None, None])  # [B, H, 1, Dv]
     state.add_(key.unsqueeze(-1) * delta)  # write k delta^T
     return torch.matmul((query * scale).unsqueeze(-2), state).squeeze(-2)  # read after the write
-
-
-# ---- kernel choice: flash-linear-attention on CUDA when installed, else the kernels above ----------------
-
-
-@functools.cache
-def _fla_ops() -> tuple[ModuleType, ModuleType] | None:
-    """fla's gated-delta-rule and KDA op modules, or None when fla is missing or disabled."""
-    if (
-        os.environ.get("SUPERNET_DISABLE_FLA", "0") not in ("", "0")
-        or importlib.util.find_spec("fla") is None
-    ):
-        return None
-    try:
-        import fla.ops.gated_delta_rule as gdn_ops
-        import fla.ops.kda as kda_ops
-    except Exception as error:  # a broken Triton/CUDA install should degrade to the torch path, loudly
-        logger.warning(
-            "flash-linear-attention is installed but failed to import (%s); using torch kernels", error
-        )
-        return None
-    return gdn_ops, kda_ops
-
-
-def uses_fla(device: torch.device) -> bool:
-    """True when `gated_delta_rule` runs flash-linear-attention for tensors on `device`."""
-    return device.type == "cuda" and _fla_ops() is not None
-
-
-def gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-    recurrent: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule with the best available kernel; arguments as in `chunk_gated_delta_rule`.
-
-    q, k [B, T, H, Dk] (already L2-normalised; scaled by Dk ** -0.5 inside), v [B, T, H, Dv],
-    g [B, T, H] (scalar decay, GDN) or [B, T, H, Dk] (per-channel, KDA), beta [B, T, H],
-    initial_state [B, H, Dk, Dv] or None. `recurrent=True` picks the token-by-token kernel (decode).
-    Returns o [B, T, H, Dv] and the final state (None from fla unless `output_final_state`).
-    """
-    if uses_fla(q.device):
-        gdn_ops, kda_ops = _fla_ops()
-        per_channel = g.dim() == 4
-        if recurrent:
-            kernel = kda_ops.fused_recurrent_kda if per_channel else gdn_ops.fused_recurrent_gated_delta_rule
-        else:
-            kernel = kda_ops.chunk_kda if per_channel else gdn_ops.chunk_gated_delta_rule
-        # Keywords only: fla's recurrent GDN kernel takes (q, k, v, g, gk, gv, beta, ...) positionally.
-        return kernel(
-            q=q,
-            k=k,
-            v=v,
-            g=g.float(),
-            beta=beta.to(q.dtype),
-            initial_state=initial_state.float() if initial_state is not None else None,
-            output_final_state=output_final_state,
-        )
-    kernel = recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
-    return kernel(q, k, v, g, beta, initial_state=initial_state)
 
 
 # ---- attention ---------------------------------------------------------------------------------------------

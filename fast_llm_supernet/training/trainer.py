@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fast_llm_supernet.model import SupernetForCausalLM
+from fast_llm_supernet.model import SupernetForCausalLM, delta_rule_kernels
 from fast_llm_supernet.training.config import (
     ConfigError,
     DataSourceConfig,
@@ -332,6 +332,10 @@ class Trainer:
             self.student, config.model.train, config.model.frozen_mixer_kinds
         )
         self.trainable = [(name, p) for name, p in self.student.named_parameters() if p.requires_grad]
+        trained_kinds = {self.spec.layers[index].mixers[name] for index, name in self.trainable_mixers}
+        if trained_kinds & {MixerKind.GDN, MixerKind.KDA}:
+            # Before the first step: on a GPU where fla's backward is wrong or refuses, the torch kernels train.
+            self.log(delta_rule_kernels.kernel_choice(self.device).describe())
         if not self.trainable:
             raise ConfigError("model: no parameter trains (check model.train and model.frozen_mixer_kinds)")
         optimizer = config.optimizer
