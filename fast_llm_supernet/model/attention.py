@@ -12,7 +12,8 @@ The definition is upstream Fast-LLM's (`fast_llm/layers/attention/attention.py`,
 * sliding window w: query i attends keys i-w+1 .. i (upstream's mask `triu(-(w-1))`, flash
   `window=(w-1, 0)`).
 
-The rotary tables, the rotation and the mask are functions of `ops` (shared with vllm_supernet).
+The rotary tables, the rotation and the mask are functions of `ops` (shared with vllm_supernet). A whole
+sequence with a window runs FlexAttention on GPUs (`windowed_attention`), the dense mask elsewhere.
 
 Checkpoint parameter names: `q_proj`, `k_proj`, `v_proj`, `o_proj` (`.weight`, `.bias` if enabled).
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fast_llm_supernet.model import windowed_attention
 from fast_llm_supernet.model.ops import apply_rotary, attention_mask, rotary_cos_sin
 from shared_spec import AttentionMixerConfig, StochasticMixerConfig
 
@@ -219,17 +221,22 @@ class Attention(nn.Module):
             cache.value = value[:, :, value.shape[2] - keep :].detach()
             cache.position = start + length
 
-        # GQA: expand each KV group over its query heads (query head h uses group h // heads_per_group).
-        if self.heads_per_group > 1:
-            key = key.repeat_interleave(self.heads_per_group, dim=1)
-            value = value.repeat_interleave(self.heads_per_group, dim=1)
-        if self.window_size is None and key.shape[2] == length:
-            # Plain causal attention over the whole sequence: no mask to build, fused kernels allowed.
-            attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scale)
-        else:
-            attended = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=self._allowed(start, length, key.shape[2], query.device), scale=self.scale
-            )
+        whole_sequence = key.shape[2] == length  # no cached keys before the queries
+        attended = None
+        if whole_sequence and self.window_size is not None and windowed_attention.usable(query):
+            # Sliding window at window cost (GPU): FlexAttention skips the blocks outside the window.
+            attended = windowed_attention.sliding_window_attention(query, key, value, self.window_size, self.scale)
+        if attended is None:
+            # GQA: expand each KV group over its query heads (query head h uses group h // heads_per_group).
+            if self.heads_per_group > 1:
+                key = key.repeat_interleave(self.heads_per_group, dim=1)
+                value = value.repeat_interleave(self.heads_per_group, dim=1)
+            if self.window_size is None and whole_sequence:
+                # Plain causal attention over the whole sequence: no mask to build, fused kernels allowed.
+                attended = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scale)
+            else:
+                allowed = self._allowed(start, length, key.shape[2], query.device)
+                attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=self.scale)
         # [B, heads, T, Dh] -> [B, T, heads * Dh]
         attended = attended.transpose(1, 2).reshape(batch, length, self.heads * self.head_size)
         return self.o_proj(attended)
