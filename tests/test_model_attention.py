@@ -108,10 +108,33 @@ def test_incremental_decode_matches_full_forward(window):
     pieces = [module(hidden[:, :5], cache=cache)]
     for position in range(5, 11):
         pieces.append(module(hidden[:, position : position + 1], cache=cache))
-        kept = cache.key.shape[2]
-        assert kept == (position + 1 if window is None else min(position + 1, window - 1))
+        if window is None:
+            assert cache.length == position + 1
+        else:  # what the next query reaches, and never more than the buffer
+            assert min(position + 1, window - 1) <= cache.length <= cache.capacity <= 64
     assert cache.position == 11
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 1, 5])
+@pytest.mark.parametrize("budget", [False, True], ids=["growing", "allocated_to_budget"])
+def test_long_decode_writes_in_place_and_matches_full_forward(window, budget):
+    torch.manual_seed(4)
+    module = Attention(attention_config(window_size=window), HIDDEN)
+    hidden = torch.randn(2, 150, HIDDEN)
+    full = module(hidden)
+    cache = module.new_cache(2, max_length=150 if budget else None)
+    pieces = [module(hidden[:, :7], cache=cache)]
+    buffers = set()
+    for position in range(7, 150):
+        pieces.append(module(hidden[:, position : position + 1], cache=cache))
+        buffers.add(cache.key.data_ptr())
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=5e-6, rtol=1e-5)
+    if window is None:
+        # Allocated once for the budget; otherwise doubled: a handful of buffers for 143 steps, not one per step.
+        assert len(buffers) == 1 if budget else len(buffers) <= 3
+    else:
+        assert cache.capacity <= 64 and len(buffers) <= 4  # bounded by the window, moved once per ~60 tokens
 
 
 def test_chunked_prefill_with_cache_matches_full_forward():

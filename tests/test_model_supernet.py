@@ -165,6 +165,16 @@ def test_greedy_generate_uses_caches_correctly(model, placement):
     assert torch.equal(model.generate(prompt, placement=placement, max_new_tokens=6), generated)
 
 
+def test_long_greedy_generation_keeps_its_tokens(model):
+    # Past the first buffers of every cache (sliding-window buffers hold 64 tokens): the same tokens as decoding
+    # without any cache.
+    prompt = tokens(1, 9, seed=8)
+    with torch.no_grad():
+        for placement in ("attention*", "sliding_window*", "sliding_window,gdn,attention"):
+            generated = model.generate(prompt, placement=placement, max_new_tokens=90)
+            assert torch.equal(generated, greedy_without_cache(model, prompt, placement, 90)), placement
+
+
 def test_sampling_is_reproducible_with_a_generator(model):
     prompt = tokens(2, 3, seed=5)
     runs = [

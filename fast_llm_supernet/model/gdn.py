@@ -140,9 +140,10 @@ class GatedDeltaNet(nn.Module):
             nn.init.normal_(linear.weight, std=hidden_size**-0.5)  # Fast-LLM's default
 
     def new_cache(
-        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
+        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype, max_length: int | None = None
     ) -> LinearMixerCache:
-        """An empty decode cache: conv state [B, conv_dim, K-1], recurrent state [B, Hv, Dk, Dv]."""
+        """An empty decode cache: conv state [B, conv_dim, K-1], recurrent state [B, Hv, Dk, Dv] (sizes that do not
+        depend on `max_length`)."""
         state_shape = (self.num_value_heads, self.key_head_dim, self.value_head_dim)
         return LinearMixerCache.empty(
             {CONVOLUTION: self.convolution}, state_shape, batch_size, device, dtype

@@ -120,9 +120,10 @@ class KimiDeltaAttention(nn.Module):
                 nn.init.normal_(module.weight, std=hidden_size**-0.5)  # Fast-LLM's default for all of them
 
     def new_cache(
-        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
+        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype, max_length: int | None = None
     ) -> LinearMixerCache:
-        """An empty decode cache: three conv states [B, H*D, K-1], recurrent state [B, H, D, D]."""
+        """An empty decode cache: three conv states [B, H*D, K-1], recurrent state [B, H, D, D] (sizes that do not
+        depend on `max_length`)."""
         convolutions = {name: getattr(self, name) for name in CONVOLUTIONS}
         state_shape = (self.num_heads, self.head_dim, self.head_dim)
         return LinearMixerCache.empty(convolutions, state_shape, batch_size, device, dtype)

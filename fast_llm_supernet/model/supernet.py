@@ -83,7 +83,7 @@ def build_mixer(config: AttentionMixerConfig | GDNMixerConfig | KDAMixerConfig, 
     """The mixer module for one (non-stochastic) mixer config; parameter names match the checkpoint.
 
     Every mixer has the same interface: `forward(hidden_states [B, T, D], cache=None) -> [B, T, D]` and
-    `new_cache(batch_size, device, dtype)`; with a cache the input continues the cached sequence and the
+    `new_cache(batch_size, device, dtype, max_length=None)`; with a cache the input continues the cached sequence and the
     cache is updated in place.
     """
     if isinstance(config, AttentionMixerConfig):
@@ -267,13 +267,15 @@ class SupernetForCausalLM(nn.Module):
         batch_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        max_length: int | None = None,
     ) -> SupernetCaches:
-        """Empty per-layer caches for incremental decoding with `placement`."""
+        """Empty per-layer caches for incremental decoding with `placement`; `max_length` (tokens per sequence,
+        prompt included), when known, lets attention caches allocate once."""
         placement = self.resolve_placement(placement)
         device = device if device is not None else self.lm_head.weight.device
         dtype = dtype or self.lm_head.weight.dtype
         layers = [
-            block.get_mixer(name).new_cache(batch_size, device, dtype)
+            block.get_mixer(name).new_cache(batch_size, device, dtype, max_length=max_length)
             for block, name in zip(self.model.decoder.blocks, placement.mixers, strict=True)
         ]
         return SupernetCaches(placement=placement, layers=layers)
@@ -286,8 +288,10 @@ class SupernetForCausalLM(nn.Module):
         placement: PlacementLike = None,
         caches: SupernetCaches | None = None,
         return_mixer_outputs: bool = False,
+        last_logits_only: bool = False,
     ) -> torch.Tensor | SupernetOutput:
-        """Logits [B, T, V] for input_ids [B, T] under one placement.
+        """Logits [B, T, V] for input_ids [B, T] under one placement ([B, 1, V]: the last position's, with
+        `last_logits_only`, which is all decoding needs: the head over a 16k-token prompt would be [B, 16k, V]).
 
         With `caches`, input_ids continues the cached sequences and the caches are updated in
         place; the placement defaults to the caches' and must equal it if given.
@@ -311,6 +315,8 @@ class SupernetForCausalLM(nn.Module):
             hidden_states, mixer_output = block(hidden_states, name, cache)
             if return_mixer_outputs:
                 mixer_outputs.append(mixer_output)
+        if last_logits_only:
+            hidden_states = hidden_states[:, -1:]
         logits = self.lm_head(self.model.norm(hidden_states))  # [B, T, V]
         if return_mixer_outputs:
             return SupernetOutput(logits=logits, mixer_outputs=mixer_outputs, placement=resolved)
@@ -358,20 +364,28 @@ class SupernetForCausalLM(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         eos = torch.tensor(eos_ids, device=input_ids.device, dtype=input_ids.dtype)
 
-        caches = self.new_caches(placement, input_ids.shape[0], device=input_ids.device)
-        sequences = input_ids
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        # Caches and the output sized once for the whole budget: a step writes its token, it copies nothing.
+        batch_size, prompt_length = input_ids.shape
+        caches = self.new_caches(
+            placement, batch_size, device=input_ids.device, max_length=prompt_length + max_new_tokens
+        )
+        sequences = input_ids.new_empty(batch_size, prompt_length + max_new_tokens)
+        sequences[:, :prompt_length] = input_ids
+        length = prompt_length
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
         next_input = input_ids
         for _ in range(max_new_tokens):
-            logits = self(next_input, caches=caches)[:, -1].float()  # [B, V]
+            logits = self(next_input, caches=caches, last_logits_only=True)[:, -1].float()  # [B, V]
             next_token = generation.next_token(logits, do_sample, temperature, top_k, top_p, generator)
             if len(eos_ids):
                 next_token = torch.where(finished, eos[0], next_token)
                 finished |= torch.isin(next_token, eos)
-            sequences = torch.cat([sequences, next_token[:, None]], dim=1)
+            sequences[:, length] = next_token
+            length += 1
             if len(eos_ids) and bool(finished.all()):
                 break
-            next_input = next_token[:, None]
+            next_input = sequences[:, length - 1 : length]
+        sequences = sequences[:, :length]
         return sequences[0] if squeeze else sequences
 
     def _speculative_generate(
