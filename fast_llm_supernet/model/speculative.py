@@ -10,9 +10,9 @@ min(1, p(d) / q(d)) and, at the first rejection, draws from normalise(max(0, p -
 kept, the next token is drawn from the target's distribution after them. Each emitted token then follows the
 target's distribution exactly, and greedy output equals non-speculative greedy output.
 
-Caches: every cache update in this model replaces tensors rather than writing into them (attention keys and
-values are concatenated, recurrent and convolution states reassigned), so a snapshot is a shallow copy of a
-cache's fields and restoring it is free. After a partial acceptance, the target's and the draft's caches go back
+Caches: no cache update in this model writes over what a cache already holds (attention keys and values are
+written past the kept length or into new buffers, recurrent and convolution states reassigned), so a snapshot is
+a shallow copy of a cache's fields and restoring it is free. After a partial acceptance, the target's and the draft's caches go back
 to the snapshot taken before the round, and the kept tokens are fed again at the start of the next forward
 (`pending`), never the prefix.
 
