@@ -50,3 +50,33 @@ def test_fla_matches_the_torch_kernels(per_channel, recurrent):
     # agreement to about 1 % of the outputs, not to float32's last bits (the torch kernels agree to 1e-7).
     torch.testing.assert_close(out.float().cpu(), expected_out.float(), atol=1e-3, rtol=1e-2)
     torch.testing.assert_close(state.float().cpu(), expected_state.float(), atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn_scalar_decay", "kda_per_channel_decay"])
+def test_training_gradients_match_the_torch_kernels(per_channel):
+    """Whatever `kernel_choice` picked for training on this GPU (fla, or the torch kernels where fla's backward
+    refuses or is wrong), its gradients are the torch kernels' up to fla's TF32 products."""
+    torch.manual_seed(1)
+    batch, length, heads, dim = 2, 200, 4, 64
+    decay_shape = (batch, length, heads, dim) if per_channel else (batch, length, heads)
+    inputs = [
+        ops.l2norm(torch.randn(batch, length, heads, dim)),
+        ops.l2norm(torch.randn(batch, length, heads, dim)),
+        torch.randn(batch, length, heads, dim),
+        F.logsigmoid(torch.randn(decay_shape) + 2),
+        torch.rand(batch, length, heads),
+    ]
+    upstream = torch.randn(batch, length, heads, dim)
+
+    def grads(kernel, device):
+        leaves = [x.to(device).requires_grad_() for x in inputs]
+        out, _ = kernel(*leaves)
+        return [grad.float().cpu() for grad in torch.autograd.grad(out, leaves, upstream.to(device, out.dtype))]
+
+    choice = delta_rule_kernels.kernel_choice("cuda")
+    print(choice.describe())
+    got = grads(delta_rule_kernels.gated_delta_rule, "cuda")
+    expected = grads(ops.chunk_gated_delta_rule, "cpu")
+    for name, grad, reference in zip(("q", "k", "v", "g", "beta"), got, expected, strict=True):
+        relative = ((grad - reference).norm() / reference.norm()).item()
+        assert relative <= delta_rule_kernels.CHECK_TOLERANCE, (name, relative)

@@ -58,7 +58,8 @@ def sliding_window_block_mask(length: int, window: int, device: str) -> BlockMas
 
 @functools.cache
 def _compiled_flex_attention():
-    return torch.compile(flex_attention)
+    # Static shapes: a run sees a few sequence lengths (training, evaluation, prefill), each compiled once.
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def sliding_window_attention(
