@@ -173,3 +173,11 @@ def test_the_setting_sends_everything_to_the_torch_kernels(stand_in_fla, monkeyp
 def test_without_fla_the_choice_is_the_torch_kernels():
     choice = delta_rule_kernels.kernel_choice("cpu")
     assert choice.forward == "torch" and set(choice.backward.values()) == {"torch"}
+
+
+def test_the_torch_kernels_keep_float32_under_autocast():
+    leaves = [x.detach().to(torch.bfloat16) if i < 3 else x.detach() for i, x in enumerate(_inputs(per_channel=True))]
+    expected, _ = ops.chunk_gated_delta_rule(*leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = delta_rule_kernels.gated_delta_rule(*leaves)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -204,7 +204,10 @@ def gated_delta_rule(
         if not needs_grad or kernel_choice(q.device).backward[kind] == "fla":
             return _fla_delta_rule(q, k, v, g, beta, initial_state, output_final_state, recurrent)
     kernel = ops.recurrent_gated_delta_rule if recurrent else ops.chunk_gated_delta_rule
-    return kernel(q, k, v, g, beta, initial_state=initial_state)
+    # The torch kernels compute in float32 (`ops.compute_dtype`); under a bf16 autocast (the trainer on a GPU)
+    # their matmuls would round to bf16 inside the recurrence.
+    with torch.autocast(q.device.type, enabled=False):
+        return kernel(q, k, v, g, beta, initial_state=initial_state)
 
 
 def describe_device(device: torch.device) -> str:
