@@ -38,6 +38,7 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -50,6 +51,19 @@ from vllm_supernet.engine_process import EngineProcess, serve_engine, time_decod
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 512, 4, 8, 4, 64
 INTERMEDIATE, VOCAB, ROPE_THETA, EPS = 1536, 4096, 10000.0, 1e-5
 CONV_KERNEL = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark model's sizes (the supernet's and its native twins'); the defaults are the benchmark model."""
+
+    hidden: int = HIDDEN
+    layers: int = LAYERS
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    head_dim: int = HEAD_DIM
+    intermediate: int = INTERMEDIATE
+    vocab: int = VOCAB
 
 PLACEMENTS = {
     "all-FA": "attention*",
@@ -71,29 +85,30 @@ THINNED = {
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def make_supernet(directory: Path, window: int, layers: int = LAYERS) -> None:
+def make_supernet(directory: Path, window: int, layers: int = LAYERS, shape: Shape | None = None) -> None:
     import torch
 
     from fast_llm_supernet.model import SupernetForCausalLM
     from shared_spec import Apriel2TextConfig
 
-    attention = {"type": "attention", "heads": HEADS, "head_groups": KV_HEADS, "head_size": HEAD_DIM,
+    shape = shape or Shape(layers=layers)
+    attention = {"type": "attention", "heads": shape.heads, "head_groups": shape.kv_heads, "head_size": shape.head_dim,
                  "add_linear_biases": False, "rotary": {"type": "mistral_1d", "theta": ROPE_THETA}}  # fmt: skip
     mixers = {
         "attention": attention,
         "sliding_window": {**attention, "window_size": window},
         "gdn": {
             "type": "gdn",
-            "value_heads": HEADS,
-            "key_heads": KV_HEADS,
-            "key_head_dim": HEAD_DIM,
-            "value_head_dim": HEAD_DIM,
+            "value_heads": shape.heads,
+            "key_heads": shape.kv_heads,
+            "key_head_dim": shape.head_dim,
+            "value_head_dim": shape.head_dim,
             "convolution_layer": {"kernel_size": CONV_KERNEL},
         },  # fmt: skip
         "kda": {
             "type": "kda",
-            "heads": HEADS,
-            "head_dim": HEAD_DIM,
+            "heads": shape.heads,
+            "head_dim": shape.head_dim,
             "convolution_layer": {"kernel_size": CONV_KERNEL},
             "normalization": {"epsilon": EPS},
         },  # fmt: skip
@@ -102,7 +117,7 @@ def make_supernet(directory: Path, window: int, layers: int = LAYERS) -> None:
         "mixer": {"type": "stochastic", "main_mixer_name": "attention", "mixers": mixers},
         "mlp": {
             "type": "mlp",
-            "intermediate_size": INTERMEDIATE,
+            "intermediate_size": shape.intermediate,
             "activation": "silu",
             "gated": True,
             "add_linear_biases": False,
@@ -110,22 +125,24 @@ def make_supernet(directory: Path, window: int, layers: int = LAYERS) -> None:
         "normalization": {"type": "rms_norm", "epsilon": EPS},
     }
     config = Apriel2TextConfig.model_validate(
-        {"hidden_size": HIDDEN, "vocab_size": VOCAB, "tie_word_embeddings": False,
+        {"hidden_size": shape.hidden, "vocab_size": shape.vocab, "tie_word_embeddings": False,
          "embeddings": {"max_position_embeddings": 65536},
-         "decoder": {"type": "fixed", "num_blocks": layers, "block": block}, "bos_token_id": 1, "eos_token_id": 2}
+         "decoder": {"type": "fixed", "num_blocks": shape.layers, "block": block}, "bos_token_id": 1, "eos_token_id": 2}
     )  # fmt: skip
     torch.manual_seed(0)
     SupernetForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
 
 
-def make_native(kind: str, directory: Path, window: int, layers: int = LAYERS) -> None:
+def make_native(kind: str, directory: Path, window: int, layers: int = LAYERS, shape: Shape | None = None) -> None:
     """A transformers checkpoint with random weights, at the supernet's sizes."""
     import torch
     import transformers
 
-    common = dict(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
-                  num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTERMEDIATE,
-                  vocab_size=VOCAB, rms_norm_eps=EPS, max_position_embeddings=65536,
+    shape = shape or Shape(layers=layers)
+    layers = shape.layers
+    common = dict(hidden_size=shape.hidden, num_hidden_layers=layers, num_attention_heads=shape.heads,
+                  num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate_size=shape.intermediate,
+                  vocab_size=shape.vocab, rms_norm_eps=EPS, max_position_embeddings=65536,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
     if kind == "llama":
         config = transformers.LlamaConfig(**common, rope_theta=ROPE_THETA)
@@ -136,8 +153,8 @@ def make_native(kind: str, directory: Path, window: int, layers: int = LAYERS) -
     elif kind == "qwen3_5_gdn":  # dense Qwen3.5 with Gated DeltaNet in every layer
         config = transformers.Qwen3_5TextConfig(
             **common, layer_types=["linear_attention"] * layers, linear_conv_kernel_dim=CONV_KERNEL,
-            linear_key_head_dim=HEAD_DIM, linear_value_head_dim=HEAD_DIM,
-            linear_num_key_heads=KV_HEADS, linear_num_value_heads=HEADS,
+            linear_key_head_dim=shape.head_dim, linear_value_head_dim=shape.head_dim,
+            linear_num_key_heads=shape.kv_heads, linear_num_value_heads=shape.heads,
         )  # fmt: skip
         config.architectures = ["Qwen3_5ForCausalLM"]
         model_class = transformers.Qwen3_5ForCausalLM

@@ -94,7 +94,8 @@ def _main(scenario_path: str) -> None:
     """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
     placement?, draft_placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?, temperature?, n?,
     seed?}]}], invalid: [placement values, or {"draft_placement": value}] (with speculative_config in
-    engine, and disable_log_stats False, `speculation` gives each batch's drafting counts),
+    engine, and disable_log_stats False, `speculation` gives each batch's drafting counts; with disable_log_stats
+    False, `metrics` holds vLLM's counters and gauges after the last batch),
     env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`)}."""
     from vllm import LLM, SamplingParams
 
@@ -172,6 +173,10 @@ def _main(scenario_path: str) -> None:
             results["invalid"].append({"value": value, "error": f"{type(error).__name__}: {error}"})
     # After the rejections the engine still serves.
     results["after_invalid"] = generate([{"prompt_token_ids": [1, 5, 6], "max_tokens": 2}])
+    if not engine.get("disable_log_stats", True):  # vLLM's own counters (preemptions, tokens)
+        results["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+    results["num_gpu_blocks"] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    results["block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
     Path(scenario["result"]).write_text(json.dumps(results))
 
 

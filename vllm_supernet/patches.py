@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any
 
 from shared_spec import Placement, PlacementError
@@ -79,6 +80,75 @@ def install_frontend_patches() -> None:
     _patch_request_models()
     _patch_input_processor()
     _patch_build_app()
+    _patch_cache_groups()
+    _patch_scheduler()
+
+
+def _patch_cache_groups() -> None:
+    """Supernets get one cache group per served (layer, mixer) (`cache_allocation.per_mixer_groups`)."""
+    from vllm.v1.core import kv_cache_utils
+
+    from vllm_supernet.cache_allocation import allocates_by_placement, default_groups, per_mixer_groups
+
+    original = kv_cache_utils.get_kv_cache_groups
+
+    def get_kv_cache_groups(vllm_config, kv_cache_spec):
+        if is_supernet(vllm_config.model_config) and allocates_by_placement(vllm_config.model_config) and kv_cache_spec:
+            return per_mixer_groups(kv_cache_spec)
+        return original(vllm_config, kv_cache_spec)
+
+    kv_cache_utils.get_kv_cache_groups = get_kv_cache_groups
+
+    # vLLM's start-up check (one max_model_len request must fit) and its "Maximum concurrency" line count
+    # a request in every group; a supernet request holds its placement's groups: count the default's.
+    original_usage = kv_cache_utils._max_memory_usage_bytes_from_groups
+    original_concurrency = kv_cache_utils.get_max_concurrency_for_kv_cache_config
+
+    def _max_memory_usage_bytes_from_groups(vllm_config, groups):
+        return original_usage(vllm_config, default_groups(vllm_config, groups))
+
+    def get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config):
+        groups = default_groups(vllm_config, kv_cache_config.kv_cache_groups)
+        if len(groups) == len(kv_cache_config.kv_cache_groups):
+            return original_concurrency(vllm_config, kv_cache_config)
+        return original_concurrency(vllm_config, replace(kv_cache_config, kv_cache_groups=groups))
+
+    kv_cache_utils._max_memory_usage_bytes_from_groups = _max_memory_usage_bytes_from_groups
+    kv_cache_utils.get_max_concurrency_for_kv_cache_config = get_max_concurrency_for_kv_cache_config
+
+
+def _patch_scheduler() -> None:
+    """The scheduler of a supernet allocates by placement (`cache_allocation.PlacementAllocation`): it
+    learns each request's groups when the request arrives and forgets them when its blocks are freed."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_supernet.cache_allocation import PlacementAllocation, allocates_by_placement
+
+    original_init, original_add, original_free_blocks = Scheduler.__init__, Scheduler.add_request, Scheduler._free_blocks
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        original_init(self, vllm_config, *args, **kwargs)
+        model_config = vllm_config.model_config
+        self.supernet_allocation = None
+        if is_supernet(model_config) and allocates_by_placement(model_config) and self.kv_cache_config.kv_cache_groups:
+            self.supernet_allocation = PlacementAllocation(self, ServingPlacements.from_model_config(model_config))
+            self.supernet_allocation.check_default_fits(vllm_config)
+
+    def add_request(self, request):
+        allocation = getattr(self, "supernet_allocation", None)
+        if allocation is not None and request.request_id not in self.requests:
+            allocation.add(request)
+        return original_add(self, request)
+
+    def _free_blocks(self, request):
+        original_free_blocks(self, request)
+        allocation = getattr(self, "supernet_allocation", None)
+        if allocation is not None:
+            allocation.remove(request)
+
+    Scheduler.__init__ = __init__
+    Scheduler.add_request = add_request
+    Scheduler._free_blocks = _free_blocks
 
 
 def _resolve_or_400(serving: ServingPlacements, fields: dict[str, Any]) -> tuple[Placement, str | None, Placement | None]:
@@ -161,12 +231,45 @@ def _patch_input_processor() -> None:
             )
         params.extra_args = _with_placement(params.extra_args, placement, draft)
         request = original(self, request_id, prompt, params, *args, **kwargs)
+        _refuse_what_cannot_fit(self.vllm_config, placement, request)
         salt = f"supernet-placement:{placement.hash}"
         request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
         logger.info("request %s: placement %s (hash %s)", request_id, placement.canonical, placement.hash)
         return request
 
     InputProcessor.process_inputs = process_inputs
+
+
+def _refuse_what_cannot_fit(vllm_config, placement: Placement, request) -> None:
+    """A 400 for a request whose placement could not hold its whole length (prompt + max_tokens) even in an
+    empty cache: it would wait forever (`footprint.CacheFootprints.too_long`)."""
+    from vllm_supernet.cache_allocation import allocates_by_placement
+
+    num_pages = (vllm_config.cache_config.num_gpu_blocks or 0) - 1  # block 0 is vLLM's null block
+    if num_pages <= 0 or request.prompt_token_ids is None or not allocates_by_placement(vllm_config.model_config):
+        return
+    max_len = vllm_config.model_config.max_model_len
+    max_tokens = request.sampling_params.max_tokens if request.sampling_params is not None else None
+    num_tokens = min(len(request.prompt_token_ids) + (max_tokens if max_tokens is not None else max_len), max_len)
+    reason = _footprints(vllm_config).too_long(placement, num_tokens, num_pages)
+    if reason is not None:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(f"request cannot fit the cache: {reason}", parameter="max_tokens", value=max_tokens)
+
+
+_footprints_of: dict[int, Any] = {}
+
+
+def _footprints(vllm_config):
+    """The deployment's `CacheFootprints`, built once the engine has reported its block size."""
+    from vllm_supernet.footprint import CacheFootprints
+
+    key = id(vllm_config)
+    known = _footprints_of.get(key)
+    if known is None or known[0] is not vllm_config:
+        known = _footprints_of[key] = (vllm_config, CacheFootprints.of(vllm_config))
+    return known[1]
 
 
 def _patch_build_app() -> None:
@@ -181,7 +284,7 @@ def _patch_build_app() -> None:
         app = original(args, supported_tasks, model_config, *rest, **kwargs)
         if model_config is not None and is_supernet(model_config):
             _api_server_deployment = ServingPlacements.from_model_config(model_config)
-            listing = _api_server_deployment.preset_listing()
+            listing = _api_server_deployment.preset_listing(_listing_footprints(args, model_config))
 
             @app.get(PRESETS_ROUTE)
             async def supernet_presets() -> dict[str, Any]:
@@ -193,6 +296,19 @@ def _patch_build_app() -> None:
         return app
 
     entry.build_app = build_app
+
+
+def _listing_footprints(args, model_config):
+    """Cache figures for the presets listing (whole model, all ranks), with the state dtypes the server was
+    started with."""
+    from vllm.model_executor.layers.mamba.mamba_utils import MambaStateDtypeCalculator
+
+    from vllm_supernet.footprint import CacheFootprints
+
+    dtypes = MambaStateDtypeCalculator.kda_state_dtype(
+        model_config.dtype, getattr(args, "mamba_cache_dtype", "auto"), getattr(args, "mamba_ssm_cache_dtype", "auto")
+    )
+    return CacheFootprints.of_model(model_config, state_dtypes=dtypes)
 
 
 class PlacementHeaders:
@@ -251,7 +367,24 @@ def install_runner_patch() -> None:
         return original_propose(self, *args, **kwargs)
 
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+    _patch_mamba_copies()
     _runner_installed = True
+
+
+def _patch_mamba_copies() -> None:
+    """Prefix caching's state copies ("align" mode, `mamba_utils.collect_mamba_copy_meta`) visit every state
+    group for every request; with allocation by placement (`cache_allocation`) a request holds pages only in
+    its own groups, so the others are skipped."""
+    from vllm.v1.worker import mamba_utils
+
+    original = mamba_utils.collect_mamba_copy_meta
+
+    def collect_mamba_copy_meta(copy_bufs, kv_cache_config, copy_funcs, mamba_group_ids, *args, **kwargs):
+        req_state = kwargs.get("req_state", args[3] if len(args) > 3 else None)
+        held = [group for group in mamba_group_ids if req_state.block_ids[group]]
+        return original(copy_bufs, kv_cache_config, copy_funcs, held, *args, **kwargs)
+
+    mamba_utils.collect_mamba_copy_meta = collect_mamba_copy_meta
 
 
 def fix_cpu_expand_kernel() -> None:

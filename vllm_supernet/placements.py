@@ -167,19 +167,25 @@ class ServingPlacements:
         resolved = self.presets.resolved(self.spec)
         return {name: p for name, p in resolved.items() if self.allowed is None or p in self.allowed}
 
-    def preset_listing(self) -> dict[str, Any]:
-        """What clients may ask for: presets (resolved), the default, the allowed set, the layer choices."""
+    def preset_listing(self, footprints=None) -> dict[str, Any]:
+        """What clients may ask for: presets (resolved), the default, the allowed set, the layer choices; with
+        `footprints` (`footprint.CacheFootprints`), each placement's cache bytes per token and fixed bytes."""
+
+        def cache(placement: Placement) -> dict[str, Any]:
+            return {"cache": footprints.listing(placement)} if footprints is not None else {}
+
         presets = {
             name: {
                 "placement": placement.canonical,
                 "hash": placement.hash,
                 "description": self.presets.presets[name].description,
                 "metrics": self.presets.presets[name].metrics,
+                **cache(placement),
             }
             for name, placement in self.served_presets.items()
         }
         return {
-            "default": {"placement": self.default.canonical, "hash": self.default.hash},
+            "default": {"placement": self.default.canonical, "hash": self.default.hash, **cache(self.default)},
             "presets": presets,
             "allowed": None if self.allowed is None else [p.canonical for p in self.allowed],
             "layers": [

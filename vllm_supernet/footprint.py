@@ -1,0 +1,139 @@
+"""What a placement holds in the cache: pages at a given length, bytes per token, fixed state bytes.
+
+With allocation by placement (`cache_allocation.py`) a request holds, in each (layer, mixer) its placement
+runs, what vLLM's manager of that group gives it: full attention one page per `block_size` tokens, sliding
+window at most the window plus one prefill chunk, a linear mixer (GDN, KDA) one state page (one per draft
+position more when the deployment speculates). Every page has one size (vLLM unifies them: attention pages of
+`block_size` tokens, state pages padded to it), and the pool has `num_gpu_blocks - 1` of them (block 0 is
+vLLM's null block).
+
+These counts serve three checks, all in the words of `CacheFootprints.too_long`: a request that could not
+fit the whole pool at its maximum length is a 400 at admission (`patches.py`), a deployment whose default
+placement cannot fit one `max_model_len` request fails at start-up, and the presets endpoint lists each
+served preset's bytes per token and fixed bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared_spec import Apriel2TextConfig, AttentionMixerConfig, MixerKind, Placement
+from vllm_supernet.placements import ServingPlacements
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class MixerCache:
+    """One served (layer, mixer)'s cache on one rank."""
+
+    kind: MixerKind
+    token_bytes: int = 0  # attention: K and V of one token
+    window: int | None = None  # sliding window: tokens it keeps
+    state_bytes: int = 0  # linear mixer: its state page (conv + delta rule)
+
+
+def mixer_caches(config: Apriel2TextConfig, serving: ServingPlacements, dtype: torch.dtype, state_dtypes, tp_size: int):
+    """{(layer, mixer name): MixerCache} of every served mixer, one rank's share."""
+    from vllm_supernet.model import mixer_layer, served_mixer_configs
+
+    element = torch.tensor([], dtype=dtype).element_size()
+    caches = {}
+    for layer, name, mixer in served_mixer_configs(config, serving):
+        if isinstance(mixer, AttentionMixerConfig):
+            kv_heads = max(mixer.head_groups // tp_size, 1)  # replicated when the ranks outnumber them
+            caches[layer, name] = MixerCache(MixerKind.of(mixer), token_bytes=2 * kv_heads * mixer.head_size * element,
+                                             window=mixer.window_size)  # fmt: skip
+        else:
+            shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {layer} mixer {name!r}")
+            state = sum(torch.Size(shape).numel() * torch.tensor([], dtype=d).element_size()
+                        for shape, d in zip(shapes, state_dtypes, strict=True))  # fmt: skip
+            caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=state)
+    return caches
+
+
+class CacheFootprints:
+    """Pages and bytes a request of each placement holds (one rank's pool; every rank holds the same count)."""
+
+    def __init__(self, caches: dict, block_size: int, chunk_tokens: int, speculative_tokens: int, tp_size: int):
+        self.caches = caches
+        self.block_size = block_size  # tokens per attention page
+        self.chunk_tokens = chunk_tokens  # the scheduler's token budget per step (a prefill chunk)
+        self.speculative_tokens = speculative_tokens
+        self.tp_size = tp_size
+        attention_pages = [c.token_bytes * block_size for c in caches.values() if c.token_bytes]
+        self.page_bytes = max(attention_pages + [c.state_bytes for c in caches.values()])
+
+    @classmethod
+    def of(cls, vllm_config, block_size: int | None = None) -> CacheFootprints:
+        """The deployment's footprints; `block_size`: tokens per attention page (default: the cache config's,
+        which the engine enlarges at start-up to fit a state page and reports back to the frontend)."""
+        from vllm_supernet.linear_mixer import state_dtypes
+
+        speculative = vllm_config.speculative_config
+        return cls.of_model(
+            vllm_config.model_config,
+            tp_size=vllm_config.parallel_config.tensor_parallel_size,
+            block_size=block_size or vllm_config.cache_config.block_size,
+            chunk_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            speculative_tokens=speculative.num_speculative_tokens if speculative else 0,
+            state_dtypes=state_dtypes(vllm_config),
+        )
+
+    @classmethod
+    def of_model(cls, model_config, *, tp_size: int = 1, block_size: int = 16, chunk_tokens: int = 2048,
+                 speculative_tokens: int = 0, state_dtypes=None) -> CacheFootprints:  # fmt: skip
+        """From the model config alone (the API server's presets listing): one rank of `tp_size`."""
+        if state_dtypes is None:  # vLLM's defaults: convolution states in the model dtype, delta-rule states in float32
+            state_dtypes = (model_config.dtype, torch.float32)
+        caches = mixer_caches(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config),
+                              model_config.dtype, state_dtypes, tp_size)  # fmt: skip
+        return cls(caches, block_size, chunk_tokens, speculative_tokens, tp_size)
+
+    def _used(self, placement: Placement):
+        return [self.caches[layer, name] for layer, name in enumerate(placement.mixers) if (layer, name) in self.caches]
+
+    def pages(self, placement: Placement, num_tokens: int) -> int:
+        """Pages a request of `placement` holds at `num_tokens` tokens (its admission count)."""
+        attention_blocks = cdiv(num_tokens, self.block_size)
+        total = 0
+        for cache in self._used(placement):
+            if cache.state_bytes:
+                total += 1 + self.speculative_tokens
+            elif cache.window is not None:
+                kept = cdiv(cache.window - 1 + self.chunk_tokens, self.block_size) + 1
+                total += min(attention_blocks, kept)
+            else:
+                total += attention_blocks
+        return total
+
+    def bytes_per_token(self, placement: Placement) -> int:
+        """Cache bytes each further token adds (full-attention layers), all ranks."""
+        return self.tp_size * sum(c.token_bytes for c in self._used(placement) if c.window is None)
+
+    def fixed_bytes(self, placement: Placement) -> int:
+        """Cache bytes that do not grow with the context (state pages, full windows), all ranks."""
+        return self.tp_size * sum(c.state_bytes + (c.token_bytes * c.window if c.window else 0)
+                                  for c in self._used(placement))  # fmt: skip
+
+    def too_long(self, placement: Placement, num_tokens: int, num_pages: int) -> str | None:
+        """None if a request of `placement` fits a pool of `num_pages` usable pages at `num_tokens` tokens,
+        else the reason, naming what it needs and what the deployment has."""
+        needed = self.pages(placement, num_tokens)
+        if needed <= num_pages:
+            return None
+        mib = 2**20
+        return (
+            f"placement {placement.canonical!r} needs {needed} cache pages ({needed * self.page_bytes / mib:.1f} MiB "
+            f"per rank) for {num_tokens} tokens, but this deployment's cache has {num_pages} pages "
+            f"({num_pages * self.page_bytes / mib:.1f} MiB per rank); ask for fewer tokens (prompt + max_tokens), "
+            "a placement with fewer full-attention layers, or start the deployment with more cache memory"
+        )
+
+    def listing(self, placement: Placement) -> dict[str, int]:
+        """The presets endpoint's figures for one placement."""
+        return {"cache_bytes_per_token": self.bytes_per_token(placement), "fixed_cache_bytes": self.fixed_bytes(placement)}
