@@ -93,7 +93,7 @@ def rank_shapes(model) -> dict:
 def _main(scenario_path: str) -> None:
     """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
     placement?, draft_placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?, temperature?, n?,
-    seed?}]}], invalid: [placement values, or {"draft_placement": value}] (with speculative_config in
+    seed?}]}], invalid: [placement values, or request fields such as {"draft_placement": value}] (with speculative_config in
     engine, and disable_log_stats False, `speculation` gives each batch's drafting counts; with disable_log_stats
     False, `metrics` holds vLLM's counters and gauges after the last batch),
     env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`)}."""
@@ -161,11 +161,12 @@ def _main(scenario_path: str) -> None:
             after = speculation_counts(llm)
             results["speculation"][batch["name"]] = {key: after[key] - before[key] for key in after}
     for value in scenario.get("invalid", []):
-        request = value if isinstance(value, dict) else {"placement": value}  # {"draft_placement": ...}
+        # A placement value, or a request's fields ({"draft_placement": ...}, {"max_tokens": ...}, ...).
+        request = value if isinstance(value, dict) else {"placement": value}
         try:
             llm.generate(
-                [{"prompt_token_ids": [1, 5, 6]}],
-                params({**request, "max_tokens": 1}),
+                [{"prompt_token_ids": request.get("prompt_token_ids", [1, 5, 6])}],
+                params({"max_tokens": 1, **request}),
                 use_tqdm=False,
             )
             results["invalid"].append({"value": value, "error": None})

@@ -102,6 +102,26 @@ def default_groups(vllm_config, groups: list) -> list:
     return [group for index, group in enumerate(groups) if index in used]
 
 
+def default_does_not_fit(vllm_config, kv_cache_specs: list[dict], available_memory: int | None = None,
+                         num_pages: int | None = None) -> str | None:  # fmt: skip
+    """Why one request of the default placement at `max_model_len` cannot fit `num_pages` usable pages (or
+    `available_memory` bytes), in the words of the 400 (`footprint.CacheFootprints.too_long`); None if it fits.
+    `kv_cache_specs`: the workers' {cache layer: spec}, whose attention block size the engine has aligned."""
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    from vllm_supernet.footprint import CacheFootprints
+
+    block_sizes = [spec.block_size for specs in kv_cache_specs for spec in specs.values() if isinstance(spec, AttentionSpec)]
+    footprints = CacheFootprints.of(vllm_config, block_size=block_sizes[0] if block_sizes else None)
+    if num_pages is None:  # block 0 is vLLM's null block
+        override = vllm_config.cache_config.num_gpu_blocks_override
+        num_pages = (override if override is not None else available_memory // footprints.page_bytes) - 1
+    max_len = vllm_config.model_config.max_model_len
+    default = ServingPlacements.from_model_config(vllm_config.model_config).default
+    reason = footprints.too_long(default, max_len, num_pages)
+    return None if reason is None else f"the default placement cannot serve one request of max_model_len = {max_len}: {reason}"
+
+
 class UnusedGroup:
     """A request's stand-in for the manager of a group its placement does not use: it holds nothing and
     asks for nothing, so the coordinator's loops skip the group for that request at the cost of a call."""
@@ -252,17 +272,11 @@ class PlacementAllocation:
 
     def check_default_fits(self, vllm_config) -> None:
         """Refuse to start when one request of the default placement at `max_model_len` cannot fit the pool."""
-        from vllm.v1.kv_cache_interface import AttentionSpec
-
-        from vllm_supernet.footprint import CacheFootprints
-
-        groups = self.coordinator.kv_cache_config.kv_cache_groups
-        block_sizes = [g.kv_cache_spec.block_size for g in groups if isinstance(g.kv_cache_spec, AttentionSpec)]
-        footprints = CacheFootprints.of(vllm_config, block_size=block_sizes[0] if block_sizes else None)
-        max_len = vllm_config.model_config.max_model_len
-        reason = footprints.too_long(self.serving.default, max_len, self.coordinator.kv_cache_config.num_blocks - 1)
+        config = self.coordinator.kv_cache_config
+        reason = default_does_not_fit(vllm_config, [{g.layer_names[0]: g.kv_cache_spec for g in config.kv_cache_groups}],
+                                      num_pages=config.num_blocks - 1)  # fmt: skip
         if reason is not None:
-            raise ValueError(f"the default placement cannot serve one request of max_model_len = {max_len}: {reason}")
+            raise ValueError(reason)
 
     def add(self, request) -> None:
         self.coordinator.placement_views[request.request_id] = self.view(self.groups_for(self.placements_of(request)))

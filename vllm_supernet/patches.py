@@ -88,7 +88,12 @@ def _patch_cache_groups() -> None:
     """Supernets get one cache group per served (layer, mixer) (`cache_allocation.per_mixer_groups`)."""
     from vllm.v1.core import kv_cache_utils
 
-    from vllm_supernet.cache_allocation import allocates_by_placement, default_groups, per_mixer_groups
+    from vllm_supernet.cache_allocation import (
+        allocates_by_placement,
+        default_does_not_fit,
+        default_groups,
+        per_mixer_groups,
+    )
 
     original = kv_cache_utils.get_kv_cache_groups
 
@@ -115,6 +120,25 @@ def _patch_cache_groups() -> None:
 
     kv_cache_utils._max_memory_usage_bytes_from_groups = _max_memory_usage_bytes_from_groups
     kv_cache_utils.get_max_concurrency_for_kv_cache_config = get_max_concurrency_for_kv_cache_config
+
+    # When the default placement cannot hold one max_model_len request, say so in the words of the 400
+    # (footprint.CacheFootprints.too_long) rather than in GiB of the whole model. The engine core imports
+    # the function by name.
+    from vllm.v1.engine import core as engine_core
+
+    original_configs = kv_cache_utils.get_kv_cache_configs
+
+    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+        try:
+            return original_configs(vllm_config, kv_cache_specs, available_memory)
+        except ValueError as error:
+            model_config = vllm_config.model_config
+            if not (is_supernet(model_config) and allocates_by_placement(model_config)) or "max seq len" not in str(error):
+                raise
+            raise ValueError(default_does_not_fit(vllm_config, kv_cache_specs, min(available_memory)) or str(error)) from error
+
+    kv_cache_utils.get_kv_cache_configs = get_kv_cache_configs
+    engine_core.get_kv_cache_configs = get_kv_cache_configs
 
 
 def _patch_scheduler() -> None:

@@ -1,0 +1,184 @@
+"""Cache memory that follows the placement (`vllm_supernet/cache_allocation.py`, `footprint.py`).
+
+Fast tests hold the group bookkeeping and the footprint arithmetic; engine tests run the real vLLM engine on
+the upstream fixture (two four-mixer layers and one plain attention layer; the engine makes its attention
+pages 128 tokens long so that a state page fits one) with a cache of a few pages, set by
+`num_gpu_blocks_override` (one of them is vLLM's null block).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.vllm_helpers import FIXTURE, FIXTURE_CHECKPOINT, copy_fixture, run_engine
+
+# ------------------------------------------------------------------------------------------- fast
+
+
+def test_cache_layer_names_map_to_layer_and_mixer():
+    from vllm_supernet.cache_allocation import cache_layer_key, group_users
+
+    assert cache_layer_key("model.decoder.blocks.3.mixer.mixers.gdn") == (3, "gdn")
+    assert cache_layer_key("model.decoder.blocks.12.mixer") == (12, None)
+    with pytest.raises(ValueError, match="not a supernet cache layer"):
+        cache_layer_key("model.layers.0.self_attn.attn")
+    with pytest.raises(ValueError, match="one \\(layer, mixer\\)"):
+        group_users([["model.decoder.blocks.0.mixer.mixers.fa", "model.decoder.blocks.1.mixer.mixers.fa"]])
+
+
+def test_a_request_holds_the_groups_of_its_placement_and_of_plain_layers():
+    from shared_spec import Apriel2TextConfig, Placement, SupernetSpec
+    from vllm_supernet.cache_allocation import groups_of
+
+    config = json.loads((FIXTURE_CHECKPOINT / "config.json").read_text())
+    spec = SupernetSpec.from_config(Apriel2TextConfig.model_validate(config))
+    users = [(0, "fa"), (0, "gdn"), (0, "swa"), (1, "fa"), (1, "kda"), (2, None)]
+    placement = Placement.parse(["gdn", "kda"], spec)
+    assert groups_of([placement], users) == {1, 4, 5}
+    draft = Placement.parse(["fa", "fa"], spec)
+    assert groups_of([placement, draft], users) == {0, 1, 3, 4, 5}
+
+
+def _fixture_footprints(block_size=128, chunk_tokens=128, speculative_tokens=0):
+    from vllm_supernet.footprint import CacheFootprints, MixerCache
+    from shared_spec import MixerKind
+
+    token = 2 * 3 * 16 * 4  # K and V, 3 KV heads of 16, float32
+    state = 10_000
+    caches = {}
+    for layer in (0, 1):
+        caches[layer, "fa"] = MixerCache(MixerKind.ATTENTION, token_bytes=token)
+        caches[layer, "swa"] = MixerCache(MixerKind.SLIDING_WINDOW, token_bytes=token, window=5)
+        caches[layer, "gdn"] = MixerCache(MixerKind.GDN, state_bytes=state)
+        caches[layer, "kda"] = MixerCache(MixerKind.KDA, state_bytes=state)
+    caches[2, "attention"] = MixerCache(MixerKind.ATTENTION, token_bytes=token)
+    return CacheFootprints(caches, block_size, chunk_tokens, speculative_tokens, tp_size=1), token, state
+
+
+class _Placement:
+    def __init__(self, mixers):
+        self.mixers = mixers
+        self.canonical = ",".join(mixers)
+
+
+def test_footprint_counts_pages_per_mixer_kind():
+    footprints, token, state = _fixture_footprints()
+    all_fa = _Placement(["fa", "fa", "attention"])
+    linear = _Placement(["gdn", "kda", "attention"])
+    window = _Placement(["swa", "swa", "attention"])
+    assert footprints.page_bytes == 128 * token  # attention pages of 128 tokens are larger than a state page
+    assert footprints.pages(all_fa, 1000) == 3 * 8
+    assert footprints.pages(linear, 1000) == 1 + 1 + 8
+    # The window keeps its last tokens plus one prefill chunk: cdiv(4 + 128, 128) + 1 pages at most.
+    assert footprints.pages(window, 1000) == 3 + 3 + 8
+    assert footprints.pages(window, 100) == 1 + 1 + 1
+    assert footprints.bytes_per_token(linear) == token
+    assert footprints.fixed_bytes(linear) == 2 * state
+    assert footprints.fixed_bytes(window) == 2 * 5 * token
+    speculating, _, _ = _fixture_footprints(speculative_tokens=4)
+    assert speculating.pages(linear, 1000) == 5 + 5 + 8  # one state page per draft position more
+
+
+def test_too_long_names_what_is_needed_and_what_there_is():
+    footprints, _, _ = _fixture_footprints()
+    assert footprints.too_long(_Placement(["gdn", "kda", "attention"]), 1000, 10) is None
+    reason = footprints.too_long(_Placement(["fa", "fa", "attention"]), 1000, 10)
+    assert "placement 'fa,fa,attention' needs 24 cache pages" in reason and "has 10 pages" in reason
+
+
+# ------------------------------------------------------------------------------------------- engine
+
+MIXED = [["fa", "fa"], ["swa", "gdn"], ["kda", "swa"], ["gdn", "kda"], ["gdn", "gdn"], ["kda", "kda"], "swa*", ["fa", "gdn"]]
+NEW_TOKENS = 110
+LOGPROB_ATOL = 2e-5
+
+
+def _prompts() -> list[list[int]]:
+    return json.loads((FIXTURE / "reference.json").read_text())["input_ids"]
+
+
+def _mixed_requests() -> list[dict]:
+    """Requests that cross a 128-token page while decoding: a small cache must preempt some of them."""
+    prompts = _prompts()
+    return [
+        {"prompt_token_ids": (prompts[i % len(prompts)] * 4)[: 40 + 7 * i], "placement": placement,
+         "max_tokens": NEW_TOKENS, "logprobs": 0, "ignore_eos": True}
+        for i, placement in enumerate(MIXED)
+    ]  # fmt: skip
+
+
+def _engine(**options) -> dict:
+    return {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 256, "max_num_seqs": 16,
+            "max_num_batched_tokens": 128, "enforce_eager": True, "enable_prefix_caching": False,
+            "disable_log_stats": False, **options}  # fmt: skip
+
+
+def _run(tmp_path_factory, name: str, engine: dict, batches: list[dict], model=FIXTURE_CHECKPOINT, invalid=()) -> dict:
+    scenario = {"model": str(model), "engine": engine, "batches": batches, "invalid": list(invalid),
+                "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}  # fmt: skip
+    return run_engine(scenario, tmp_path_factory.mktemp(name))
+
+
+@pytest.mark.engine
+def test_preempted_mixed_batch_resumes_with_the_same_tokens_and_logprobs(tmp_path_factory):
+    batch = [{"name": "mixed", "requests": _mixed_requests()}]
+    ample = _run(tmp_path_factory, "ample", _engine(), batch)
+    tight = _run(tmp_path_factory, "tight", _engine(num_gpu_blocks_override=9), batch)
+    assert ample["metrics"]["vllm:num_preemptions"] == 0
+    assert tight["metrics"]["vllm:num_preemptions"] > 0, "the small cache was meant to force preemptions"
+    for placement, free, preempted in zip(MIXED, ample["batches"]["mixed"], tight["batches"]["mixed"], strict=True):
+        assert preempted["token_ids"] == free["token_ids"], placement
+        torch.testing.assert_close(
+            torch.tensor(preempted["logprobs"]), torch.tensor(free["logprobs"]), atol=LOGPROB_ATOL, rtol=0
+        )
+
+
+@pytest.fixture(scope="module")
+def gdn_default_checkpoint(tmp_path_factory):
+    """The fixture with a presets file whose default is all-GDN (the plain third layer stays attention)."""
+    return copy_fixture(tmp_path_factory.mktemp("gdn_default"), presets={"default": "gdn*", "presets": {}})
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("layout", ["per_mixer", "per_kind"])
+def test_linear_requests_hold_no_attention_pages(tmp_path_factory, gdn_default_checkpoint, layout):
+    """Eight all-GDN requests hold one state page per GDN layer and the plain layer's attention pages: 4 pages
+    each, 32 in a 39-page cache, so none is preempted. vLLM's own grouping (`per_kind`) gives each of them
+    pages in the FA, SWA and KDA groups too, and the same cache preempts."""
+    prompts = _prompts()
+    requests = [{"prompt_token_ids": (prompts[i % 3] * 4)[: 40 + 7 * i], "placement": "gdn*", "max_tokens": NEW_TOKENS,
+                 "ignore_eos": True} for i in range(8)]  # fmt: skip
+    engine = _engine(num_gpu_blocks_override=40, hf_overrides={"supernet_cache_layout": layout})
+    result = _run(tmp_path_factory, f"linear_{layout}", engine, [{"name": "gdn", "requests": requests}],
+                  model=gdn_default_checkpoint)  # fmt: skip
+    preemptions = result["metrics"]["vllm:num_preemptions"]
+    assert (preemptions == 0) if layout == "per_mixer" else (preemptions > 0)
+    assert all(len(output["token_ids"]) == NEW_TOKENS for output in result["batches"]["gdn"])
+
+
+@pytest.mark.engine
+def test_request_that_cannot_fit_is_a_client_error_and_the_engine_keeps_serving(tmp_path_factory, gdn_default_checkpoint):
+    # 11 usable pages: all-GDN at 1024 tokens needs 1 + 1 + 8, all-FA 3 x 8.
+    engine = _engine(num_gpu_blocks_override=12, max_model_len=1024)
+    fits = {"prompt_token_ids": [1, 5, 6], "placement": "gdn*", "max_tokens": 1000, "ignore_eos": True}
+    result = _run(tmp_path_factory, "too_long", engine, [{"name": "fits", "requests": [fits]}], model=gdn_default_checkpoint,
+                  invalid=[{"placement": "fa*", "max_tokens": 1000}])  # fmt: skip
+    assert len(result["batches"]["fits"][0]["token_ids"]) == 1000
+    (rejected,) = result["invalid"]
+    assert rejected["error"].startswith("VLLMValidationError"), rejected
+    assert "placement 'fa*2,attention' needs 24 cache pages" in rejected["error"]
+    assert "this deployment's cache has 11 pages" in rejected["error"]
+    assert result["after_invalid"][0]["token_ids"]
+
+
+@pytest.mark.engine
+def test_deployment_whose_default_cannot_fit_one_request_refuses_to_start(tmp_path_factory, gdn_default_checkpoint):
+    engine = _engine(num_gpu_blocks_override=10, max_model_len=1024)  # 9 usable pages; the default needs 10
+    with pytest.raises(RuntimeError) as failure:
+        _run(tmp_path_factory, "no_start", engine, [], model=gdn_default_checkpoint)
+    message = str(failure.value)
+    assert "the default placement cannot serve one request of max_model_len = 1024" in message
+    assert "needs 10 cache pages" in message and "has 9 pages" in message
