@@ -43,8 +43,8 @@ def test_a_request_holds_the_groups_of_its_placement_and_of_plain_layers():
 
 
 def _fixture_footprints(block_size=128, chunk_tokens=128, speculative_tokens=0):
-    from vllm_supernet.footprint import CacheFootprints, MixerCache
     from shared_spec import MixerKind
+    from vllm_supernet.footprint import CacheFootprints, MixerCache
 
     token = 2 * 3 * 16 * 4  # K and V, 3 KV heads of 16, float32
     state = 10_000
