@@ -158,9 +158,14 @@ class AttentionCache:
         self.position += new
         end = self.length + new
         if end <= self.capacity:  # room after the kept tokens: write in place
-            self.key[:, :, self.length : end] = key.detach()
-            self.value[:, :, self.length : end] = value.detach()
+            start = self.length
+            self.key[:, :, start:end] = key.detach()
+            self.value[:, :, start:end] = value.detach()
             self.length = end
+            if start == 0:
+                # A prefill attends its own keys: contiguous, not a view with the buffer's strides, which change
+                # with the budget (compiled FlexAttention specialises on strides: one compile per budget).
+                return key, value
             return self.key[:, :, :end].to(key.dtype), self.value[:, :, :end].to(value.dtype)
         # Full: this step attends the kept tokens and the new ones (one copy, not one per token), and new buffers
         # keep what later queries can reach.
