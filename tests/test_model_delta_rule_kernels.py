@@ -81,7 +81,7 @@ def stand_in_fla(monkeypatch):
         return calls
 
     monkeypatch.setattr(delta_rule_kernels, "FLA_DEVICE_TYPES", frozenset({"cpu"}))
-    monkeypatch.setattr(delta_rule_kernels, "_choices", {})
+    monkeypatch.setattr(delta_rule_kernels, "_backward", {})
     monkeypatch.delenv(delta_rule_kernels.DISABLE_FLA_ENV, raising=False)
     yield install
     delta_rule_kernels.fla_ops.cache_clear()
@@ -131,10 +131,20 @@ def test_a_failing_fla_backward_trains_on_the_torch_kernels(stand_in_fla, caplog
         assert "3.4.0 and < 3.7.1" in message  # fla's own words
     else:
         assert "differ" in message
-    choice = delta_rule_kernels.kernel_choice("cpu")
+    # The check ran fla's kernel for this kind only; training itself never called it.
+    assert calls == ["kda_chunk" if per_channel else "gdn_chunk"]
+    choice = delta_rule_kernels.kernel_choice("cpu")  # now the other kind is checked too
     assert choice.forward == "fla" and choice.backward == {"gdn": "torch", "kda": "torch"}
-    # The check ran fla's kernels once per kind; training itself never called them.
     assert sorted(calls) == ["gdn_chunk", "kda_chunk"]
+
+
+def test_one_warning_for_the_kinds_asked_for_together(stand_in_fla, caplog):
+    stand_in_fla("raises")
+    with caplog.at_level(logging.INFO, logger=delta_rule_kernels.__name__):
+        choice = delta_rule_kernels.kernel_choice("cpu", ("gdn", "kda"))  # what the trainer does before step 1
+        delta_rule_kernels.kernel_choice("cpu", ("gdn",))
+    assert len(_warnings(caplog)) == 1 and "gdn, kda" in _warnings(caplog)[0].getMessage()
+    assert "fla's gdn backward: RuntimeError" in choice.describe()
 
 
 def test_inference_keeps_fla_when_its_backward_fails(stand_in_fla):
@@ -152,8 +162,9 @@ def test_a_correct_fla_backward_trains_on_fla(stand_in_fla, caplog, per_channel)
     with caplog.at_level(logging.INFO, logger=delta_rule_kernels.__name__):
         out, grads = _outputs_and_grads(delta_rule_kernels.gated_delta_rule, leaves)
     assert not _warnings(caplog)
+    kernel = "kda_chunk" if per_channel else "gdn_chunk"
+    assert calls == [kernel, kernel]  # the check, then the step itself on fla
     assert delta_rule_kernels.kernel_choice("cpu").backward == {"gdn": "fla", "kda": "fla"}
-    assert calls[-1] == ("kda_chunk" if per_channel else "gdn_chunk")  # the step itself ran fla
     expected_out, expected_grads = _outputs_and_grads(ops.chunk_gated_delta_rule, leaves)
     torch.testing.assert_close(out, expected_out)
     for grad, expected in zip(grads, expected_grads, strict=True):

@@ -11,12 +11,14 @@ Why a backward check: fla 0.6.0 refuses the backward of its gated chunk kernel o
 Triton >= 3.4 and < 3.7.1 ("produces incorrect results for gated chunk_bwd_dqkwg", fla issue #640) unless its
 tilelang backend can run (package `tilelang` plus an `nvcc`); torch 2.11 ships Triton 3.6.0, so GDN training
 would stop at its first step there. Version tables go stale and a refusal is only one way to be wrong, so the
-choice is measured instead: the first time gradients are needed on a device (or when the trainer asks, before
-its first step), fla's forward and backward run once on a small case per kind of decay (scalar: GDN,
-per channel: KDA) next to the torch kernels. An error, or gradients that differ by more than
-`CHECK_TOLERANCE`, sends that kind's training to the torch kernels (the whole op: fla's forward would have to be
-recomputed in torch for its backward anyway), with one warning that names the versions and the fix.
-Inference keeps fla's forward, which is not affected.
+choice is measured instead: the first time a kind's gradients are needed on a device (or when the trainer asks,
+before its first step, for the kinds it trains), fla's forward and backward run once on a small case of that kind
+of decay (scalar: GDN, per channel: KDA) next to the torch kernels. An error, or gradients that differ by more
+than `CHECK_TOLERANCE`, sends that kind's training to the torch kernels (the whole op: fla's forward would have to
+be recomputed in torch for its backward anyway), with one warning that names the versions and the fix.
+Inference keeps fla's forward, which is not affected. Measured on an H200 with torch 2.11 / Triton 3.6 / fla
+0.6.0: GDN's backward refuses (GDN trains on the torch kernels), KDA's passes the check (KDA trains on fla).
+On a machine whose Triton cache is cold, the check's first fla calls include their compile and autotuning.
 
 Precision: fla's kernels multiply float32 in TF32 on Ampere and later GPUs, so a float32 model on CUDA is not
 the torch kernels' float32 (on the held-out upstream export: 2e-2 against 1e-5). `SUPERNET_DISABLE_FLA=1` gives
@@ -92,38 +94,48 @@ def uses_fla(device: torch.device) -> bool:
     return device.type in FLA_DEVICE_TYPES and not fla_disabled() and fla_ops() is not None
 
 
-_choices: dict[str, KernelChoice] = {}
+# (device, kind) -> (the kernel its training runs, why fla's backward was not taken or None); decided once.
+_backward: dict[tuple[str, str], tuple[str, str | None]] = {}
 
 
-def kernel_choice(device: torch.device | str) -> KernelChoice:
-    """The kernels for `device`; on a device where fla runs, its backward is checked once (logged once)."""
+def kernel_choice(device: torch.device | str, kinds: tuple[str, ...] = tuple(KINDS)) -> KernelChoice:
+    """The kernels for `device`. Where fla runs, its backward is checked once per kind asked for (`kinds`:
+    "gdn", "kda"; a model that trains GDN only never pays for KDA's check), with one warning for those that fail."""
     device = torch.device(device)
     if not uses_fla(device):
         why = "SUPERNET_DISABLE_FLA is set" if fla_disabled() else f"no fla kernels for {device.type}"
-        return KernelChoice(str(device), "torch", dict.fromkeys(KINDS, "torch"), why)
+        return KernelChoice(str(device), "torch", dict.fromkeys(kinds, "torch"), why)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = str(device)
-    if key not in _choices:
-        _choices[key] = _decide(device)
-    return _choices[key]
+    undecided = [kind for kind in kinds if (str(device), kind) not in _backward]
+    if undecided:
+        _decide(device, undecided)
+    decided = {kind: _backward[str(device), kind] for kind in kinds}
+    reason = "; ".join(f"fla's {kind} backward: {failure}" for kind, (_, failure) in decided.items() if failure)
+    return KernelChoice(str(device), "fla", {kind: kernel for kind, (kernel, _) in decided.items()}, reason or None)
 
 
-def _decide(device: torch.device) -> KernelChoice:
-    failures = {kind: check_fla_backward(device, per_channel) for kind, per_channel in KINDS.items()}
-    backward = {kind: "torch" if failure else "fla" for kind, failure in failures.items()}
+def _training_kernel(device: torch.device, kind: str) -> str:
+    """`kernel_choice(device, (kind,)).backward[kind]`, from the cache once decided (it runs every layer, every step)."""
+    decided = _backward.get((str(device), kind))
+    return decided[0] if decided is not None else kernel_choice(device, (kind,)).backward[kind]
+
+
+def _decide(device: torch.device, kinds: list[str]) -> None:
+    failures = {kind: check_fla_backward(device, KINDS[kind]) for kind in kinds}
+    for kind, failure in failures.items():
+        _backward[str(device), kind] = ("torch" if failure else "fla", failure)
     failed = {kind: failure for kind, failure in failures.items() if failure}
-    reason = None
     if failed:
-        reason = "; ".join(f"fla's {kind} backward: {failure}" for kind, failure in failed.items())
         logger.warning(
             "GDN/KDA training on %s runs this project's torch delta-rule kernels for %s, not flash-linear-attention's "
             "(%s): %s. Inference still runs fla. %s",
-            describe_device(device), ", ".join(failed), versions_line(), reason, FIX,
+            describe_device(device), ", ".join(failed), versions_line(),
+            "; ".join(f"fla's {kind} backward: {failure}" for kind, failure in failed.items()), FIX,
         )
     else:
-        logger.info("delta rule on %s: fla for inference and training (%s)", describe_device(device), versions_line())
-    return KernelChoice(str(device), "fla", backward, reason)
+        logger.info("delta rule on %s: fla for inference and training of %s (%s)", describe_device(device),
+                    ", ".join(kinds), versions_line())
 
 
 def check_fla_backward(device: torch.device, per_channel: bool) -> str | None:
@@ -200,8 +212,7 @@ def gated_delta_rule(
     """
     if uses_fla(q.device):
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta))
-        kind = "kda" if g.dim() == 4 else "gdn"
-        if not needs_grad or kernel_choice(q.device).backward[kind] == "fla":
+        if not needs_grad or _training_kernel(q.device, "kda" if g.dim() == 4 else "gdn") == "fla":
             return _fla_delta_rule(q, k, v, g, beta, initial_state, output_final_state, recurrent)
     kernel = ops.recurrent_gated_delta_rule if recurrent else ops.chunk_gated_delta_rule
     # The torch kernels compute in float32 (`ops.compute_dtype`); under a bf16 autocast (the trainer on a GPU)

@@ -333,9 +333,10 @@ class Trainer:
         )
         self.trainable = [(name, p) for name, p in self.student.named_parameters() if p.requires_grad]
         trained_kinds = {self.spec.layers[index].mixers[name] for index, name in self.trainable_mixers}
-        if trained_kinds & {MixerKind.GDN, MixerKind.KDA}:
+        linear_kinds = tuple(kind.value for kind in (MixerKind.GDN, MixerKind.KDA) if kind in trained_kinds)
+        if linear_kinds:
             # Before the first step: on a GPU where fla's backward is wrong or refuses, the torch kernels train.
-            self.log(delta_rule_kernels.kernel_choice(self.device).describe())
+            self.log(delta_rule_kernels.kernel_choice(self.device, linear_kinds).describe())
         if not self.trainable:
             raise ConfigError("model: no parameter trains (check model.train and model.frozen_mixer_kinds)")
         optimizer = config.optimizer
