@@ -45,3 +45,16 @@ def test_every_section_runs_at_toy_sizes(tmp_path):
     written = json.loads((tmp_path / "gpu_check.json").read_text())
     assert written["rows"] == json.loads(json.dumps(report.rows))
     assert (tmp_path / "gpu_check.md").read_text().count("\n| ") == len(report.rows) + 2  # header, separator, rows
+
+
+def test_sections_run_in_processes_of_their_own_and_stop_at_their_share(tmp_path):
+    report = gpu_check.run_isolated(TOY.model_copy(update={"time_limit_s": 240}), torch.device("cpu"), tmp_path,
+                                    ("fixture", "decode"))
+    sections = [row["section"] for row in report.rows]
+    assert "upstream fixture" in sections and sections.count("decode") == 5  # 4 placements and the section time
+    merged = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert merged == json.loads(json.dumps(report.rows))
+
+    stopped = gpu_check.run_isolated(TOY.model_copy(update={"time_limit_s": 0.5}), torch.device("cpu"),
+                                     tmp_path / "short", ("training",))
+    assert [(row["case"], row["result"]) for row in stopped.rows][-1] == ("time limit", "stopped after 0 s")
