@@ -192,3 +192,23 @@ def test_the_torch_kernels_keep_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = delta_rule_kernels.gated_delta_rule(*leaves)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("capability", "triton", "tilelang", "bad"),
+    [
+        ((9, 0), "3.6.0", False, True),  # H100 / H200 with torch 2.11's Triton
+        ((9, 0), "3.4.0", False, True),
+        ((9, 0), "3.7.0+git1234", False, True),
+        ((9, 0), "3.7.1", False, False),  # torch 2.13's Triton
+        ((9, 0), "3.3.1", False, False),
+        ((9, 0), "3.6.0", True, False),  # fla's tilelang kernels take over
+        ((8, 0), "3.6.0", False, False),  # A100
+        ((10, 0), "3.6.0", False, False),  # Blackwell: not the Hopper regression
+    ],
+)
+def test_the_known_bad_combination(capability, triton, tilelang, bad):
+    reason = delta_rule_kernels.known_bad_backward(capability, triton, tilelang)
+    assert (reason is not None) == bad
+    if bad:
+        assert triton in reason and "#640" in reason

@@ -16,9 +16,11 @@ before its first step, for the kinds it trains), fla's forward and backward run 
 of decay (scalar: GDN, per channel: KDA) next to the torch kernels. An error, or gradients that differ by more
 than `CHECK_TOLERANCE`, sends that kind's training to the torch kernels (the whole op: fla's forward would have to
 be recomputed in torch for its backward anyway), with one warning that names the versions and the fix.
-Inference keeps fla's forward, which is not affected. Measured on an H200 with torch 2.11 / Triton 3.6 / fla
-0.6.0: GDN's backward refuses (GDN trains on the torch kernels), KDA's passes the check (KDA trains on fla).
-On a machine whose Triton cache is cold, the check's first fla calls include their compile and autotuning.
+Inference keeps fla's forward, which is not affected. One combination is known before any try
+(`known_bad_backward`): Hopper with Triton >= 3.4 and < 3.7.1 (torch 2.11 ships 3.6.0), where fla refuses
+GDN's backward and KDA's, though it passed the small check, did not finish a larger gradient test in minutes on
+an H200: both kinds train on the torch kernels there. On a machine whose Triton cache is cold, the check's first
+fla calls include their compile and autotuning.
 
 Precision: fla's kernels multiply float32 in TF32 on Ampere and later GPUs, so a float32 model on CUDA is not
 the torch kernels' float32 (on the held-out upstream export: 2e-2 against 1e-5). `SUPERNET_DISABLE_FLA=1` gives
@@ -31,6 +33,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import re
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -122,7 +125,15 @@ def _training_kernel(device: torch.device, kind: str) -> str:
 
 
 def _decide(device: torch.device, kinds: list[str]) -> None:
-    failures = {kind: check_fla_backward(device, KINDS[kind]) for kind in kinds}
+    known = None
+    if device.type == "cuda":
+        known = known_bad_backward(
+            torch.cuda.get_device_capability(device), package_version("triton"), _tilelang_usable()
+        )
+    if known is not None:  # not even tried: on this combination a try may not come back
+        failures = dict.fromkeys(kinds, known)
+    else:
+        failures = {kind: check_fla_backward(device, KINDS[kind]) for kind in kinds}
     for kind, failure in failures.items():
         _backward[str(device), kind] = ("torch" if failure else "fla", failure)
     failed = {kind: failure for kind, failure in failures.items() if failure}
@@ -136,6 +147,36 @@ def _decide(device: torch.device, kinds: list[str]) -> None:
     else:
         logger.info("delta rule on %s: fla for inference and training of %s (%s)", describe_device(device),
                     ", ".join(kinds), versions_line())
+
+
+def known_bad_backward(capability: tuple[int, int], triton_version: str, tilelang_usable: bool) -> str | None:
+    """Why fla's backward must not run on this GPU generation and Triton, or None.
+
+    fla issue #640: Triton >= 3.4 and < 3.7.1 gives wrong results in fla's gated chunk kernels on Hopper (sm_90).
+    fla 0.6.0 refuses GDN's backward there; KDA's it runs, but on an H200 with Triton 3.6.0 (torch 2.11) a KDA
+    gradient test through it had not finished after six minutes (`scripts/gpu_check.sh`, 2026-12-04), where the
+    GDN one on the torch kernels took seconds. So both kinds train on the torch kernels there, unless fla's tilelang
+    backend (which fla takes for these kernels on Hopper) can run.
+    """
+    if capability[0] != 9 or tilelang_usable:
+        return None
+    version = tuple(int(part) for part in re.findall(r"\d+", triton_version.split("+")[0])[:3])
+    if not (3, 4, 0) <= version < (3, 7, 1):
+        return None
+    return (
+        f"Triton {triton_version} on Hopper (sm_9x) is in the range (>= 3.4.0, < 3.7.1) where fla's gated chunk "
+        "kernels go wrong (fla issue #640): fla refuses GDN's backward and KDA's did not finish in minutes"
+    )
+
+
+def _tilelang_usable() -> bool:
+    """Whether fla would run its tilelang kernels (package `tilelang` and an nvcc), by fla's own test."""
+    try:
+        from fla.backends import TileLangBackend
+
+        return TileLangBackend.is_available() and TileLangBackend().is_enabled()
+    except Exception:  # an fla without the tilelang backend
+        return False
 
 
 def check_fla_backward(device: torch.device, per_channel: bool) -> str | None:

@@ -298,15 +298,6 @@ def _mixers_at(report: Report, settings: CheckSettings, device: torch.device, le
         )
         report.add("mixers", f"{label}, T={length}", _ms_pair(measured), f"bf16 inputs, {heads} heads of {dim}",
                    length=length, forward_ms=measured[0], forward_backward_ms=measured[1])
-        if choice.backward[kind] != "fla" and delta_rule_kernels.uses_fla(q.device):
-            try:  # what fla's own backward does here (it refused or failed the check)
-                fla_pair = _forward_backward_ms(
-                    lambda *x: delta_rule_kernels._fla_delta_rule(*x)[0], inputs, 1, device
-                )
-                report.add("mixers", f"{kind.upper()} (fla fwd+bwd, not used), T={length}", _ms_pair(fla_pair))
-            except Exception as error:
-                report.add("mixers", f"{kind.upper()} (fla fwd+bwd), T={length}", "refused",
-                           f"{type(error).__name__}: {str(error)[:160]}")
 
 
 def _forward_backward_ms(function, inputs, repeats, device) -> tuple[float, float]:
