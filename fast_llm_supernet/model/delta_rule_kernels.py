@@ -114,8 +114,15 @@ def kernel_choice(device: torch.device | str, kinds: tuple[str, ...] = tuple(KIN
     if undecided:
         _decide(device, undecided)
     decided = {kind: _backward[str(device), kind] for kind in kinds}
-    reason = "; ".join(f"fla's {kind} backward: {failure}" for kind, (_, failure) in decided.items() if failure)
+    reason = _reasons({kind: failure for kind, (_, failure) in decided.items() if failure})
     return KernelChoice(str(device), "fla", {kind: kernel for kind, (kernel, _) in decided.items()}, reason or None)
+
+
+def _reasons(failures: dict[str, str]) -> str:
+    """"fla's gdn, kda backward: why" when the kinds share their reason, else one clause per kind."""
+    if len(set(failures.values())) == 1:
+        return f"fla's {', '.join(failures)} backward: {next(iter(failures.values()))}"
+    return "; ".join(f"fla's {kind} backward: {failure}" for kind, failure in failures.items())
 
 
 def _training_kernel(device: torch.device, kind: str) -> str:
@@ -141,8 +148,7 @@ def _decide(device: torch.device, kinds: list[str]) -> None:
         logger.warning(
             "GDN/KDA training on %s runs this project's torch delta-rule kernels for %s, not flash-linear-attention's "
             "(%s): %s. Inference still runs fla. %s",
-            describe_device(device), ", ".join(failed), versions_line(),
-            "; ".join(f"fla's {kind} backward: {failure}" for kind, failure in failed.items()), FIX,
+            describe_device(device), ", ".join(failed), versions_line(), _reasons(failed), FIX,
         )
     else:
         logger.info("delta rule on %s: fla for inference and training of %s (%s)", describe_device(device),
