@@ -122,6 +122,50 @@ def test_presets_are_discoverable(server):
     assert len(listing["allowed"]) == 3
 
 
+def test_presets_list_their_cache_footprint(server):
+    """Bytes a request of each preset holds (float32, whole model): the plain third layer's attention grows with
+    the context in every preset (3 KV heads of 16: 384 bytes a token); `quality` adds two FA layers, `fast` two
+    state pages, `local` two windows of 5 tokens."""
+    with urllib.request.urlopen(f"{server[0]}/v1/supernet/presets") as response:
+        presets = json.loads(response.read())["presets"]
+    token = 2 * 3 * 16 * 4
+    assert presets["quality"]["cache"] == {"cache_bytes_per_token": 3 * token, "fixed_cache_bytes": 0}
+    assert presets["local"]["cache"] == {"cache_bytes_per_token": token, "fixed_cache_bytes": 2 * 5 * token}
+    gdn_state = 6 * 16 * 16 * 4 + (2 * 3 * 16 + 6 * 16) * 3 * 4  # delta-rule state + conv state over Q|K|V
+    kda_state = 6 * 16 * 16 * 4 + 3 * 6 * 16 * 3 * 4
+    assert presets["fast"]["cache"] == {"cache_bytes_per_token": token, "fixed_cache_bytes": gdn_state + kda_state}
+
+
+def _metrics(server) -> dict[tuple[str, str], float]:
+    """This project's series on /metrics: (name, placement label) -> value."""
+    with urllib.request.urlopen(f"{server[0]}/metrics") as response:
+        text = response.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("vllm_supernet_"):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            found[name, labels.removeprefix('placement="').removesuffix('"}')] = float(value)
+    return found
+
+
+def test_metrics_are_labelled_by_placement(server, client):
+    before = _metrics(server)
+    for preset in ("quality", "quality", "local"):
+        _complete(client, {"placement": preset})
+    after = _metrics(server)
+
+    def added(name: str, label: str) -> float:
+        return after[name, label] - before.get((name, label), 0.0)
+
+    assert added("vllm_supernet_generation_tokens_total", "quality") == 2 * MAX_TOKENS
+    assert added("vllm_supernet_generation_tokens_total", "local") == MAX_TOKENS
+    prompt_tokens = added("vllm_supernet_prompt_tokens_total", "quality")
+    assert prompt_tokens > 0 and added("vllm_supernet_prompt_tokens_total", "local") == prompt_tokens / 2
+    for name in ("requests_running", "requests_waiting", "cache_pages", "cache_bytes"):  # all served by now
+        assert after[f"vllm_supernet_{name}", "quality"] == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "expected_placement"),
     [

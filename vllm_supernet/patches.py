@@ -54,6 +54,7 @@ from typing import Any
 from shared_spec import Placement, PlacementError
 from vllm_supernet.batch import SupernetBatch
 from vllm_supernet.config import MODEL_TYPE
+from vllm_supernet.metrics import placement_metrics
 from vllm_supernet.placements import DRAFT_EXTRA_ARGS_KEY, EXTRA_ARGS_KEY, REQUEST_KEYS, ServingPlacements
 
 # Under vLLM's logger tree so vLLM's logging config (level, format) applies.
@@ -82,6 +83,7 @@ def install_frontend_patches() -> None:
     _patch_build_app()
     _patch_cache_groups()
     _patch_scheduler()
+    _patch_output_processor()
 
 
 def _patch_cache_groups() -> None:
@@ -256,12 +258,47 @@ def _patch_input_processor() -> None:
         params.extra_args = _with_placement(params.extra_args, placement, draft)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         _refuse_what_cannot_fit(self.vllm_config, placement, request)
+        placement_metrics(self.vllm_config)  # made once the engine is up; followed by the output processor
         salt = f"supernet-placement:{placement.hash}"
         request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
         logger.info("request %s: placement %s (hash %s)", request_id, placement.canonical, placement.hash)
         return request
 
     InputProcessor.process_inputs = process_inputs
+
+
+def _patch_output_processor() -> None:
+    """Per-placement metrics (`metrics.py`) follow each request through vLLM's output processor."""
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    original_add, original_process, original_abort = (
+        OutputProcessor.add_request, OutputProcessor.process_outputs, OutputProcessor.abort_requests
+    )
+
+    def add_request(self, request, *args, **kwargs):
+        result = original_add(self, request, *args, **kwargs)
+        metrics = placement_metrics()
+        if metrics is not None:
+            metrics.add_request(request)
+        return result
+
+    def process_outputs(self, engine_core_outputs, *args, **kwargs):
+        metrics = placement_metrics()
+        if metrics is not None:
+            for output in engine_core_outputs:
+                metrics.update(output)
+        return original_process(self, engine_core_outputs, *args, **kwargs)
+
+    def abort_requests(self, *args, **kwargs):
+        aborted = original_abort(self, *args, **kwargs)
+        metrics = placement_metrics()
+        if metrics is not None:
+            metrics.finish(aborted)
+        return aborted
+
+    OutputProcessor.add_request = add_request
+    OutputProcessor.process_outputs = process_outputs
+    OutputProcessor.abort_requests = abort_requests
 
 
 def _refuse_what_cannot_fit(vllm_config, placement: Placement, request) -> None:
@@ -392,7 +429,28 @@ def install_runner_patch() -> None:
 
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
     _patch_mamba_copies()
+    _skip_idle_groups()
     _runner_installed = True
+
+
+def _skip_idle_groups() -> None:
+    """Slot mappings only for the cache groups some request of the step holds blocks in.
+
+    With allocation by placement (`cache_allocation`) a supernet has one group per served (layer, mixer), and a
+    step's requests hold blocks in few of them (an all-SWA batch: the SWA layers'); vLLM's runner would map
+    slots for every group every step (`MultiGroupBlockTable.compute_slot_mapping`, vllm/v1/worker/block_table.py).
+    A group none of the step's rows holds blocks in is never read in that step: its layers run for no request
+    and its metadata is never built (`batch.DeferredMetadata`). Block-table copies stay as they are (vLLM relies
+    on them to clear finished rows on the device; on CPU they copy nothing). Installed in the processes that
+    build a supernet only."""
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+    def compute_slot_mapping(self, num_reqs, query_start_loc, positions):
+        for block_table in self.block_tables:
+            if block_table.num_blocks_per_row[:num_reqs].any():
+                block_table.compute_slot_mapping(num_reqs, query_start_loc, positions)
+
+    MultiGroupBlockTable.compute_slot_mapping = compute_slot_mapping
 
 
 def _patch_mamba_copies() -> None:

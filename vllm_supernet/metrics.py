@@ -1,0 +1,146 @@
+"""Prometheus metrics per placement, on the server's `/metrics` beside vLLM's own.
+
+Labelled `placement` = the served preset's name when the request's placement is one, else the placement's
+hash (the canonical string is long; `GET /v1/supernet/presets` and the response headers map hashes to it):
+
+    vllm_supernet_requests_running{placement}          requests the scheduler has scheduled, not finished
+    vllm_supernet_requests_waiting{placement}          requests queued or preempted
+    vllm_supernet_prompt_tokens_total{placement}       prompt tokens of the requests received
+    vllm_supernet_generation_tokens_total{placement}   tokens generated
+    vllm_supernet_cache_pages{placement}               cache pages the running requests hold at their length
+    vllm_supernet_cache_bytes{placement}               the same in bytes (one rank's pages)
+
+Everything is counted in the frontend process, which serves `/metrics`: a request is registered when vLLM's
+output processor takes it (its canonical placement is in its `extra_args`), and followed through the engine's
+outputs: new tokens, the scheduler's SCHEDULED / PREEMPTED events (sent when stats are logged, vLLM's default
+for the server; without them a request counts as running from its first token), and its end. Cache pages are
+`footprint.CacheFootprints.pages` at the request's current length: what allocation by placement gives it
+(pages shared through prefix caching count once per request).
+
+vLLM 0.32 internals relied on: `OutputProcessor.add_request(request, ...)`, `process_outputs(outputs, ...)`
+(each `EngineCoreOutput`: `request_id`, `new_token_ids`, `finish_reason`, `events`) and
+`abort_requests(...) -> internal ids aborted` (vllm/v1/engine/output_processor.py); the server's `/metrics`
+exposes prometheus_client's default registry when one API server runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared_spec import Placement
+
+
+@dataclass
+class TrackedRequest:
+    label: str
+    placement: Placement
+    prompt_tokens: int
+    generated: int = 0
+    running: bool = False
+
+
+class PlacementMetrics:
+    """Per-placement counts of one deployment's requests; a prometheus_client collector."""
+
+    def __init__(self, serving, footprints) -> None:
+        self.serving = serving
+        self.footprints = footprints
+        self.names = {placement: name for name, placement in serving.served_presets.items()}
+        self.requests: dict[str, TrackedRequest] = {}
+        self.prompt_tokens: dict[str, int] = {}
+        self.generation_tokens: dict[str, int] = {}
+
+    def label(self, placement: Placement) -> str:
+        return self.names.get(placement, placement.hash)
+
+    def add_request(self, request) -> None:
+        """An `EngineCoreRequest` as the output processor takes it (its placement already canonical)."""
+        from vllm_supernet.placements import EXTRA_ARGS_KEY
+
+        params = request.sampling_params
+        if params is None or request.prompt_token_ids is None:
+            return
+        placement = self.serving.resolve((params.extra_args or {}).get(EXTRA_ARGS_KEY))
+        self.add(request.request_id, placement, len(request.prompt_token_ids))
+
+    def add(self, request_id: str, placement: Placement, prompt_tokens: int) -> None:
+        label = self.label(placement)
+        self.requests[request_id] = TrackedRequest(label, placement, prompt_tokens)
+        self.prompt_tokens[label] = self.prompt_tokens.get(label, 0) + prompt_tokens
+        self.generation_tokens.setdefault(label, 0)
+
+    def update(self, output) -> None:
+        """One `EngineCoreOutput` of the engine."""
+        from vllm.v1.engine import EngineCoreEventType
+
+        request = self.requests.get(output.request_id)
+        if request is None:
+            return
+        for event in output.events or ():
+            if event.type == EngineCoreEventType.SCHEDULED:
+                request.running = True
+            elif event.type == EngineCoreEventType.PREEMPTED:
+                request.running = False
+        if output.new_token_ids:
+            request.running = True
+            request.generated += len(output.new_token_ids)
+            self.generation_tokens[request.label] += len(output.new_token_ids)
+        if output.finish_reason is not None:
+            del self.requests[output.request_id]
+
+    def finish(self, request_ids) -> None:
+        for request_id in request_ids:
+            self.requests.pop(request_id, None)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        running = GaugeMetricFamily("vllm_supernet_requests_running", "Requests scheduled and not finished, by placement",
+                                    labels=["placement"])  # fmt: skip
+        waiting = GaugeMetricFamily("vllm_supernet_requests_waiting", "Requests queued or preempted, by placement",
+                                    labels=["placement"])  # fmt: skip
+        pages = GaugeMetricFamily("vllm_supernet_cache_pages", "Cache pages the running requests hold, by placement",
+                                  labels=["placement"])  # fmt: skip
+        cache_bytes = GaugeMetricFamily("vllm_supernet_cache_bytes",
+                                        "Cache bytes (one rank's pages) the running requests hold, by placement",
+                                        labels=["placement"])  # fmt: skip
+        counts: dict[str, list[int]] = {label: [0, 0, 0] for label in self.prompt_tokens}
+        for request in self.requests.values():
+            count = counts[request.label]
+            if request.running:
+                count[0] += 1
+                count[2] += self.footprints.pages(request.placement, request.prompt_tokens + request.generated)
+            else:
+                count[1] += 1
+        for label, (num_running, num_waiting, num_pages) in counts.items():
+            running.add_metric([label], num_running)
+            waiting.add_metric([label], num_waiting)
+            pages.add_metric([label], num_pages)
+            cache_bytes.add_metric([label], num_pages * self.footprints.page_bytes)
+        prompt = CounterMetricFamily("vllm_supernet_prompt_tokens", "Prompt tokens received, by placement",
+                                     labels=["placement"])  # fmt: skip
+        generation = CounterMetricFamily("vllm_supernet_generation_tokens", "Tokens generated, by placement",
+                                         labels=["placement"])  # fmt: skip
+        for label in self.prompt_tokens:
+            prompt.add_metric([label], self.prompt_tokens[label])
+            generation.add_metric([label], self.generation_tokens[label])
+        return [running, waiting, prompt, generation, pages, cache_bytes]
+
+
+_metrics: PlacementMetrics | None = None
+
+
+def placement_metrics(vllm_config=None) -> PlacementMetrics | None:
+    """This process's metrics, made (and registered with prometheus_client) from the first supernet config
+    seen once the engine is up; None before that or for other models."""
+    global _metrics
+    if _metrics is None and vllm_config is not None:
+        from prometheus_client import REGISTRY
+
+        from vllm_supernet.footprint import CacheFootprints
+        from vllm_supernet.placements import ServingPlacements
+
+        _metrics = PlacementMetrics(ServingPlacements.from_model_config(vllm_config.model_config),
+                                    CacheFootprints.of(vllm_config))  # fmt: skip
+        REGISTRY.register(_metrics)
+    return _metrics
