@@ -434,7 +434,7 @@ def install_runner_patch() -> None:
 
 
 def _skip_idle_groups() -> None:
-    """Slot mappings only for the cache groups some request of the step holds blocks in.
+    """Slot mappings and metadata only for the cache groups some request of the step holds blocks in.
 
     With allocation by placement (`cache_allocation`) a supernet has one group per served (layer, mixer), and a
     step's requests hold blocks in few of them (an all-SWA batch: the SWA layers'); vLLM's runner would map
@@ -451,6 +451,32 @@ def _skip_idle_groups() -> None:
                 block_table.compute_slot_mapping(num_reqs, query_start_loc, positions)
 
     MultiGroupBlockTable.compute_slot_mapping = compute_slot_mapping
+
+    # The runner's metadata pass (`GPUModelRunner._build_attention_metadata`) visits every group too (a copy of
+    # the common metadata, its block table and encoder lengths, a builder call per group); it runs over the held
+    # groups only, renumbered: the function reads groups by position (kv_cache_config.kv_cache_groups,
+    # attn_groups, input_batch.block_table, slot_mappings) and keys its result by layer name.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original_build = GPUModelRunner._build_attention_metadata
+
+    def _build_attention_metadata(self, num_tokens, num_reqs, *args, slot_mappings=None, **kwargs):
+        multi_table = self.input_batch.block_table
+        tables = multi_table.block_tables
+        held = [group for group, table in enumerate(tables) if table.num_blocks_per_row[:num_reqs].any()]
+        if not held or len(held) == len(tables) or slot_mappings is None or kwargs.get("for_cudagraph_capture"):
+            return original_build(self, num_tokens, num_reqs, *args, slot_mappings=slot_mappings, **kwargs)
+        config, attn_groups = self.kv_cache_config, self.attn_groups
+        self.kv_cache_config = replace(config, kv_cache_groups=[config.kv_cache_groups[g] for g in held])
+        self.attn_groups = [attn_groups[g] for g in held]
+        multi_table.block_tables = [tables[g] for g in held]
+        try:
+            return original_build(self, num_tokens, num_reqs, *args,
+                                  slot_mappings={new: slot_mappings[g] for new, g in enumerate(held)}, **kwargs)  # fmt: skip
+        finally:
+            self.kv_cache_config, self.attn_groups, multi_table.block_tables = config, attn_groups, tables
+
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
 
 
 def _patch_mamba_copies() -> None:
