@@ -19,10 +19,11 @@ placement. This module changes two things, both in the engine-core process:
    footprint; a prefix-cache lookup matches only the request's groups (the placement hash is in the
    cache salt, so no other placement's blocks could match anyway).
 
-The worker side needs nothing: a group a request does not use has an empty block-table row for it, and
-the layers read only the rows of the requests their mixer runs (`batch.StepRequests`); the groups no
-request of a step uses get no metadata built (`batch.DeferredMetadata`) and no slot mapping
-(`patches.skip_idle_groups`).
+On the worker a group a request does not use has an empty block-table row for it, and the layers read only
+the rows of the requests their mixer runs (`batch.StepRequests`). The runner patches in `patches.py` keep
+vLLM's per-group work to the groups a step's requests hold blocks in (`_skip_idle_groups`: metadata, slot
+mappings, the decodes-first reorder) and skip the groups a request does not hold in prefix caching's state
+copies (`_patch_mamba_copies`).
 
 vLLM 0.32 internals relied on (read at the source):
 - `vllm.v1.core.kv_cache_utils.get_kv_cache_groups(vllm_config, kv_cache_spec)`, looked up by module
@@ -34,8 +35,8 @@ vLLM 0.32 internals relied on (read at the source):
   `get_blocks`), and `HybridKVCacheCoordinator.find_longest_cache_hit` over `self.attention_groups`
   (spec groups of group ids); `KVCacheManager.get_computed_blocks(request)` is its only caller.
 - `Scheduler.add_request(request)` sees every request before it is scheduled (its
-  `sampling_params.extra_args` hold the canonical placement the frontend wrote) and
-  `Scheduler._free_request(request)` every finished one.
+  `sampling_params.extra_args` hold the canonical placement the frontend wrote), and
+  `Scheduler._free_blocks(request)` frees every finished one's blocks.
 """
 
 from __future__ import annotations

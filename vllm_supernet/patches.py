@@ -38,6 +38,17 @@ vLLM 0.32 internals relied on:
   num_tokens_no_spec, token_ids_cpu, ...)` with lists in `input_batch.req_ids` order, after the step's
   bookkeeping has appended the accepted tokens to `token_ids_cpu`. The wrapper first tells the
   `SelfSpeculator` each request's id and draft placement (`begin_step`): `propose` is given neither.
+- Cache memory by placement (`cache_allocation.py`, `footprint.py`, `metrics.py`): `kv_cache_utils.get_kv_cache_groups`,
+  `_max_memory_usage_bytes_from_groups`, `get_max_concurrency_for_kv_cache_config` and `get_kv_cache_configs`
+  (also imported by name into vllm/v1/engine/core.py) are replaced by wrappers for supernets; `Scheduler.__init__`,
+  `add_request` and `_free_blocks` (vllm/v1/core/sched/scheduler.py) install and feed the per-request views; in
+  the worker, `mamba_utils.collect_mamba_copy_meta`, `MultiGroupBlockTable.compute_slot_mapping` /
+  `commit_block_table` (vllm/v1/worker/block_table.py) and `GPUModelRunner._build_attention_metadata` /
+  `_may_reorder_batch` skip groups no request of the step holds blocks in (the metadata pass reads groups by
+  position: `kv_cache_config.kv_cache_groups`, `attn_groups`, `input_batch.block_table`, its `slot_mappings`
+  argument); `OutputProcessor.add_request` / `process_outputs` / `abort_requests`
+  (vllm/v1/engine/output_processor.py) feed the metrics; `InputProcessor.process_inputs` refuses what cannot fit
+  (`cache_config.num_gpu_blocks`, `block_size`: the engine's, reported back to the frontend).
 - `vllm.triton_utils.dispatcher.register_kernels` (what the CPU platform's `register_triton_kernel_overrides`
   calls at worker start) swaps a Triton kernel for a Python/C++ stand-in; `fix_cpu_expand_kernel` registers a
   correct stand-in for `rejection_sampler.expand_kernel` (vLLM 0.32's CPU one writes into a copy) when the
@@ -434,15 +445,16 @@ def install_runner_patch() -> None:
 
 
 def _skip_idle_groups() -> None:
-    """Slot mappings and metadata only for the cache groups some request of the step holds blocks in.
+    """Slot mappings, metadata and the decodes-first order only for the cache groups some request of the step
+    holds blocks in.
 
     With allocation by placement (`cache_allocation`) a supernet has one group per served (layer, mixer), and a
     step's requests hold blocks in few of them (an all-SWA batch: the SWA layers'); vLLM's runner would map
     slots for every group every step (`MultiGroupBlockTable.compute_slot_mapping`, vllm/v1/worker/block_table.py).
     A group none of the step's rows holds blocks in is never read in that step: its layers run for no request
-    and its metadata is never built (`batch.DeferredMetadata`). Block-table copies stay as they are (vLLM relies
-    on them to clear finished rows on the device; on CPU they copy nothing). Installed in the processes that
-    build a supernet only."""
+    and its metadata is never built (`batch.DeferredMetadata`). Block-table copies stay for every group on a
+    device (vLLM relies on them to clear finished rows there) and are skipped on CPU, where the runner makes the
+    host and device tables one tensor. Installed in the processes that build a supernet only."""
     from vllm.v1.worker.block_table import MultiGroupBlockTable
 
     def compute_slot_mapping(self, num_reqs, query_start_loc, positions):
@@ -450,7 +462,14 @@ def _skip_idle_groups() -> None:
             if block_table.num_blocks_per_row[:num_reqs].any():
                 block_table.compute_slot_mapping(num_reqs, query_start_loc, positions)
 
+    def commit_block_table(self, num_reqs):
+        for block_table in self.block_tables:
+            buffer = block_table.block_table
+            if buffer.gpu is not buffer.cpu:  # the CPU runner makes them one tensor: a copy onto itself
+                block_table.commit_block_table(num_reqs)
+
     MultiGroupBlockTable.compute_slot_mapping = compute_slot_mapping
+    MultiGroupBlockTable.commit_block_table = commit_block_table
 
     # The runner's metadata pass (`GPUModelRunner._build_attention_metadata`) visits every group too (a copy of
     # the common metadata, its block table and encoder lengths, a builder call per group); it runs over the held
@@ -477,6 +496,23 @@ def _skip_idle_groups() -> None:
             self.kv_cache_config, self.attn_groups, multi_table.block_tables = config, attn_groups, tables
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
+
+    # vLLM's GDN metadata builder wants a step's decodes first, so the runner reorders every step's batch
+    # (`_may_reorder_batch`, a Python pass over the requests) once any state group exists; a step none of whose
+    # requests holds a state page never builds that metadata, so its order does not matter.
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    original_reorder = GPUModelRunner._may_reorder_batch
+
+    def _may_reorder_batch(self, scheduler_output):
+        groups = self.kv_cache_config.kv_cache_groups
+        state_groups = [g for g, group in enumerate(groups) if isinstance(group.kv_cache_spec, MambaSpec)]
+        tables, num_reqs = self.input_batch.block_table.block_tables, self.input_batch.num_reqs
+        if len(groups) == len(tables) and not any(tables[g].num_blocks_per_row[:num_reqs].any() for g in state_groups):
+            return None
+        return original_reorder(self, scheduler_output)
+
+    GPUModelRunner._may_reorder_batch = _may_reorder_batch
 
 
 def _patch_mamba_copies() -> None:
