@@ -118,6 +118,8 @@ def engines(args, checkpoints: dict[str, Path]) -> list[dict]:
             native = NATIVE_FOR[name]
             runs.append({"workload": name, "engine": NATIVE_NAMES[native], "model": str(checkpoints[native]),
                          "placements": [None], "native": native})  # fmt: skip
+    if args.workloads:
+        runs = [run for run in runs if run["workload"] in args.workloads]
     mixed = list(UNIFORM.values())
     runs.append({"workload": "mixed (1/4 each uniform)", "engine": "unthinned", "model": supernet, "placements": mixed})
     runs.append({"workload": "mixed (1/4 each uniform)", "engine": "per kind", "model": supernet, "placements": mixed,
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
+    parser.add_argument("--workloads", nargs="*", default=None,
+                        help=f"placements to run besides the mixed workload (default: all of {[*UNIFORM, *HYBRIDS]})")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "capacity")
     args = parser.parse_args(argv)

@@ -155,3 +155,41 @@ def test_step_time_benchmark_runs_end_to_end(tmp_path):
         assert set(median) == {"step", "steps_timed", *stages}  # vLLM 0.32 has every stage the table names
         assert all(median[stage] > 0 for stage in stages) and median["step"] > median["_model_forward"]
     assert "| supernet thinned |" in (out / "step_time_all-SWA_48.md").read_text()
+
+
+def _load_capacity_bench():
+    _load_bench()  # bench_capacity imports bench_vllm by name from benchmarks/
+    return importlib.import_module("bench_capacity")
+
+
+def test_capacity_table_compares_each_engine_with_the_thinned_one():
+    bench = _load_capacity_bench()
+    row = {"preemptions": 0, "tokens_per_s": 100.0, "generated_per_s": 10.0}
+    results = {
+        "command": "python benchmarks/bench_capacity.py", "window": 512,
+        "load": {"budget": 128 * 2**20, "requests": 32, "prompt": 2048, "new_tokens": 32},
+        "model": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 4, "head_dim": 64},
+        "rows": [{"workload": "all-FA", "engine": "unthinned", "peak_running": 14, **row},
+                 {"workload": "all-FA", "engine": "thinned", "peak_running": 16, **row},
+                 {"workload": "mixed (1/4 each uniform)", "engine": "unthinned", "peak_running": 32, **row}],
+    }  # fmt: skip
+    table = bench.markdown(results)
+    assert "| all-FA | unthinned | 14 | 0.88x | 0 | 100 | 10.0 |" in table
+    assert "| mixed (1/4 each uniform) | unthinned | 32 |  | 0 | 100 | 10.0 |" in table
+    assert "Budget 128 MiB" in table
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_capacity_benchmark_runs_end_to_end(tmp_path):
+    """Five real engines (all-GDN unthinned, per kind and thinned; the mixed workload both ways) at toy sizes."""
+    bench = _load_capacity_bench()
+    results = bench.main(["--requests", "4", "--prompt", "64", "--new-tokens", "4", "--budget-mib", "8", "--layers", "2",
+                          "--natives", "--workloads", "all-GDN", "--workdir", str(tmp_path / "work"),
+                          "--out", str(tmp_path / "out")])  # fmt: skip
+    engines = [(row["workload"], row["engine"]) for row in results["rows"]]
+    assert engines == [("all-GDN", "unthinned"), ("all-GDN", "per kind"), ("all-GDN", "thinned"),
+                       ("mixed (1/4 each uniform)", "unthinned"), ("mixed (1/4 each uniform)", "per kind")]  # fmt: skip
+    for row in results["rows"]:
+        assert 1 <= row["peak_running"] <= 4 and row["generated"] == 4 * 4 and row["tokens_per_s"] > 0
+    assert (tmp_path / "out" / "capacity.png").exists() and (tmp_path / "out" / "capacity.md").exists()

@@ -241,8 +241,9 @@ class PlacementAllocation:
         follow_placements(self.coordinator, manager)
 
     def placements_of(self, request) -> list[Placement]:
-        """The placements whose caches a request holds: its own (and, when the deployment speculates, its
-        draft's, which the draft's layers run on; see `speculative.py`)."""
+        """The placements whose caches a request holds in the pool: its own. (A speculating request's draft
+        still keeps its caches outside the pool, `speculative.py`; drafting on pool pages would add the draft
+        placement here.)"""
         extra_args = (request.sampling_params.extra_args or {}) if request.sampling_params is not None else {}
         return [self.serving.resolve(extra_args.get(EXTRA_ARGS_KEY))]
 
