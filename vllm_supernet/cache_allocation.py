@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass
 
 from shared_spec import Placement
+from vllm_supernet.config import MODEL_TYPE
 from vllm_supernet.placements import EXTRA_ARGS_KEY, ServingPlacements
 
 # Cache layer names are the mixers' checkpoint paths: "...blocks.3.mixer.mixers.gdn" (a supernet block's
@@ -93,10 +94,8 @@ def groups_of(placements: list[Placement], users: list[tuple[int, str | None]]) 
 def default_groups(vllm_config, groups: list) -> list:
     """The cache groups a request of the deployment's default placement holds (all of them for any other
     model or layout): what vLLM's start-up check and concurrency figure should count for one request."""
-    from vllm_supernet.patches import is_supernet
-
     model_config = vllm_config.model_config
-    if not (is_supernet(model_config) and allocates_by_placement(model_config)) or not groups:
+    if not allocates_by_placement(model_config) or not groups:
         return groups
     default = ServingPlacements.from_model_config(model_config).default
     used = groups_of([default], group_users([group.layer_names for group in groups]))
@@ -292,10 +291,14 @@ LAYOUTS = ("per_mixer", "per_kind")
 
 
 def allocates_by_placement(model_config) -> bool:
-    """Whether this deployment lays its cache out per (layer, mixer) and allocates by placement (the
-    default), or keeps vLLM's own grouping, one group per mixer kind held by every request (`per_kind`:
-    what this plugin did before, kept to measure against)."""
-    layout = getattr(model_config.hf_config, LAYOUT_OVERRIDE_KEY, None) or "per_mixer"
+    """Whether this is a supernet deployment that lays its cache out per (layer, mixer) and allocates by
+    placement (the default), rather than any other model or a supernet that keeps vLLM's own grouping, one
+    group per mixer kind held by every request (`per_kind`: what this plugin did before, kept to measure
+    against)."""
+    hf_config = getattr(model_config, "hf_config", None)
+    if getattr(hf_config, "model_type", None) != MODEL_TYPE:
+        return False
+    layout = getattr(hf_config, LAYOUT_OVERRIDE_KEY, None) or "per_mixer"
     if layout not in LAYOUTS:
         raise ValueError(f"{LAYOUT_OVERRIDE_KEY} = {layout!r}; allowed: {', '.join(LAYOUTS)}")
     return layout == "per_mixer"

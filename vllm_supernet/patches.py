@@ -111,7 +111,7 @@ def _patch_cache_groups() -> None:
     original = kv_cache_utils.get_kv_cache_groups
 
     def get_kv_cache_groups(vllm_config, kv_cache_spec):
-        if is_supernet(vllm_config.model_config) and allocates_by_placement(vllm_config.model_config) and kv_cache_spec:
+        if allocates_by_placement(vllm_config.model_config) and kv_cache_spec:
             return per_mixer_groups(kv_cache_spec)
         return original(vllm_config, kv_cache_spec)
 
@@ -146,7 +146,7 @@ def _patch_cache_groups() -> None:
             return original_configs(vllm_config, kv_cache_specs, available_memory)
         except ValueError as error:
             model_config = vllm_config.model_config
-            if not (is_supernet(model_config) and allocates_by_placement(model_config)) or "max seq len" not in str(error):
+            if not allocates_by_placement(model_config) or "max seq len" not in str(error):
                 raise
             raise ValueError(default_does_not_fit(vllm_config, kv_cache_specs, min(available_memory)) or str(error)) from error
 
@@ -167,7 +167,7 @@ def _patch_scheduler() -> None:
         original_init(self, vllm_config, *args, **kwargs)
         model_config = vllm_config.model_config
         self.supernet_allocation = None
-        if is_supernet(model_config) and allocates_by_placement(model_config) and self.kv_cache_config.kv_cache_groups:
+        if allocates_by_placement(model_config) and self.kv_cache_config.kv_cache_groups:
             self.supernet_allocation = PlacementAllocation(self, ServingPlacements.from_model_config(model_config))
             self.supernet_allocation.check_default_fits(vllm_config)
 
