@@ -18,13 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from vllm.utils.math_utils import cdiv
 
 from shared_spec import Apriel2TextConfig, AttentionMixerConfig, MixerKind, Placement
 from vllm_supernet.placements import ServingPlacements
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -41,17 +38,15 @@ def mixer_caches(config: Apriel2TextConfig, serving: ServingPlacements, dtype: t
     """{(layer, mixer name): MixerCache} of every served mixer, one rank's share."""
     from vllm_supernet.model import mixer_layer, served_mixer_configs
 
-    element = torch.tensor([], dtype=dtype).element_size()
     caches = {}
     for layer, name, mixer in served_mixer_configs(config, serving):
         if isinstance(mixer, AttentionMixerConfig):
             kv_heads = max(mixer.head_groups // tp_size, 1)  # replicated when the ranks outnumber them
-            caches[layer, name] = MixerCache(MixerKind.of(mixer), token_bytes=2 * kv_heads * mixer.head_size * element,
+            caches[layer, name] = MixerCache(MixerKind.of(mixer), token_bytes=2 * kv_heads * mixer.head_size * dtype.itemsize,
                                              window=mixer.window_size)  # fmt: skip
         else:
             shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {layer} mixer {name!r}")
-            state = sum(torch.Size(shape).numel() * torch.tensor([], dtype=d).element_size()
-                        for shape, d in zip(shapes, state_dtypes, strict=True))  # fmt: skip
+            state = sum(torch.Size(shape).numel() * d.itemsize for shape, d in zip(shapes, state_dtypes, strict=True))
             caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=state)
     return caches
 

@@ -457,9 +457,13 @@ def _skip_idle_groups() -> None:
     host and device tables one tensor. Installed in the processes that build a supernet only."""
     from vllm.v1.worker.block_table import MultiGroupBlockTable
 
+    def holds_blocks(block_table, num_reqs: int) -> bool:
+        """Whether any of the step's first `num_reqs` rows holds blocks in this group's table."""
+        return bool(block_table.num_blocks_per_row[:num_reqs].any())
+
     def compute_slot_mapping(self, num_reqs, query_start_loc, positions):
         for block_table in self.block_tables:
-            if block_table.num_blocks_per_row[:num_reqs].any():
+            if holds_blocks(block_table, num_reqs):
                 block_table.compute_slot_mapping(num_reqs, query_start_loc, positions)
 
     def commit_block_table(self, num_reqs):
@@ -482,7 +486,7 @@ def _skip_idle_groups() -> None:
     def _build_attention_metadata(self, num_tokens, num_reqs, *args, slot_mappings=None, **kwargs):
         multi_table = self.input_batch.block_table
         tables = multi_table.block_tables
-        held = [group for group, table in enumerate(tables) if table.num_blocks_per_row[:num_reqs].any()]
+        held = [group for group, table in enumerate(tables) if holds_blocks(table, num_reqs)]
         if not held or len(held) == len(tables) or slot_mappings is None or kwargs.get("for_cudagraph_capture"):
             return original_build(self, num_tokens, num_reqs, *args, slot_mappings=slot_mappings, **kwargs)
         config, attn_groups = self.kv_cache_config, self.attn_groups
@@ -508,7 +512,7 @@ def _skip_idle_groups() -> None:
         groups = self.kv_cache_config.kv_cache_groups
         state_groups = [g for g, group in enumerate(groups) if isinstance(group.kv_cache_spec, MambaSpec)]
         tables, num_reqs = self.input_batch.block_table.block_tables, self.input_batch.num_reqs
-        if len(groups) == len(tables) and not any(tables[g].num_blocks_per_row[:num_reqs].any() for g in state_groups):
+        if len(groups) == len(tables) and not any(holds_blocks(tables[g], num_reqs) for g in state_groups):
             return None
         return original_reorder(self, scheduler_output)
 
