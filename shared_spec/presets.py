@@ -65,29 +65,32 @@ class PresetsFile(BaseModel):
         """Among the presets `names` (those a deployment serves), the fastest whose recorded quality is at least
         `min_quality`, or the best-quality one whose recorded speed-up is at least `min_speedup` (both given:
         the fastest meeting both). PlacementError naming the best available when none qualifies."""
-        rated = {
-            name: self.presets[name].metrics for name in names
-            if QUALITY_METRIC in self.presets[name].metrics and SPEEDUP_METRIC in self.presets[name].metrics
-        }
+        qualifying = self.qualifying(names, min_quality, min_speedup)
+        if min_quality is not None:
+            return max(qualifying, key=lambda n: (self.speedup(n), self.quality(n)))
+        return max(qualifying, key=lambda n: (self.quality(n), self.speedup(n)))
+
+    def qualifying(self, names: list[str], min_quality: float | None, min_speedup: float | None) -> list[str]:
+        """The presets of `names` whose recorded figures meet the service level, or PlacementError naming the
+        best available."""
+        rated = self.rated(names)
         if not rated:
             raise PlacementError(
                 f"no served preset records both {QUALITY_METRIC!r} and {SPEEDUP_METRIC!r}, so a service level cannot "
                 "be matched; name a placement instead (presets are measured by `supernet-place presets`)"
             )
         qualifying = [
-            name for name, metrics in rated.items()
-            if (min_quality is None or metrics[QUALITY_METRIC] >= min_quality)
-            and (min_speedup is None or metrics[SPEEDUP_METRIC] >= min_speedup)
+            name for name in rated
+            if (min_quality is None or self.quality(name) >= min_quality)
+            and (min_speedup is None or self.speedup(name) >= min_speedup)
         ]
         if qualifying:
-            if min_quality is not None:
-                return max(qualifying, key=lambda n: (rated[n][SPEEDUP_METRIC], rated[n][QUALITY_METRIC]))
-            return max(qualifying, key=lambda n: (rated[n][QUALITY_METRIC], rated[n][SPEEDUP_METRIC]))
-        best_quality = max(rated, key=lambda n: rated[n][QUALITY_METRIC])
-        fastest = max(rated, key=lambda n: rated[n][SPEEDUP_METRIC])
+            return qualifying
+        best_quality = max(rated, key=self.quality)
+        fastest = max(rated, key=self.speedup)
 
         def describe(name: str) -> str:
-            return f"{name!r} (quality {rated[name][QUALITY_METRIC]:.3f}, speed-up {rated[name][SPEEDUP_METRIC]:.2f}x)"
+            return f"{name!r} (quality {self.quality(name):.3f}, speed-up {self.speedup(name):.2f}x)"
 
         asked = " and ".join(
             text for text, value in ((f"min_quality {min_quality}", min_quality), (f"min_speedup {min_speedup}", min_speedup))
@@ -96,6 +99,26 @@ class PresetsFile(BaseModel):
         raise PlacementError(
             f"no served preset meets {asked}; best quality available: {describe(best_quality)}, fastest: {describe(fastest)}"
         )
+
+    def rated(self, names: list[str]) -> list[str]:
+        """The presets of `names` that record both quality and speed-up (those a service level can pick)."""
+        return [name for name in names if {QUALITY_METRIC, SPEEDUP_METRIC} <= self.presets[name].metrics.keys()]
+
+    def frontier(self, names: list[str]) -> list[str]:
+        """The rated presets of `names` no other one beats on both figures, best quality (slowest) first:
+        the steps a load-aware choice goes down (a preset both slower and worse than another is never worth it)."""
+        ranked = sorted(self.rated(names), key=lambda n: (-self.quality(n), -self.speedup(n)))
+        steps: list[str] = []
+        for name in ranked:
+            if not steps or self.speedup(name) > self.speedup(steps[-1]):
+                steps.append(name)
+        return steps
+
+    def quality(self, name: str) -> float:
+        return self.presets[name].metrics[QUALITY_METRIC]
+
+    def speedup(self, name: str) -> float:
+        return self.presets[name].metrics[SPEEDUP_METRIC]
 
     def resolved(self, spec: SupernetSpec) -> dict[str, Placement]:
         return {name: Placement.parse(preset.placement, spec) for name, preset in self.presets.items()}

@@ -25,9 +25,11 @@ exposes prometheus_client's default registry when one API server runs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from shared_spec import Placement
+from vllm_supernet.load_policy import LoadSnapshot
 
 
 @dataclass
@@ -35,6 +37,7 @@ class TrackedRequest:
     label: str
     placement: Placement
     prompt_tokens: int
+    received_at: float
     generated: int = 0
     running: bool = False
 
@@ -42,9 +45,11 @@ class TrackedRequest:
 class PlacementMetrics:
     """Per-placement counts of one deployment's requests; a prometheus_client collector."""
 
-    def __init__(self, serving, footprints) -> None:
+    def __init__(self, serving, footprints, num_pages: int = 0, clock=time.monotonic) -> None:
         self.serving = serving
         self.footprints = footprints
+        self.num_pages = num_pages  # the engine's cache pages (0: unknown)
+        self.clock = clock
         self.names = {placement: name for name, placement in serving.served_presets.items()}
         self.requests: dict[str, TrackedRequest] = {}
         self.prompt_tokens: dict[str, int] = {}
@@ -65,7 +70,7 @@ class PlacementMetrics:
 
     def add(self, request_id: str, placement: Placement, prompt_tokens: int) -> None:
         label = self.label(placement)
-        self.requests[request_id] = TrackedRequest(label, placement, prompt_tokens)
+        self.requests[request_id] = TrackedRequest(label, placement, prompt_tokens, self.clock())
         self.prompt_tokens[label] = self.prompt_tokens.get(label, 0) + prompt_tokens
         self.generation_tokens.setdefault(label, 0)
 
@@ -91,6 +96,20 @@ class PlacementMetrics:
     def finish(self, request_ids) -> None:
         for request_id in request_ids:
             self.requests.pop(request_id, None)
+
+    def load(self) -> LoadSnapshot:
+        """The load as the frontend sees it now (`load_policy`): requests without a first token and how long the
+        oldest has waited, and the share of the cache pages the running ones hold."""
+        waiting_since = [request.received_at for request in self.requests.values() if request.generated == 0]
+        pages = sum(
+            self.footprints.pages(request.placement, request.prompt_tokens + request.generated)
+            for request in self.requests.values() if request.running
+        )
+        return LoadSnapshot(
+            waiting=len(waiting_since),
+            oldest_waiting_s=self.clock() - min(waiting_since) if waiting_since else 0.0,
+            cache_use=pages / self.num_pages if self.num_pages else 0.0,
+        )
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -140,7 +159,8 @@ def placement_metrics(vllm_config=None) -> PlacementMetrics | None:
         from vllm_supernet.footprint import CacheFootprints
         from vllm_supernet.placements import ServingPlacements
 
+        num_pages = max((vllm_config.cache_config.num_gpu_blocks or 0) - 1, 0)  # block 0 is vLLM's null block
         _metrics = PlacementMetrics(ServingPlacements.from_model_config(vllm_config.model_config),
-                                    CacheFootprints.of(vllm_config))  # fmt: skip
+                                    CacheFootprints.of(vllm_config), num_pages)  # fmt: skip
         REGISTRY.register(_metrics)
     return _metrics

@@ -52,6 +52,7 @@ from vllm_supernet.batch import StepRequests, SupernetBatch
 from vllm_supernet.gdn import SupernetGatedDeltaNet
 from vllm_supernet.kda import SupernetKimiDeltaAttention
 from vllm_supernet.linear_mixer import state_dtypes
+from vllm_supernet.load_policy import load_policy_of
 from vllm_supernet.placements import ServingPlacements
 
 MIXER_LAYERS = {
@@ -278,6 +279,7 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         self.config = vllm_config.model_config.hf_config.apriel2()
         self.serving = ServingPlacements.from_model_config(vllm_config.model_config)
         check_parallel(self.config, self.serving, vllm_config)
+        load_policy_of(self.serving, vllm_config.model_config.hf_config)  # the API server's; a bad one fails here
         self.model = Apriel2Model(self.config, self.serving, vllm_config)
         self.lm_head = ParallelLMHead(self.config.vocab_size, self.config.hidden_size, prefix="lm_head")
         if self.config.tie_word_embeddings:

@@ -76,6 +76,8 @@ _runner_installed = False
 # The deployment the API server serves (set by the `build_app` patch), for validating requests as
 # they are parsed. None in offline use, where `process_inputs` validates.
 _api_server_deployment: ServingPlacements | None = None
+# The API server's load policy (`load_policy.py`; set by `build_app` when the deployment has one).
+_api_server_policy = None
 # Per HTTP request: the placement its completion runs with, for the response headers (PlacementHeaders).
 _response_choice: ContextVar[dict[str, str] | None] = ContextVar("supernet_response_choice", default=None)
 
@@ -188,13 +190,15 @@ def _patch_scheduler() -> None:
     Scheduler._free_blocks = _free_blocks
 
 
-def _resolve_or_400(serving: ServingPlacements, fields: dict[str, Any]) -> tuple[Placement, str | None, Placement | None]:
+def _resolve_or_400(
+    serving: ServingPlacements, fields: dict[str, Any], by_load=None
+) -> tuple[Placement, str | None, Placement | None]:
     """(placement, preset chosen for a service level, draft placement the request names or None) of a
-    request's fields, or a 400 naming the problem."""
+    request's fields, or a 400 naming the problem; `by_load` as `ServingPlacements.resolve_request` takes it."""
     from vllm.exceptions import VLLMValidationError
 
     try:
-        placement, preset = serving.resolve_request(fields)
+        placement, preset = serving.resolve_request(fields, by_load)
         draft_value = fields.get(DRAFT_EXTRA_ARGS_KEY)
         draft = serving.resolve_draft(draft_value) if draft_value is not None else None
     except PlacementError as error:
@@ -233,7 +237,7 @@ def _patch_request_models() -> None:
                 params.extra_args = _replacing_request_fields(params.extra_args, top_level)
             serving = _api_server_deployment
             if serving is not None:  # parsed here, before any stream starts: a bad one is a 400
-                placement, preset, draft = _resolve_or_400(serving, params.extra_args or {})
+                placement, preset, draft = _resolve_or_400(serving, params.extra_args or {}, _choice_by_load())
                 params.extra_args = _with_placement(params.extra_args, placement, draft)
                 choice = _response_choice.get()
                 if choice is not None:  # reported in the response headers (PlacementHeaders)
@@ -241,6 +245,17 @@ def _patch_request_models() -> None:
             return params
 
         request_cls.to_sampling_params = to_sampling_params
+
+
+def _choice_by_load():
+    """The API server's load policy as a chooser among qualifying presets, under the load seen now; None without one."""
+    policy = _api_server_policy
+    if policy is None:
+        return None
+    from vllm_supernet.load_policy import IDLE
+
+    metrics = placement_metrics()  # None before the first request: idle
+    return lambda qualifying: policy.choose(qualifying, metrics.load() if metrics is not None else IDLE)
 
 
 def _patch_input_processor() -> None:
@@ -352,10 +367,18 @@ def _patch_build_app() -> None:
     original = entry.build_app
 
     def build_app(args, supported_tasks, model_config=None, *rest, **kwargs):
-        global _api_server_deployment
+        global _api_server_deployment, _api_server_policy
         app = original(args, supported_tasks, model_config, *rest, **kwargs)
         if model_config is not None and is_supernet(model_config):
+            from vllm_supernet.load_policy import load_policy_of
+
             _api_server_deployment = ServingPlacements.from_model_config(model_config)
+            _api_server_policy = load_policy_of(_api_server_deployment, model_config.hf_config)
+            if _api_server_policy is not None:
+                from prometheus_client import REGISTRY
+
+                REGISTRY.register(_api_server_policy)
+                logger.info("load policy: %s over presets %s", _api_server_policy.config, _api_server_policy.frontier)
             listing = _api_server_deployment.preset_listing(_listing_footprints(args, model_config))
 
             @app.get(PRESETS_ROUTE)

@@ -124,9 +124,12 @@ class ServingPlacements:
             return known
         return self._parse(list(value) if isinstance(value, tuple) else value)
 
-    def resolve_request(self, fields: dict[str, Any]) -> tuple[Placement, str | None]:
+    def resolve_request(self, fields: dict[str, Any], by_load=None) -> tuple[Placement, str | None]:
         """A request's fields (`placement`, or a service level `min_quality` / `min_speedup`) -> (placement,
-        the preset chosen for the service level or None); PlacementError names what is wrong."""
+        the preset chosen for the service level or None); PlacementError names what is wrong.
+
+        by_load: None, or a function choosing among the presets that meet the service level (the API server's
+        `load_policy.LoadPolicy`); else the choice is `PresetsFile.choose`'s, from the recorded figures alone."""
         if all(fields.get(key) is None for key in SERVICE_LEVEL_KEYS):
             # Every request in the frontend and every worker step: a memoised look-up, no validation model.
             return self.resolve(fields.get(EXTRA_ARGS_KEY)), None
@@ -137,7 +140,11 @@ class ServingPlacements:
             raise PlacementError(problems) from None
         if not self.served_presets:
             raise PlacementError("this deployment serves no presets, so a service level cannot be matched; name a placement")
-        name = self.presets.choose(list(self.served_presets), request.min_quality, request.min_speedup)
+        served = list(self.served_presets)
+        if by_load is not None:
+            name = by_load(self.presets.qualifying(served, request.min_quality, request.min_speedup))
+        else:
+            name = self.presets.choose(served, request.min_quality, request.min_speedup)
         return self.served_presets[name], name
 
     def resolve_draft(self, value: Any) -> Placement | None:
