@@ -80,6 +80,7 @@ def test_footprint_counts_pages_per_mixer_kind():
     assert footprints.fixed_bytes(window) == 2 * 5 * token
     speculating, _, _ = _fixture_footprints(speculative_tokens=4)
     assert speculating.pages(linear, 1000) == 5 + 5 + 8  # one state page per draft position more
+    assert speculating.fixed_bytes(linear) == 2 * 5 * state
 
 
 def test_too_long_names_what_is_needed_and_what_there_is():

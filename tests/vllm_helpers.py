@@ -96,7 +96,8 @@ def _main(scenario_path: str) -> None:
     seed?}]}], invalid: [placement values, or request fields such as {"draft_placement": value}] (with speculative_config in
     engine, and disable_log_stats False, `speculation` gives each batch's drafting counts; with disable_log_stats
     False, `metrics` holds vLLM's counters and gauges after the last batch),
-    env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`)}."""
+    env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`),
+    draft_memory?: bool (each rank's `speculative.DraftMemory` after the batches, with its pool's page bytes)}."""
     from vllm import LLM, SamplingParams
 
     from vllm_supernet.speculative import speculation_counts
@@ -106,6 +107,8 @@ def _main(scenario_path: str) -> None:
     engine = dict(scenario["engine"])
     if scenario.get("rank_shapes"):  # RPC by name into each worker (vLLM's worker_extension_cls)
         engine["worker_extension_cls"] = "tests.vllm_helpers.RankShapes"
+    if scenario.get("draft_memory"):
+        engine["worker_extension_cls"] = "vllm_supernet.speculative.SpeculatorTiming"
     llm = LLM(model=scenario["model"], skip_tokenizer_init=True, **engine)
     results: dict = {"batches": {}, "invalid": []}
     if scenario.get("rank_shapes"):
@@ -176,6 +179,8 @@ def _main(scenario_path: str) -> None:
     results["after_invalid"] = generate([{"prompt_token_ids": [1, 5, 6], "max_tokens": 2}])
     if not engine.get("disable_log_stats", True):  # vLLM's own counters (preemptions, tokens)
         results["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+    if scenario.get("draft_memory"):
+        results["draft_memory"] = llm.collective_rpc("draft_memory")
     results["num_gpu_blocks"] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
     results["block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
     Path(scenario["result"]).write_text(json.dumps(results))

@@ -165,17 +165,15 @@ class SupernetAttention(nn.Module):
         output, _ = self.o_proj(attended.flatten(1))
         return output
 
-    def new_cache(self, dtype: torch.dtype, device: torch.device) -> KVBuffer:
-        return KVBuffer()
-
     def forward_on_cache(self, hidden_states: torch.Tensor, positions: torch.Tensor, cache: KVBuffer) -> torch.Tensor:
         """One sequence's next tokens on a cache of its own (the speculative draft's), outside vLLM's
         paged cache: hidden_states [T, D], positions [T] (following the cache's) -> [T, D]."""
         query, key, value = self.project(hidden_states, positions)
-        keys, values = cache.append(key, value)  # [S, Hkv, Dh], every token so far
+        cache.append(key, value)
         first_key = 0 if self.window_size is None else max(0, int(positions[0]) - (self.window_size - 1))
+        keys, values = cache.since(first_key)  # [S, Hkv, Dh]
         attended = attend(
-            query, keys[first_key:], values[first_key:], positions,
+            query, keys, values, positions,
             torch.arange(first_key, cache.length, device=positions.device), self.scale, self.window_size,
         )
         output, _ = self.o_proj(attended.flatten(1))
@@ -183,28 +181,36 @@ class SupernetAttention(nn.Module):
 
 
 class KVBuffer:
-    """One sequence's keys and values [S, Hkv, Dh] in a buffer that grows by doubling; `length` tokens are
-    valid, so going back to an earlier length (a rejected draft) is setting it."""
+    """One sequence's keys and values in fixed buffers [C, Hkv, Dh] (views of a draft slot, `speculative.py`):
+    position p lies in row p % C, so the buffer holds the last C positions (full attention: C = max_model_len,
+    all of them; sliding window: C covers the window, one forward and the drafts a rejection takes back,
+    `footprint.CacheFootprints.draft_slot`). `length` positions have been written; going back to an earlier
+    length (a rejected draft) is setting it."""
 
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
         self.length = 0
 
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, first: int, end: int) -> slice | torch.Tensor:
+        capacity = self.keys.shape[0]
+        if end - first > capacity:
+            raise ValueError(f"positions {first}..{end - 1} do not fit a KV buffer of {capacity} tokens")
+        start = first % capacity
+        if start + end - first <= capacity:
+            return slice(start, start + end - first)
+        return torch.arange(first, end, device=self.keys.device) % capacity
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         end = self.length + key.shape[0]
-        if self.keys is None or end > self.keys.shape[0]:
-            capacity = max(end, 2 * (0 if self.keys is None else self.keys.shape[0]), 64)
-            keys = key.new_empty(capacity, *key.shape[1:])
-            values = value.new_empty(capacity, *value.shape[1:])
-            if self.keys is not None:
-                keys[: self.length] = self.keys[: self.length]
-                values[: self.length] = self.values[: self.length]
-            self.keys, self.values = keys, values
-        self.keys[self.length : end] = key
-        self.values[self.length : end] = value
+        rows = self._rows(self.length, end)
+        self.keys[rows] = key
+        self.values[rows] = value
         self.length = end
-        return self.keys[:end], self.values[:end]
+
+    def since(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions first .. length - 1."""
+        rows = self._rows(first, self.length)
+        return self.keys[rows], self.values[rows]
 
 
 def attend(

@@ -41,6 +41,7 @@ vLLM 0.32 internals relied on (read at the source):
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from shared_spec import Placement
 from vllm_supernet.config import MODEL_TYPE
 from vllm_supernet.placements import EXTRA_ARGS_KEY, ServingPlacements
 
+logger = logging.getLogger("vllm.supernet")
 # Cache layer names are the mixers' checkpoint paths: "...blocks.3.mixer.mixers.gdn" (a supernet block's
 # mixer) or "...blocks.3.mixer" (a plain block's only mixer).
 _CACHE_LAYER = re.compile(r"\.blocks\.(\d+)\.mixer(?:\.mixers\.([^.]+))?$")
@@ -119,7 +121,33 @@ def default_does_not_fit(vllm_config, kv_cache_specs: list[dict], available_memo
     max_len = vllm_config.model_config.max_model_len
     default = ServingPlacements.from_model_config(vllm_config.model_config).default
     reason = footprints.too_long(default, max_len, num_pages)
-    return None if reason is None else f"the default placement cannot serve one request of max_model_len = {max_len}: {reason}"
+    if reason is None:
+        return None
+    from vllm_supernet.speculative import draft_reserve
+
+    reserve = draft_reserve(vllm_config)
+    if reserve is not None:
+        reason = f"{reason} (its cache is what is left after {reserve.describe()})"
+    return f"the default placement cannot serve one request of max_model_len = {max_len}: {reason}"
+
+
+def without_draft_reserve(vllm_config, available_memory: list[int]) -> list[int]:
+    """Each rank's KV-cache memory less the self-speculator's draft slots (`speculative.draft_reserve`), so that
+    vLLM sizes its pool, checks one request against it and logs its size and concurrency from what is left."""
+    from vllm_supernet.speculative import SLOTS_OVERRIDE_KEY, draft_reserve
+
+    reserve = draft_reserve(vllm_config)
+    if reserve is None:
+        return available_memory
+    smallest = min(available_memory)
+    if reserve.bytes >= smallest:
+        raise ValueError(
+            f"the self-speculator's draft slots do not fit the cache memory: {reserve.describe()}, but a rank has "
+            f"{smallest / 2**20:.1f} MiB of cache memory; lower {SLOTS_OVERRIDE_KEY} or max_model_len, draft with "
+            "fewer full-attention layers, or start the deployment with more cache memory"
+        )
+    logger.info("%s; the KV-cache pool has the rest", reserve.describe())
+    return [memory - reserve.bytes for memory in available_memory]
 
 
 class UnusedGroup:

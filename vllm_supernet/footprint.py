@@ -11,6 +11,9 @@ These counts serve three checks, all in the words of `CacheFootprints.too_long`:
 fit the whole pool at its maximum length is a 400 at admission (`patches.py`), a deployment whose default
 placement cannot fit one `max_model_len` request fails at start-up, and the presets endpoint lists each
 served preset's bytes per token and fixed bytes.
+
+A speculating deployment's draft caches (`speculative.py`) live in draft slots carved out of the same memory
+before vLLM sizes its pool: `CacheFootprints.draft_slot` lays a draft placement's caches out in one slot.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from vllm.utils.math_utils import cdiv
 from shared_spec import Apriel2TextConfig, AttentionMixerConfig, MixerKind, Placement
 from vllm_supernet.placements import ServingPlacements
 
+# Tokens the self-speculator's draft runs per forward when it catches up on a request: with the window and the
+# drafts it may take back, what a sliding-window draft cache keeps (`CacheFootprints.draft_slot`).
+DRAFT_CHUNK_TOKENS = 512
+# Each tensor of a draft slot starts on a multiple of this many bytes (a cache line; any dtype's alignment).
+DRAFT_ALIGNMENT = 64
+
 
 @dataclass(frozen=True)
 class MixerCache:
@@ -32,6 +41,7 @@ class MixerCache:
     token_bytes: int = 0  # attention: K and V of one token
     window: int | None = None  # sliding window: tokens it keeps
     state_bytes: int = 0  # linear mixer: its state page (conv + delta rule)
+    shapes: tuple = ()  # attention: (KV heads, head size) of one token's keys; linear mixer: (conv, recurrent) state shapes
 
 
 def mixer_caches(config: Apriel2TextConfig, serving: ServingPlacements, dtype: torch.dtype, state_dtypes, tp_size: int):
@@ -43,23 +53,36 @@ def mixer_caches(config: Apriel2TextConfig, serving: ServingPlacements, dtype: t
         if isinstance(mixer, AttentionMixerConfig):
             kv_heads = max(mixer.head_groups // tp_size, 1)  # replicated when the ranks outnumber them
             caches[layer, name] = MixerCache(MixerKind.of(mixer), token_bytes=2 * kv_heads * mixer.head_size * dtype.itemsize,
-                                             window=mixer.window_size)  # fmt: skip
+                                             window=mixer.window_size, shapes=(kv_heads, mixer.head_size))  # fmt: skip
         else:
             shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {layer} mixer {name!r}")
             state = sum(torch.Size(shape).numel() * d.itemsize for shape, d in zip(shapes, state_dtypes, strict=True))
-            caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=state)
+            caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=state, shapes=tuple(map(tuple, shapes)))
     return caches
+
+
+@dataclass(frozen=True)
+class DraftSlotLayout:
+    """A draft placement's caches in one draft slot (one rank): per layer, whether it is attention (keys, values)
+    or a linear mixer (1 + k (conv, recurrent) states), and each tensor's (byte offset, shape, dtype)."""
+
+    layers: list[tuple[bool, list[tuple[int, tuple[int, ...], torch.dtype]]]]
+    bytes: int
 
 
 class CacheFootprints:
     """Pages and bytes a request of each placement holds (one rank's pool; every rank holds the same count)."""
 
-    def __init__(self, caches: dict, block_size: int, chunk_tokens: int, speculative_tokens: int, tp_size: int):
+    def __init__(self, caches: dict, block_size: int, chunk_tokens: int, speculative_tokens: int, tp_size: int,
+                 dtype: torch.dtype = torch.float32, max_model_len: int = 0):  # fmt: skip
         self.caches = caches
         self.block_size = block_size  # tokens per attention page
         self.chunk_tokens = chunk_tokens  # the scheduler's token budget per step (a prefill chunk)
         self.speculative_tokens = speculative_tokens
         self.tp_size = tp_size
+        self.dtype = dtype  # the model's: attention keys and values, convolution states of a draft
+        self.max_model_len = max_model_len
+        self._draft_slots: dict[tuple[str, ...], DraftSlotLayout] = {}  # by the placement's mixers
         attention_pages = [c.token_bytes * block_size for c in caches.values() if c.token_bytes]
         self.page_bytes = max(attention_pages + [c.state_bytes for c in caches.values()])
 
@@ -87,7 +110,7 @@ class CacheFootprints:
             state_dtypes = (model_config.dtype, torch.float32)
         caches = mixer_caches(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config),
                               model_config.dtype, state_dtypes, tp_size)  # fmt: skip
-        return cls(caches, block_size, chunk_tokens, speculative_tokens, tp_size)
+        return cls(caches, block_size, chunk_tokens, speculative_tokens, tp_size, model_config.dtype, model_config.max_model_len)
 
     def _used(self, placement: Placement):
         return [self.caches[layer, name] for layer, name in enumerate(placement.mixers) if (layer, name) in self.caches]
@@ -111,8 +134,9 @@ class CacheFootprints:
         return self.tp_size * sum(c.token_bytes for c in self._used(placement) if c.window is None)
 
     def fixed_bytes(self, placement: Placement) -> int:
-        """Cache bytes that do not grow with the context (state pages, full windows), all ranks."""
-        return self.tp_size * sum(c.state_bytes + (c.token_bytes * c.window if c.window else 0)
+        """Cache bytes that do not grow with the context (state pages, one more per draft position when the
+        deployment speculates; full windows), all ranks."""
+        return self.tp_size * sum(c.state_bytes * (1 + self.speculative_tokens) + (c.token_bytes * c.window if c.window else 0)
                                   for c in self._used(placement))  # fmt: skip
 
     def too_long(self, placement: Placement, num_tokens: int, num_pages: int) -> str | None:
@@ -128,6 +152,35 @@ class CacheFootprints:
             f"({num_pages * self.page_bytes / mib:.1f} MiB per rank); ask for fewer tokens (prompt + max_tokens), "
             "a placement with fewer full-attention layers, or start the deployment with more cache memory"
         )
+
+    def draft_slot(self, placement: Placement) -> DraftSlotLayout:
+        """How the self-speculator's caches of draft `placement` lie in one draft slot (one rank), and the bytes
+        they need: per attention layer keys and values [C, KV heads, head size] in the model dtype, a ring of C
+        tokens (full attention: C = max_model_len, every position; sliding window: the window, one catch-up forward
+        and the drafts it may take back, `attention.KVBuffer`); per linear mixer 1 + k convolution (model dtype) and
+        delta-rule (float32) states: the k states the drafts of a round leave, which a rejection goes back to, and
+        the next round's first (`speculative.SelfSpeculator.keep_states`)."""
+        layout = self._draft_slots.get(tuple(placement.mixers))
+        if layout is not None:
+            return layout
+        offset, layers = 0, []
+        for cache in self._used(placement):
+            if cache.token_bytes:
+                capacity = self.max_model_len
+                if cache.window is not None:
+                    kept = cache.window - 1 + max(DRAFT_CHUNK_TOKENS, self.speculative_tokens)
+                    capacity = min(capacity, kept)
+                tensors = [((capacity, *cache.shapes), self.dtype)] * 2
+            else:
+                conv, recurrent = cache.shapes
+                tensors = [((1, *conv), self.dtype), ((1, *recurrent), torch.float32)] * (1 + self.speculative_tokens)
+            placed = []
+            for shape, dtype in tensors:
+                placed.append((offset, shape, dtype))
+                offset += cdiv(torch.Size(shape).numel() * dtype.itemsize, DRAFT_ALIGNMENT) * DRAFT_ALIGNMENT
+            layers.append((bool(cache.token_bytes), placed))
+        layout = self._draft_slots[tuple(placement.mixers)] = DraftSlotLayout(layers, offset)
+        return layout
 
     def listing(self, placement: Placement) -> dict[str, int]:
         """The presets endpoint's figures for one placement."""

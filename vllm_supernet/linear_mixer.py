@@ -200,14 +200,9 @@ class LinearMixerLayer(nn.Module, MambaBase):
             recurrent_state=recurrent,
         )
 
-    def new_cache(self, dtype: torch.dtype, device: torch.device) -> LinearMixerCache:
-        """Zero states of one sequence, outside vLLM's pages (the speculative draft's)."""
-        conv_shape, recurrent_shape = self.page_shapes_of_rank
-        conv = torch.zeros(1, *conv_shape, dtype=dtype, device=device)
-        return self.as_cache(conv, torch.zeros(1, *recurrent_shape, dtype=torch.float32, device=device))
-
     def forward_on_cache(self, hidden_states: torch.Tensor, positions: torch.Tensor, cache: LinearMixerCache) -> torch.Tensor:
-        """One sequence's next tokens [T, D] on its own cache -> [T, D] (positions: unused, the state has them)."""
+        """One sequence's next tokens [T, D] on its own cache (the speculative draft's, in a draft slot) -> [T, D]
+        (positions: unused, the state has them); leaves new state tensors in `cache`."""
         return self.forward_sequence(hidden_states[None], cache)[0]
 
     def store_cache(self, slots: torch.Tensor, cache: LinearMixerCache) -> None:

@@ -9,6 +9,8 @@ hash (the canonical string is long; `GET /v1/supernet/presets` and the response 
     vllm_supernet_generation_tokens_total{placement}   tokens generated
     vllm_supernet_cache_pages{placement}               cache pages the running requests hold at their length
     vllm_supernet_cache_bytes{placement}               the same in bytes (one rank's pages)
+    vllm_supernet_draft_cache_bytes                    bytes (one rank) the self-speculator's draft slots hold
+                                                       (`speculative.draft_reserve`; only where it speculates)
 
 Everything is counted in the frontend process, which serves `/metrics`: a request is registered when vLLM's
 output processor takes it (its canonical placement is in its `extra_args`), and followed through the engine's
@@ -45,10 +47,12 @@ class TrackedRequest:
 class PlacementMetrics:
     """Per-placement counts of one deployment's requests; a prometheus_client collector."""
 
-    def __init__(self, serving, footprints, num_pages: int = 0, clock=time.monotonic) -> None:
+    def __init__(self, serving, footprints, num_pages: int = 0, clock=time.monotonic, draft_bytes: int = 0) -> None:
         self.serving = serving
         self.footprints = footprints
         self.num_pages = num_pages  # the engine's cache pages (0: unknown)
+        # Draft slots are reserved whole at start-up, beside the pool, whichever requests draft in them.
+        self.draft_bytes = draft_bytes
         self.clock = clock
         self.names = {placement: name for name, placement in serving.served_presets.items()}
         self.requests: dict[str, TrackedRequest] = {}
@@ -143,7 +147,12 @@ class PlacementMetrics:
         for label in self.prompt_tokens:
             prompt.add_metric([label], self.prompt_tokens[label])
             generation.add_metric([label], self.generation_tokens[label])
-        return [running, waiting, prompt, generation, pages, cache_bytes]
+        families = [running, waiting, prompt, generation, pages, cache_bytes]
+        if self.draft_bytes:
+            families.append(GaugeMetricFamily("vllm_supernet_draft_cache_bytes",
+                                              "Cache bytes (one rank) reserved for the self-speculator's draft slots",
+                                              value=self.draft_bytes))  # fmt: skip
+        return families
 
 
 _metrics: PlacementMetrics | None = None
@@ -158,9 +167,12 @@ def placement_metrics(vllm_config=None) -> PlacementMetrics | None:
 
         from vllm_supernet.footprint import CacheFootprints
         from vllm_supernet.placements import ServingPlacements
+        from vllm_supernet.speculative import draft_reserve
 
         num_pages = max((vllm_config.cache_config.num_gpu_blocks or 0) - 1, 0)  # block 0 is vLLM's null block
+        reserve = draft_reserve(vllm_config)
         _metrics = PlacementMetrics(ServingPlacements.from_model_config(vllm_config.model_config),
-                                    CacheFootprints.of(vllm_config), num_pages)  # fmt: skip
+                                    CacheFootprints.of(vllm_config), num_pages,
+                                    draft_bytes=reserve.bytes if reserve is not None else 0)  # fmt: skip
         REGISTRY.register(_metrics)
     return _metrics

@@ -25,7 +25,8 @@ vLLM 0.32 internals relied on:
   cover tokens, LoRA, multimodal data and the salt only (vllm/v1/core/kv_cache_utils.py), so two
   placements never share cached KV.
 - `vllm.entrypoints.launchers.api_server.entry.build_app` builds the FastAPI app with the model
-  config; the wrapper adds `GET /v1/supernet/presets`, keeps the deployment for request validation and wraps
+  config; the wrapper adds `GET /v1/supernet/presets`, keeps the deployment (and its load policy,
+  `load_policy.py`, registered with prometheus_client's default registry) for request validation and wraps
   the app's built middleware stack (`app.middleware_stack`, Starlette) with `PlacementHeaders`.
 - `GPUModelRunner._init_model_kwargs` (vllm/v1/worker/gpu_model_runner.py; `CPUModelRunner` inherits
   it) returns extra keyword arguments for `model.forward`; it runs in `_preprocess`, after
@@ -108,6 +109,7 @@ def _patch_cache_groups() -> None:
         default_does_not_fit,
         default_groups,
         per_mixer_groups,
+        without_draft_reserve,
     )
 
     original = kv_cache_utils.get_kv_cache_groups
@@ -144,6 +146,8 @@ def _patch_cache_groups() -> None:
     original_configs = kv_cache_utils.get_kv_cache_configs
 
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+        if is_supernet(vllm_config.model_config):  # the pool, its checks and its log lines get what drafts leave
+            available_memory = without_draft_reserve(vllm_config, available_memory)
         try:
             return original_configs(vllm_config, kv_cache_specs, available_memory)
         except ValueError as error:
@@ -281,6 +285,7 @@ def _patch_input_processor() -> None:
                 parameter=DRAFT_EXTRA_ARGS_KEY,
                 value=draft.canonical,
             )
+        _refuse_draft_beyond_a_slot(self.vllm_config, serving, draft)
         params.extra_args = _with_placement(params.extra_args, placement, draft)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         _refuse_what_cannot_fit(self.vllm_config, placement, request)
@@ -345,6 +350,28 @@ def _refuse_what_cannot_fit(vllm_config, placement: Placement, request) -> None:
         raise VLLMValidationError(f"request cannot fit the cache: {reason}", parameter="max_tokens", value=max_tokens)
 
 
+def _refuse_draft_beyond_a_slot(vllm_config, serving: ServingPlacements, draft: Placement | None) -> None:
+    """A 400 for a request naming a draft placement whose caches need more than a draft slot, which is sized for
+    the deployment's draft placement (`speculative.draft_reserve`): it could never be drafted."""
+    from vllm_supernet.speculative import speculates_with_self
+
+    if draft is None or serving.draft_default is None or not speculates_with_self(vllm_config):
+        return
+    footprints = _footprints(vllm_config)
+    needed, slot = footprints.draft_slot(draft).bytes, footprints.draft_slot(serving.draft_default).bytes
+    if needed > slot:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(
+            f"invalid draft_placement: {draft.canonical!r} needs {needed / 2**10:.0f} KiB of draft cache per rank, "
+            f"but this deployment's draft slots hold {slot / 2**10:.0f} KiB (sized for its draft placement "
+            f"{serving.draft_default.canonical!r} at max_model_len = {vllm_config.model_config.max_model_len}); "
+            "name a draft placement with fewer full-attention layers",
+            parameter=DRAFT_EXTRA_ARGS_KEY,
+            value=draft.canonical,
+        )
+
+
 _footprints_of: dict[int, Any] = {}
 
 
@@ -379,7 +406,8 @@ def _patch_build_app() -> None:
 
                 REGISTRY.register(_api_server_policy)
                 logger.info("load policy: %s over presets %s", _api_server_policy.config, _api_server_policy.frontier)
-            listing = _api_server_deployment.preset_listing(_listing_footprints(args, model_config))
+            footprints = _listing_footprints(args, model_config)
+            listing = {**_api_server_deployment.preset_listing(footprints), **_draft_listing(args, footprints)}
 
             @app.get(PRESETS_ROUTE)
             async def supernet_presets() -> dict[str, Any]:
@@ -403,7 +431,28 @@ def _listing_footprints(args, model_config):
     dtypes = MambaStateDtypeCalculator.kda_state_dtype(
         model_config.dtype, getattr(args, "mamba_cache_dtype", "auto"), getattr(args, "mamba_ssm_cache_dtype", "auto")
     )
-    return CacheFootprints.of_model(model_config, state_dtypes=dtypes)
+    speculative = _self_speculation(args)
+    k = int(speculative.get("num_speculative_tokens") or 0) if speculative else 0
+    return CacheFootprints.of_model(model_config, state_dtypes=dtypes, speculative_tokens=k)
+
+
+def _self_speculation(args) -> dict | None:
+    """The server's speculative config when it speculates with the `SelfSpeculator`, else None."""
+    from vllm_supernet.speculative import SELF_SPECULATOR
+
+    speculative = getattr(args, "speculative_config", None)
+    if isinstance(speculative, dict) and speculative.get("method") == "custom_class" and speculative.get("model") == SELF_SPECULATOR:
+        return speculative
+    return None
+
+
+def _draft_listing(args, footprints) -> dict[str, Any]:
+    """For a speculating server, the listing's `draft`: its draft placement and the cache bytes (all ranks) of the
+    draft slot each drafting request holds, reserved at start-up beside the pool (`speculative.draft_reserve`)."""
+    draft = _api_server_deployment.draft_default
+    if _self_speculation(args) is None or draft is None:
+        return {}
+    return {"draft": {"placement": draft.canonical, "hash": draft.hash, "slot_cache_bytes": footprints.draft_slot(draft).bytes}}
 
 
 class PlacementHeaders:
@@ -462,6 +511,19 @@ def install_runner_patch() -> None:
         return original_propose(self, *args, **kwargs)
 
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+
+    original_initialize = GPUModelRunner.initialize_kv_cache
+
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs):
+        original_initialize(self, kv_cache_config, is_profiling, *args, **kwargs)
+        from vllm_supernet.speculative import SelfSpeculator
+
+        # The draft slots take the memory kept out of the pool (`speculative.draft_reserve`), now that the pool
+        # is allocated: measured before it, they would have been counted as the model's own.
+        if not is_profiling and isinstance(getattr(self, "drafter", None), SelfSpeculator):
+            self.drafter.allocate_slots()
+
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
     _patch_mamba_copies()
     _skip_idle_groups()
     _runner_installed = True
