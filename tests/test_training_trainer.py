@@ -517,6 +517,36 @@ def test_layer_local_gradients_are_each_mixers_own_distance(tiny_run):
             torch.testing.assert_close(got[name], parameter.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_layer_local_mixers_on_cpu_workers_equal_one_after_another(tiny_run):
+    """Two workers (one mixer per thread, one intra-op thread each) give the serial path's loss, metrics and
+    gradients, within float32 rounding; torch's thread count is restored after."""
+    from fast_llm_supernet.training.layer_local import layer_local_backward
+    from fast_llm_supernet.training.loss import DistillLossConfig
+    from fast_llm_supernet.training.trainer import select_trainable_parameters
+
+    student = SupernetForCausalLM.from_pretrained(tiny_run / "supernet")
+    teacher = SupernetForCausalLM.from_pretrained(tiny_run / "supernet").requires_grad_(False)
+    trainable = select_trainable_parameters(student, "mixers", ["attention"])
+    placement = teacher.resolve_placement("attention*")
+    input_ids = torch.randint(0, 320, (2, 70))  # two chunks: the per-chunk loop runs
+    loss_config = DistillLossConfig(reverse_kl=0, forward_kl=0, activation=1.0, activation_distance="mse")
+    threads = torch.get_num_threads()
+    runs = []
+    for workers in (1, 2):
+        student.zero_grad(set_to_none=True)
+        output = layer_local_backward(student, teacher, placement, input_ids, None, trainable, loss_config,
+                                      workers=workers)
+        assert torch.get_num_threads() == threads
+        runs.append((output.metrics, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (serial_metrics, serial_grads), (parallel_metrics, parallel_grads) = runs
+    assert serial_metrics.keys() == parallel_metrics.keys()
+    for name, value in serial_metrics.items():
+        assert parallel_metrics[name] == pytest.approx(value, rel=1e-5)
+    assert serial_grads.keys() == parallel_grads.keys()
+    for name, grad in serial_grads.items():
+        torch.testing.assert_close(parallel_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_layer_local_stage_lowers_kl_and_resumes(tiny_run, converted_tiny_teacher):
     """Layer-local training alone moves every linear mixer towards the teacher (held-out KL falls), and a run

@@ -143,16 +143,81 @@ def _decayed_scores(
     # [..., M, S, C] -> [..., C, C]; zero on and above the diagonal sub-chunk blocks.
     scores = [((by_sub_chunk(a) * query_decay) @ decayed_keys).flatten(-3, -2) for a in queries]
 
-    # Diagonal blocks (s and t in the same sub-chunk): the explicit [t, s, Dk] decay, only S x S.
-    causal = torch.ones(sub_size, sub_size, dtype=torch.bool, device=keys.device).tril()
-    diff = sub_decay.unsqueeze(-2) - sub_decay.unsqueeze(-3)  # [..., M, S, S, Dk]: G[t] - G[s]
-    block_decay = _masked_decay(diff, causal.unsqueeze(-1))  # [..., M, t, s, Dk]
-    block_keys = block_decay * by_sub_chunk(keys).unsqueeze(-3)  # [..., M, t, s, Dk]
-    stacked_queries = by_sub_chunk(torch.stack(queries, dim=-1), dim=-3)  # [..., M, S, Dk, len(queries)]
-    block_scores = block_keys @ stacked_queries  # [..., M, t, s, len(queries)]
+    # Diagonal blocks (s and t in the same sub-chunk): the decay per (t, s, channel), only S x S.
+    stacked_queries = torch.stack([by_sub_chunk(a) for a in queries])  # [J, ..., M, S, Dk]
+    diagonal = diagonal_block_scores if FAST_DIAGONAL_BLOCKS else diagonal_block_scores_reference
+    block_scores = diagonal(stacked_queries, by_sub_chunk(keys), sub_decay).movedim(0, -1)  # [..., M, t, s, J]
     # [..., t, s, M] -> block-diagonal [..., M, t, M, s] -> [..., C, C]
     blocks = torch.diag_embed(block_scores.movedim(-4, -1), dim1=-5, dim2=-3).flatten(-5, -4).flatten(-3, -2)
     return tuple(full + diagonal for full, diagonal in zip(scores, blocks.unbind(-1), strict=True))
+
+
+# `diagonal_block_scores` (True) or its reference `diagonal_block_scores_reference` (False): the switch is for
+# benchmarks/bench_layer_local.py, which times both in one process.
+FAST_DIAGONAL_BLOCKS = True
+
+
+def diagonal_block_scores_reference(
+    queries: torch.Tensor, keys: torch.Tensor, log_decay: torch.Tensor
+) -> torch.Tensor:
+    """scores[j, ..., t, s] = sum_d queries[j, ..., t, d] keys[..., s, d] exp(G[..., t, d] - G[..., s, d]) for
+    s <= t, else 0, with the explicit [t, s, Dk] decay tensor (the reference of `diagonal_block_scores`).
+
+    queries [J, ..., S, Dk]; keys, log_decay G [..., S, Dk] -> [J, ..., S, S].
+    """
+    size = keys.shape[-2]
+    causal = torch.ones(size, size, dtype=torch.bool, device=keys.device).tril()
+    diff = log_decay.unsqueeze(-2) - log_decay.unsqueeze(-3)  # [..., t, s, Dk]: G[t] - G[s]
+    block_keys = _masked_decay(diff, causal.unsqueeze(-1)) * keys.unsqueeze(-3)  # [..., t, s, Dk]
+    return (block_keys @ queries.movedim(0, -1)).movedim(-1, 0)  # [..., t, s, Dk] @ [..., t, Dk, J]
+
+
+def diagonal_block_scores(queries: torch.Tensor, keys: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """`diagonal_block_scores_reference` without its [t, s, Dk] tensor: one key position at a time.
+
+    On a CPU the reference's [B, H, N, M, S, S, Dk] tensors (37 MB each at 4 x 256 tokens, 9 heads of 64) and
+    their autograd copies made KDA's delta rule memory-bound; a slice per key position stays in cache, skips
+    the masked half above the diagonal (no -inf, no mask), and the hand-written backward recomputes the decay
+    instead of keeping it.
+    """
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (queries, keys, log_decay)):
+        return _DiagonalBlockScores.apply(queries, keys, log_decay)
+    return _diagonal_block_scores_forward(queries, keys, log_decay)
+
+
+def _diagonal_block_scores_forward(queries, keys, log_decay):
+    size = keys.shape[-2]
+    scores = queries.new_zeros(*queries.shape[:-1], size)  # [J, ..., t, s]
+    for s in range(size):  # key s meets queries t >= s; G[t] - G[s] <= 0 there, so exp cannot overflow
+        decayed_key = (log_decay[..., s:, :] - log_decay[..., s : s + 1, :]).exp_().mul_(keys[..., s : s + 1, :])
+        scores[..., s:, s] = (queries[..., s:, :] * decayed_key).sum(-1)
+    return scores
+
+
+class _DiagonalBlockScores(torch.autograd.Function):
+    """Backward of scores[j, t, s] = sum_d a_j[t, d] k[s, d] E[t, s, d], E = exp(G[t, d] - G[s, d]), s <= t:
+        da_j[t] = sum_s dscores[j, t, s] k[s] E[t, s]
+        dk[s]   = sum_t sum_j dscores[j, t, s] a_j[t] E[t, s]
+        dG[i]   = sum_j a_j[i] da_j[i] - k[i] dk[i]   (G[i] enters as the query's decay and as the key's)
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, log_decay):
+        ctx.save_for_backward(queries, keys, log_decay)
+        return _diagonal_block_scores_forward(queries, keys, log_decay)
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        queries, keys, log_decay = ctx.saved_tensors
+        grad_queries = torch.zeros_like(queries)
+        grad_keys = torch.zeros_like(keys)
+        for s in range(keys.shape[-2]):
+            decay = (log_decay[..., s:, :] - log_decay[..., s : s + 1, :]).exp_()  # [..., S - s, Dk]
+            grad_s = grad_scores[..., s:, s, None]  # [J, ..., S - s, 1]
+            grad_queries[..., s:, :] += grad_s * (decay * keys[..., s : s + 1, :])
+            grad_keys[..., s, :] = ((grad_s * queries[..., s:, :]).sum(0) * decay).sum(-2)
+        grad_log_decay = (queries * grad_queries).sum(0) - keys * grad_keys
+        return grad_queries, grad_keys, grad_log_decay
 
 
 def _masked_decay(log_decay_diff: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -221,21 +286,25 @@ def chunk_gated_delta_rule(
     # query_key keeps its diagonal (a token reads its own write); key_key's diagonal is never read, as
     # `unitriangular=True` takes the diagonal of I + L to be ones.
     query_key, key_key = _decayed_scores((q, k * beta), k, g)  # [B, H, N, C, C] each
-    rhs = torch.cat([v * beta, k * beta * g.exp()], dim=-1)  # [B, H, N, C, Dv + Dk]
+    decay = g.exp()  # from the chunk start to each position
+    rhs = torch.cat([v * beta, k * beta * decay], dim=-1)  # [B, H, N, C, Dv + Dk]
     u, w = torch.linalg.solve_triangular(key_key, rhs, upper=False, unitriangular=True).split(
         [value_dim, key_dim], dim=-1
     )
 
+    # Everything but the state's own recurrence is computed for all chunks at once, and the loop takes its
+    # per-chunk operands from `unbind` (indexing chunk n of a tensor costs its backward a zero-filled gradient
+    # of the whole tensor, per chunk).
+    g_last = g[:, :, :, -1:]  # [B, H, N, 1, Dk or 1]
+    decayed_queries = q * decay  # reads the incoming state decayed to each position
+    decayed_keys = (k * (g_last - g).exp()).transpose(-1, -2)  # [B, H, N, Dk, C]: writes decayed to the chunk end
+    state_decay = g_last.transpose(-1, -2).exp()  # [B, H, N, Dk or 1, 1]
     outputs = []
-    for n in range(num_chunks):
-        g_chunk = g[:, :, n]  # [B, H, C, Dk or 1]
-        new_values = u[:, :, n] - w[:, :, n] @ state  # [B, H, C, Dv]: what the chunk writes
-        outputs.append((q[:, :, n] * g_chunk.exp()) @ state + query_key[:, :, n] @ new_values)
-        g_last = g_chunk[:, :, -1:]  # [B, H, 1, Dk or 1]
-        state = (
-            state * g_last.transpose(-1, -2).exp()
-            + (k[:, :, n] * (g_last - g_chunk).exp()).transpose(-1, -2) @ new_values
-        )
+    per_chunk = (x.unbind(2) for x in (u, w, decayed_queries, query_key, decayed_keys, state_decay))
+    for u_n, w_n, query_n, query_key_n, key_n, state_decay_n in zip(*per_chunk, strict=True):
+        new_values = u_n - w_n @ state  # [B, H, C, Dv]: what the chunk writes
+        outputs.append(query_n @ state + query_key_n @ new_values)
+        state = state * state_decay_n + key_n @ new_values
 
     if num_chunks:
         o = torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :seq_len]  # [B, H, T, Dv]

@@ -10,11 +10,17 @@ for about the cost of one teacher forward plus one mixer forward/backward per mi
 
 Stochastic end-to-end distillation (`trainer.distillation_forward`) comes after it: layer-local training
 cannot see how errors compound across layers, end-to-end training can.
+
+On a CPU the mixers train side by side, one per core (`workers`), each on one intra-op thread: their graphs are
+independent, and most of their ops (the delta rule's per-chunk steps, small elementwise ops) are too small for
+two intra-op threads to share well. Measured at SmolLM2-135M's shape: benchmarks/bench_layer_local.py.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,10 +57,13 @@ def layer_local_backward(
     trainable_mixers: set[tuple[int, str]],
     config: DistillLossConfig,
     scale: float = 1.0,
+    workers: int | None = None,
 ) -> LossOutput:
     """Accumulate into the student's gradients `scale` x the mean over trainable (layer, mixer) pairs of the
     per-token distance between the mixer's output and the teacher's, each on the teacher's own layer input.
 
+    `workers`: how many mixers train at once on a CPU, each on one intra-op thread (None: as many as torch's
+    intra-op threads; 1: one after another on all of them). Elsewhere they run one after another.
     Returns the loss (detached: the backward passes are done) and metrics per mixer name and per layer.
     """
     pairs = sorted(trainable_mixers)
@@ -62,15 +71,29 @@ def layer_local_backward(
         raise ValueError("layer-local training needs at least one trainable mixer")
     io = teacher_mixer_io(teacher, teacher_placement, input_ids)
     blocks = student.model.decoder.blocks
-    total = 0.0
-    by_mixer: dict[str, list[float]] = defaultdict(list)
-    metrics: dict[str, float] = {}
-    for layer, name in pairs:
+
+    def train_mixer(pair: tuple[int, str]) -> float:
+        layer, name = pair
         mixer_input, target = io[layer]
         output = blocks[layer].get_mixer(name)(mixer_input)  # [B, T, D]
         term = masked_mean(activation_distance(output, target, config.activation_distance), loss_mask)
-        (term * (scale / len(pairs))).backward()
-        value = term.item()
+        (term * (scale / len(pairs))).backward()  # frees this mixer's graph
+        return term.item()
+
+    if workers is None:
+        workers = torch.get_num_threads()
+    if input_ids.device.type != "cpu":
+        workers = 1
+    order = pairs
+    if workers > 1:  # largest mixers first (parameter count stands in for cost): no long one left for the end
+        order = sorted(pairs, key=lambda pair: -sum(p.numel() for p in blocks[pair[0]].get_mixer(pair[1]).parameters()))
+    distances = dict(_run_on_cpu_workers(train_mixer, order, workers))
+
+    total = 0.0
+    by_mixer: dict[str, list[float]] = defaultdict(list)
+    metrics: dict[str, float] = {}
+    for layer, name in pairs:  # summed in one fixed order, whatever order the mixers ran in
+        value = distances[layer, name]
         total += value / len(pairs)
         by_mixer[name].append(value)
         metrics[f"act/layer_{layer:02d}.{name}"] = value
@@ -78,3 +101,21 @@ def layer_local_backward(
         metrics[f"act/mixer.{name}"] = sum(values) / len(values)
     metrics["activation"] = metrics["loss"] = total
     return LossOutput(total=torch.tensor(total), metrics=metrics)
+
+
+def _run_on_cpu_workers(function: Callable, items: list, workers: int) -> list:
+    """[(item, function(item))] for every item: in order when `workers` is 1, else on `workers` threads that each
+    keep to one intra-op thread (torch's thread count is per thread; the caller's is restored after)."""
+    if workers <= 1:
+        return [(item, function(item)) for item in items]
+    threads = torch.get_num_threads()
+
+    def on_one_thread(item):
+        torch.set_num_threads(1)
+        return item, function(item)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="layer-local") as pool:
+            return list(pool.map(on_one_thread, items))
+    finally:
+        torch.set_num_threads(threads)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from fast_llm_supernet.model import SupernetForCausalLM, delta_rule_kernels
+from fast_llm_supernet.training import cpu_allocator
 from fast_llm_supernet.training.config import (
     ConfigError,
     DataSourceConfig,
@@ -313,6 +314,8 @@ class Trainer:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: 'cuda' was asked for but no CUDA device is available")
         self.device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            cpu_allocator.keep_freed_memory()  # no page faults on every step's activations (cpu_allocator)
         self.use_bf16 = config.bf16 and self.device.type == "cuda"
         self.output_dir = config.output_dir
         self.checkpoints_dir = self.output_dir / CHECKPOINTS_DIR
