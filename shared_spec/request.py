@@ -34,7 +34,8 @@ class PlacementRequest(BaseModel):
         gt=0,
         le=1,
         description="Instead of a placement: the fastest served preset whose recorded quality (held-out top-1 "
-        "agreement with the teacher, all-attention = 1.0) is at least this. HTTP 400 naming the best available "
+        "agreement with the teacher, all-attention = 1.0) is at least this; on a deployment with a load policy, the "
+        "best-quality one at idle and cheaper ones meeting the floor under load. HTTP 400 naming the best available "
         "when none qualifies. The choice is reported in the `x-supernet-placement` / `x-supernet-preset` headers.",
         examples=[0.95],
     )

@@ -193,3 +193,54 @@ def test_capacity_benchmark_runs_end_to_end(tmp_path):
     for row in results["rows"]:
         assert 1 <= row["peak_running"] <= 4 and row["generated"] == 4 * 4 and row["tokens_per_s"] > 0
     assert (tmp_path / "out" / "capacity.png").exists() and (tmp_path / "out" / "capacity.md").exists()
+
+
+def _load_load_bench():
+    _load_bench()  # bench_load imports bench_vllm by name from benchmarks/
+    return importlib.import_module("bench_load")
+
+
+def test_load_ramp_summary_and_verdict():
+    bench = _load_load_bench()
+    quality = {"attention": 1.0, "window": 0.758, "gdn": 0.556}
+    samples = [  # step 0: two quick requests; step 1: one slow one, one below its floor
+        bench.Sample(sent=0.0, step=0, floor=0.5, ttft=1.0, tpot=0.1, done=2.0, tokens=11, preset="attention"),
+        bench.Sample(sent=5.0, step=0, floor=0.75, ttft=1.0, tpot=0.1, done=7.0, tokens=11, preset="window"),
+        bench.Sample(sent=10.0, step=1, floor=0.5, ttft=6.0, tpot=0.2, done=18.0, tokens=11, preset="gdn"),
+        bench.Sample(sent=11.0, step=1, floor=0.75, ttft=2.0, tpot=0.1, done=14.0, tokens=11, preset="gdn"),
+        bench.Sample(sent=12.0, step=1, floor=0.5, error="APIError: boom"),
+    ]
+    steps = bench.summarise(samples, [[0, 1], [2]], [0.2, 0.4], 10.0, quality, 100)
+    assert [s.requests for s in steps] == [2, 3] and [s.errors for s in steps] == [0, 1]
+    assert steps[0].ttft_p50 == 1.0 and steps[1].ttft_p99 == 6.0
+    assert steps[0].quality_mean == pytest.approx((1.0 + 0.758) / 2) and steps[1].below_floor == 1
+    assert steps[0].tokens_per_s == pytest.approx((2 * 100 + 2 * 11) / 10)  # both streams end inside step 0
+    assert steps[0].waiting_mean == 0.5 and steps[1].presets == {"gdn": 2}
+
+    results = {"idle": {"attention": {"ttft": 1.0}}, "ramps": {
+        "attention": [{"ttft_p99": 1.2, "rate": 0.2}, {"ttft_p99": 6.0, "rate": 0.4}],
+        "adaptive": [{"ttft_p99": 1.1, "rate": 0.2, "presets": {"attention": 2}, "below_floor": 0},
+                     {"ttft_p99": 1.8, "rate": 0.4, "presets": {"window": 3}, "below_floor": 0}]}}  # fmt: skip
+    verdict = bench.verdict(results)
+    assert "p99 TTFT is 6.0x its idle value (0.40 req/s), the adaptive policy's is 1.8x" in verdict
+    assert "{'attention': 2}" in verdict
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_load_benchmark_runs_end_to_end(tmp_path):
+    """Two servers (fixed presets, then the load policy), a two-step ramp of short requests (too short to measure
+    the presets' speed-ups, so they are given)."""
+    bench = _load_load_bench()
+    results = bench.main(["--prompt", "64", "--new-tokens", "4", "--rates", "1", "2", "--step-seconds", "3",
+                          "--idle-requests", "1", "--max-num-seqs", "4", "--budget-mib", "32",
+                          "--policies", "attention", "adaptive", "--speedups", '{"attention": 1, "window": 1.6, "gdn": 1.3}',
+                          "--work", str(tmp_path / "work"),
+                          "--out", str(tmp_path / "out")])  # fmt: skip
+    assert set(results["ramps"]) == {"attention", "adaptive"} and results["speedups"]["window"] == 1.6
+    for ramp in results["ramps"].values():
+        assert [step["rate"] for step in ramp] == [1.0, 2.0]
+        assert all(step["errors"] == 0 and step["below_floor"] == 0 and step["requests"] > 0 for step in ramp)
+    assert results["ramps"]["attention"][0]["presets"] == {"attention": results["ramps"]["attention"][0]["requests"]}
+    assert "ttft_target_s" in results["policy"]
+    assert (tmp_path / "out" / "load.png").exists() and "| adaptive | 2.00 |" in (tmp_path / "out" / "load.md").read_text()

@@ -108,9 +108,34 @@ def test_steps_back_up_after_calm_and_holds_in_between(clock):
     assert policy.choose(qualifying(0.5), IDLE) == "quality"
 
 
+def test_prefill_busy_share_steps_down_once_the_level_has_held_a_window(clock):
+    policy = make_policy(clock, max_prefill_busy=0.6, busy_window_s=10.0, hold_s=1.0)
+    assert policy.choose(qualifying(0.5), LoadSnapshot(prefill_busy=0.59)) == "quality"
+    assert policy.choose(qualifying(0.5), LoadSnapshot(prefill_busy=0.6)) == "local"
+    clock.now += 5  # the share still holds the time at the level above: not judged yet
+    assert policy.choose(qualifying(0.5), LoadSnapshot(prefill_busy=0.9)) == "local"
+    clock.now += 5
+    assert policy.choose(qualifying(0.5), LoadSnapshot(prefill_busy=0.9)) == "fast"
+    assert make_policy(clock, max_prefill_busy=None).choose(qualifying(0.5), LoadSnapshot(prefill_busy=1.0)) == "quality"
+
+
+def test_steps_up_only_when_the_better_level_would_keep_up(clock):
+    policy = make_policy(clock, max_prefill_busy=0.6, hold_s=1.0, recover_s=5.0)
+    policy.choose(qualifying(0.5), BUSY)
+    assert policy.level == 1  # "local", recorded 1.8x the speed-up of "quality"
+    # 0.3 busy at "local" is 0.54 at "quality": above 0.8 x 0.6, so a lull in the queue is no reason to go back.
+    for _ in range(20):
+        clock.now += 1
+        assert policy.choose(qualifying(0.5), LoadSnapshot(prefill_busy=0.3)) == "local"
+    lighter = LoadSnapshot(prefill_busy=0.25)  # 0.45 at "quality"
+    assert policy.choose(qualifying(0.5), lighter) == "local"
+    clock.now += 5
+    assert policy.choose(qualifying(0.5), lighter) == "quality"
+
+
 def test_bad_configs_fail_naming_the_field_and_what_is_allowed():
     with pytest.raises(ValueError, match=r"supernet_load_policy .*max_waiting: Input should be greater than or equal to 1"
-                                         r".*fields: max_waiting, ttft_target_s"):
+                                         r".*fields: max_prefill_busy, busy_window_s, max_waiting"):
         LoadPolicyConfig.from_hf_config(type("Config", (), {"supernet_load_policy": {"max_waiting": 0}}))
     with pytest.raises(ValueError, match=r"hold: Extra inputs are not permitted"):
         LoadPolicyConfig.from_hf_config(type("Config", (), {"supernet_load_policy": {"hold": 3}}))
@@ -158,9 +183,19 @@ def test_the_frontend_sees_waiting_requests_and_cache_use(clock):
     clock.now += 2
     metrics.add("b", serving.resolve("quality"), 100)
     clock.now += 1
-    assert metrics.load() == LoadSnapshot(waiting=2, oldest_waiting_s=3.0, cache_use=0.0)
+    assert metrics.load() == LoadSnapshot(waiting=2, oldest_waiting_s=3.0, cache_use=0.0, prefill_busy=0.3)
     metrics.update(Output("a", [5]))  # its first token: running, 301 tokens held
-    assert metrics.load() == LoadSnapshot(waiting=1, oldest_waiting_s=1.0, cache_use=0.30)
+    assert metrics.load() == LoadSnapshot(waiting=1, oldest_waiting_s=1.0, cache_use=0.30, prefill_busy=0.3)
+    clock.now += 1
+    metrics.update(Output("b", [7]))  # nobody waits from t = 104: busy for 4 s
+    clock.now += 5
+    assert metrics.load().prefill_busy == pytest.approx(0.4)  # [99, 109]: 4 s busy
+    assert metrics.load(busy_window_s=5).prefill_busy == 0.0
+    clock.now += 1
+    metrics.add("c", serving.resolve("fast"), 100)
+    clock.now += 2
+    metrics.finish(["c"])  # aborted before its first token
+    assert metrics.load().prefill_busy == pytest.approx(0.4)  # [102, 112]: 2 s of the first interval, 2 s of c's
 
 
 # ---- through the OpenAI server -----------------------------------------------------------------------
@@ -175,7 +210,8 @@ def test_server_steps_down_under_a_queue_and_back_at_idle(tmp_path):
 
     presets = {name: PRESETS["presets"][name] for name in ("quality", "local", "fast")}
     checkpoint = copy_fixture(tmp_path / "checkpoint", tokenizer=True, presets={"presets": presets})
-    policy = {"max_waiting": 2, "hold_s": 0, "recover_s": 0}
+    # The queue signals only: the burst's prefill busy share would (rightly) hold the level down for a window.
+    policy = {"max_waiting": 2, "hold_s": 0, "recover_s": 0, "max_prefill_busy": None}
     server_args = [*CPU_DEFAULT_ARGS, "--hf-overrides", json.dumps({"supernet_load_policy": policy})]
     env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with openai_server(checkpoint, tmp_path / "server.log", server_args, served_model_name="supernet", env=env) as server:

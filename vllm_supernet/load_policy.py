@@ -16,16 +16,24 @@ placements, from one deployment with no reload.
 The level moves one step at a time, and at most once per `hold_s`, so that consecutive requests under a steady
 load get the same preset (hysteresis, not flapping):
 
-- **down** (cheaper) when the deployment is *busy*: `max_waiting` or more requests wait for their first token,
-  or the oldest of them has waited `ttft_target_s` (when set), or the running requests hold `max_cache_use` of
-  the cache pages or more;
-- **up** (better) when it has been *calm* for `recover_s`: at most `max_waiting // 2` waiting, the oldest under
-  half the target, and the cache under `max_cache_use - 0.2` (the bands between busy and calm keep it still).
+- **down** (cheaper) when the deployment is *busy*: some request has been waiting for its first token (queued or
+  in prefill) for `max_prefill_busy` of the last `busy_window_s` or more (judged once the level has held that
+  long), or `max_waiting` or more requests wait for their first token, or the oldest of them has waited
+  `ttft_target_s` (when set), or the running requests hold `max_cache_use` of the cache pages or more;
+- **up** (better) when it has been *calm* for `recover_s`: the better level would stay under 0.8 x
+  `max_prefill_busy` (the busy share scaled by the two presets' recorded speed-up ratio), at most
+  `max_waiting // 2` waiting, the oldest under half the target, and the cache under `max_cache_use` - 0.2 (the
+  bands between busy and calm keep it still).
+
+The busy share is the utilisation of the deployment's prefill: it rises with the arrival rate before a queue
+forms (waits grow as share / (1 - share) prefills: 1.5 at 0.6), so the level moves before requests wait, and it
+says whether the better level would keep up, so a lull between arrivals is no reason to step back up. The queue,
+the wait and the cache are backstops for bursts faster than the window.
 
 Those are what the frontend process sees now without asking the engine (`metrics.PlacementMetrics.load`):
-the requests in flight and their first tokens (so the time to first token the queue already has), and each
-running request's pages from its placement's footprint (`footprint.CacheFootprints`); the presets' recorded
-speed-ups order the steps. The choice is made where the request's placement is (`to_sampling_params`), comes
+the requests in flight and their first tokens (so the time to first token the queue already has, and when some
+request was waiting), and each running request's pages from its placement's footprint
+(`footprint.CacheFootprints`); the presets' recorded speed-ups order the steps. The choice is made where the request's placement is (`to_sampling_params`), comes
 back in the response headers as any service-level choice does, and `/metrics` counts the choices per preset
 (`vllm_supernet_load_choices_total{preset}`) and shows the level (`vllm_supernet_load_level`).
 
@@ -49,6 +57,11 @@ class LoadPolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    max_prefill_busy: float | None = Field(
+        0.6, gt=0, le=1, description="Share of the last busy_window_s with a request waiting for its first token at which "
+        "the server steps down (None: not a signal).",
+    )
+    busy_window_s: float = Field(10.0, gt=0, description="Seconds over which the prefill busy share is measured.")
     max_waiting: int = Field(4, ge=1, description="Requests waiting for their first token at which the server steps down.")
     ttft_target_s: float | None = Field(
         None, gt=0, description="Seconds the oldest waiting request may wait before the server steps down (None: not a signal)."
@@ -78,6 +91,7 @@ class LoadSnapshot:
     waiting: int = 0  # requests in flight that have no token yet
     oldest_waiting_s: float = 0.0  # how long the oldest of them has waited
     cache_use: float = 0.0  # share of the cache pages the running requests hold
+    prefill_busy: float = 0.0  # share of the recent window during which some request waited for its first token
 
 
 IDLE = LoadSnapshot()
@@ -115,18 +129,22 @@ class LoadPolicy:
         now = self.clock()
         config = self.config
         target = config.ttft_target_s
+        held = now - self.changed_at
+        max_busy = config.max_prefill_busy
         busy = (
-            load.waiting >= config.max_waiting
+            (max_busy is not None and held >= config.busy_window_s and load.prefill_busy >= max_busy)
+            or load.waiting >= config.max_waiting
             or (target is not None and load.oldest_waiting_s >= target)
             or load.cache_use >= config.max_cache_use
         )
         calm = (
-            load.waiting <= config.max_waiting // 2
+            (max_busy is None or self.level == 0 or load.prefill_busy * self.step_up_ratio() < 0.8 * max_busy)
+            and load.waiting <= config.max_waiting // 2
             and (target is None or load.oldest_waiting_s < target / 2)
             and load.cache_use < config.max_cache_use - 0.2
         )
         self.calm_since = (self.calm_since if self.calm_since is not None else now) if calm else None
-        if now - self.changed_at < config.hold_s:
+        if held < config.hold_s:
             return
         if busy and self.level < len(self.frontier) - 1:
             self.level += 1
@@ -136,6 +154,10 @@ class LoadPolicy:
         else:
             return
         self.changed_at = now
+
+    def step_up_ratio(self) -> float:
+        """How much more prefill time the level above takes than this one: the ratio of their recorded speed-ups."""
+        return self.presets.speedup(self.frontier[self.level]) / self.presets.speedup(self.frontier[self.level - 1])
 
     def collect(self):
         """prometheus_client collector: the level and the choices per preset."""

@@ -28,6 +28,7 @@ exposes prometheus_client's default registry when one API server runs.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from shared_spec import Placement
@@ -44,6 +45,41 @@ class TrackedRequest:
     running: bool = False
 
 
+class PrefillBusyTime:
+    """When some request was waiting for its first token (queued or in prefill): the intervals of the recent past,
+    to tell what share of a window was so, i.e. how much of the deployment's prefill capacity arrivals use."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.pending = 0  # requests without a first token
+        self.began = 0.0  # when `pending` last went from 0 to 1
+        self.intervals: deque[tuple[float, float]] = deque()  # ended busy intervals, oldest first
+        self.horizon_s = 0.0
+
+    def started(self) -> None:
+        if self.pending == 0:
+            self.began = self.clock()
+        self.pending += 1
+
+    def ended(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.intervals.append((self.began, self.clock()))
+
+    def share(self, window_s: float) -> float:
+        """The share of the last `window_s` seconds during which some request waited for its first token
+        (intervals that ended before the longest window asked so far are dropped)."""
+        now = self.clock()
+        self.horizon_s = max(self.horizon_s, window_s)
+        while self.intervals and self.intervals[0][1] <= now - self.horizon_s:
+            self.intervals.popleft()
+        start = now - window_s
+        busy = sum(max(0.0, end - max(begin, start)) for begin, end in self.intervals)
+        if self.pending:
+            busy += now - max(self.began, start)
+        return min(1.0, busy / window_s)
+
+
 class PlacementMetrics:
     """Per-placement counts of one deployment's requests; a prometheus_client collector."""
 
@@ -58,6 +94,7 @@ class PlacementMetrics:
         self.requests: dict[str, TrackedRequest] = {}
         self.prompt_tokens: dict[str, int] = {}
         self.generation_tokens: dict[str, int] = {}
+        self.prefill_busy = PrefillBusyTime(clock)
 
     def label(self, placement: Placement) -> str:
         return self.names.get(placement, placement.hash)
@@ -75,6 +112,7 @@ class PlacementMetrics:
     def add(self, request_id: str, placement: Placement, prompt_tokens: int) -> None:
         label = self.label(placement)
         self.requests[request_id] = TrackedRequest(label, placement, prompt_tokens, self.clock())
+        self.prefill_busy.started()
         self.prompt_tokens[label] = self.prompt_tokens.get(label, 0) + prompt_tokens
         self.generation_tokens.setdefault(label, 0)
 
@@ -91,19 +129,24 @@ class PlacementMetrics:
             elif event.type == EngineCoreEventType.PREEMPTED:
                 request.running = False
         if output.new_token_ids:
+            if request.generated == 0:
+                self.prefill_busy.ended()
             request.running = True
             request.generated += len(output.new_token_ids)
             self.generation_tokens[request.label] += len(output.new_token_ids)
         if output.finish_reason is not None:
-            del self.requests[output.request_id]
+            self.finish([output.request_id])
 
     def finish(self, request_ids) -> None:
         for request_id in request_ids:
-            self.requests.pop(request_id, None)
+            request = self.requests.pop(request_id, None)
+            if request is not None and request.generated == 0:
+                self.prefill_busy.ended()
 
-    def load(self) -> LoadSnapshot:
-        """The load as the frontend sees it now (`load_policy`): requests without a first token and how long the
-        oldest has waited, and the share of the cache pages the running ones hold."""
+    def load(self, busy_window_s: float = 10.0) -> LoadSnapshot:
+        """The load as the frontend sees it now (`load_policy`): requests without a first token, how long the
+        oldest has waited and the share of the last `busy_window_s` during which some did; the share of the cache
+        pages the running ones hold."""
         waiting_since = [request.received_at for request in self.requests.values() if request.generated == 0]
         pages = sum(
             self.footprints.pages(request.placement, request.prompt_tokens + request.generated)
@@ -113,6 +156,7 @@ class PlacementMetrics:
             waiting=len(waiting_since),
             oldest_waiting_s=self.clock() - min(waiting_since) if waiting_since else 0.0,
             cache_use=pages / self.num_pages if self.num_pages else 0.0,
+            prefill_busy=self.prefill_busy.share(busy_window_s),
         )
 
     def collect(self):

@@ -259,7 +259,8 @@ def _choice_by_load():
     from vllm_supernet.load_policy import IDLE
 
     metrics = placement_metrics()  # None before the first request: idle
-    return lambda qualifying: policy.choose(qualifying, metrics.load() if metrics is not None else IDLE)
+    window = policy.config.busy_window_s
+    return lambda qualifying: policy.choose(qualifying, metrics.load(window) if metrics is not None else IDLE)
 
 
 def _patch_input_processor() -> None:
