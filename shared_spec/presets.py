@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -20,6 +21,12 @@ PRESETS_FILENAME = "supernet_presets.json"
 QUALITY_METRIC = "quality"
 SPEEDUP_METRIC = "speedup"
 SPEEDUP_CONTEXT_METRIC = "speedup_context"
+# Chat agreement with the teacher on held-out prompts (`supernet-place presets --chat-prompts`): the share of
+# greedy answers whose first sentence / whole text equals the teacher's, and the teacher-forced mean log-prob per
+# token of the teacher's answers. The first two lie in [0, 1], as `quality` does, and can stand in for it.
+CHAT_FIRST_SENTENCE_METRIC = "chat_first_sentence"
+CHAT_EXACT_METRIC = "chat_exact"
+CHAT_LOGPROB_METRIC = "chat_logprob"
 
 
 class Preset(BaseModel):
@@ -38,6 +45,9 @@ class PresetsFile(BaseModel):
     # A preset name or a placement used when a request names none; None: each layer's main mixer.
     default: str | list[str] | None = None
     presets: dict[str, Preset] = Field(default_factory=dict)
+    # The recorded metric a service level's `min_quality` is matched against: top-1 agreement on held-out text
+    # (the default) or a chat agreement (`chat_first_sentence`, `chat_exact`), for deployments that serve chat.
+    quality_metric: Literal["quality", "chat_first_sentence", "chat_exact"] = QUALITY_METRIC
 
     @field_validator("presets")
     @classmethod
@@ -76,7 +86,7 @@ class PresetsFile(BaseModel):
         rated = self.rated(names)
         if not rated:
             raise PlacementError(
-                f"no served preset records both {QUALITY_METRIC!r} and {SPEEDUP_METRIC!r}, so a service level cannot "
+                f"no served preset records both {self.quality_metric!r} and {SPEEDUP_METRIC!r}, so a service level cannot "
                 "be matched; name a placement instead (presets are measured by `supernet-place presets`)"
             )
         qualifying = [
@@ -102,7 +112,7 @@ class PresetsFile(BaseModel):
 
     def rated(self, names: list[str]) -> list[str]:
         """The presets of `names` that record both quality and speed-up (those a service level can pick)."""
-        return [name for name in names if {QUALITY_METRIC, SPEEDUP_METRIC} <= self.presets[name].metrics.keys()]
+        return [name for name in names if {self.quality_metric, SPEEDUP_METRIC} <= self.presets[name].metrics.keys()]
 
     def frontier(self, names: list[str]) -> list[str]:
         """The rated presets of `names` no other one beats on both figures, best quality (slowest) first:
@@ -115,7 +125,7 @@ class PresetsFile(BaseModel):
         return steps
 
     def quality(self, name: str) -> float:
-        return self.presets[name].metrics[QUALITY_METRIC]
+        return self.presets[name].metrics[self.quality_metric]
 
     def speedup(self, name: str) -> float:
         return self.presets[name].metrics[SPEEDUP_METRIC]

@@ -104,6 +104,7 @@ def test_quality_cli_writes_table_and_answers(tiny):
     rows = json.loads((tiny / "quality" / "quality.json").read_text())
     assert [row["label"] for row in rows][:4] == ["all-attention", "all-SWA", "all-GDN", "all-KDA"]
     assert all(set(row["answers"]) == {"Hello?"} for row in rows)
+    assert rows[0]["chat"]["exact"] == 1.0 and rows[0]["chat"]["logprob"] == rows[0]["chat"]["teacher_logprob"]
     assert "| all-attention | 1.000" in (tiny / "quality" / "quality.md").read_text()
 
 

@@ -1,4 +1,4 @@
-"""The tiny tokenizer's chat template renders conversations exactly as SFT tokenises them."""
+"""SFT renders conversations with the tokenizer's chat template, and only replies carry loss."""
 
 import pytest
 
@@ -6,7 +6,7 @@ pytest.importorskip("transformers")
 
 from fast_llm_supernet.tools.tiny_teacher import save_tokenizer, train_tokenizer  # noqa: E402
 from fast_llm_supernet.training.corpus import stdlib_documents  # noqa: E402
-from fast_llm_supernet.training.data import load_tokenizer, tokenize_conversation  # noqa: E402
+from fast_llm_supernet.training.data import chat_prompt_ids, load_tokenizer, tokenize_conversation  # noqa: E402
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -24,3 +24,26 @@ def test_chat_template_matches_sft_tokenisation(tmp_path):
     # The generation prompt ends with the assistant header, where SFT taught the model to answer.
     prompt = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("### User:\nWhat does `textwrap.dedent` do?\n### Assistant:\n")
+
+
+# SmolLM2's template (ChatML with a default system turn), as its GGUF file carries it.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_tokenizers_own_template_renders_sft_with_loss_on_replies_and_their_end(tmp_path):
+    tokenizer = train_tokenizer(stdlib_documents(max_files=2), vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"})
+    tokenizer.chat_template = CHATML
+    messages = [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."},
+                {"role": "user", "content": "And three?"}, {"role": "assistant", "content": "Six."}]
+    ids, is_assistant = tokenize_conversation(tokenizer, messages)
+    assert ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.decode([i for i, keep in zip(ids, is_assistant, strict=True) if keep]) == "Four.<|im_end|>Six.<|im_end|>"
+    # Generation starts where SFT's first reply starts.
+    prompt = chat_prompt_ids(tokenizer, "Two plus two?")
+    assert ids[: len(prompt)] == prompt and is_assistant[len(prompt)] and not any(is_assistant[: len(prompt)])

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/smollm2}
-CKPT=$RUN/distilled
+CKPT=$RUN/sft_final  # the served checkpoint: distilled, then SFT
 OUT=$RUN/place
 DATA=$RUN/data/heldout.jsonl
 CONTEXT=${CONTEXT:-4096}
@@ -26,8 +26,10 @@ $PLACE fit --checkpoint "$CKPT" --evaluations "$OUT/evaluations.jsonl" --output 
 [ -f "$OUT/cost.json" ] || $PLACE cost --checkpoint "$CKPT" --context "$CONTEXT" --validate 8 --output "$OUT/cost.json"
 $PLACE pareto --checkpoint "$CKPT" --surrogate "$OUT/surrogate.json" --cost "$OUT/cost.json" \
   --evaluations "$OUT/evaluations.jsonl" --output "$OUT/front.json" --plot "$OUT/pareto.png"
+# Each preset also records its chat agreement with the teacher on the held-out chat prompts (chat_first_sentence,
+# chat_exact, chat_logprob), which service levels can match on (`quality_metric` in the presets file).
 [ -f "$OUT/presets.json" ] || $PLACE presets --checkpoint "$CKPT" --front "$OUT/front.json" --data "$DATA" \
-  --max-tokens 2048 --threads 2 --repeats 1 --output "$OUT/presets.json" --install
+  --max-tokens 2048 --threads 2 --repeats 1 --chat-prompts "$RUN/data/chat_eval.json" --output "$OUT/presets.json" --install
 # The plot again, with the presets as measured.
 $PLACE pareto --checkpoint "$CKPT" --surrogate "$OUT/surrogate.json" --cost "$OUT/cost.json" \
   --evaluations "$OUT/evaluations.jsonl" --presets "$OUT/presets.json" --output "$OUT/front.json" --plot "$OUT/pareto.png"

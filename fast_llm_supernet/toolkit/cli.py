@@ -1,6 +1,6 @@
 """`supernet-place`: measure, predict and choose placements of a supernet checkpoint.
 
-    supernet-place quality  --checkpoint DIR --data heldout.jsonl --output DIR
+    supernet-place quality  --checkpoint DIR --data heldout.jsonl --output DIR [--prompts P.json] [--teacher DIR]
     supernet-place evaluate --checkpoint DIR --data heldout.jsonl --output evals.jsonl
                             (--sample uniform|stratified --count N [--seed S] | --placements FILE)
     supernet-place fit      --checkpoint DIR --evaluations evals.jsonl --output surrogate.json
@@ -9,6 +9,7 @@
     supernet-place stability --evaluations A.jsonl B.jsonl
     supernet-place cost     --checkpoint DIR --context 4096 --output cost.json [--validate N]
     supernet-place presets  --checkpoint DIR --front front.json --data heldout.jsonl --output presets.json [--install]
+                            [--chat-prompts P.json]
 
 Every subcommand checks its arguments before it loads a model; `evaluate` appends to its JSONL file and
 skips the placements the file already holds for the same checkpoint and text, so an interrupted run resumes.
@@ -24,12 +25,7 @@ import torch
 
 from fast_llm_supernet.toolkit.evaluate import Sharing, evaluate_placements, load_held_out
 from fast_llm_supernet.toolkit.presets import QUALITY_TARGETS, SPEED_TARGETS
-from fast_llm_supernet.toolkit.quality import (
-    DEFAULT_PROMPTS,
-    load_model_and_tokenizer,
-    quality_table,
-    write_quality,
-)
+from fast_llm_supernet.toolkit.quality import load_model_and_tokenizer, quality_table, write_quality
 from fast_llm_supernet.toolkit.sampling import sample_placements
 from fast_llm_supernet.toolkit.store import append_evaluations, read_evaluations
 from shared_spec import Placement, PlacementError
@@ -48,10 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supernet-place", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    quality = commands.add_parser("quality", help="the quality table of the usual placements, with chat answers")
+    quality = commands.add_parser("quality", help="the quality table of the usual placements, with chat agreement")
     _common(quality)
     quality.add_argument("--output", type=Path, required=True, help="directory for quality.json and quality.md")
-    quality.add_argument("--prompts", type=Path, default=None, help="JSON list of chat prompts (default: four built in)")
+    quality.add_argument("--prompts", type=Path, default=None,
+                         help="held-out chat prompts: a JSON list of strings or of {text, keywords} objects "
+                              "(default: chat_prompts.evaluation_prompts(), factual questions and prompts built from Python)")
+    quality.add_argument("--no-chat", action="store_true", help="held-out text figures only, no chat answers")
+    quality.add_argument("--teacher", type=Path, default=None,
+                         help="checkpoint whose all-attention placement gives the reference answers (default: --checkpoint's)")
     quality.add_argument("--max-new-tokens", type=int, default=48)
     quality.add_argument("--title", default="")
 
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--front", type=Path, required=True, help="frontier JSON (supernet-place pareto)")
     presets.add_argument("--output", type=Path, required=True, help="the presets JSON written")
     presets.add_argument("--install", action="store_true", help="also write it into the checkpoint (served presets)")
+    presets.add_argument("--chat-prompts", type=Path, default=None,
+                         help="also record chat agreement with the teacher on these held-out prompts (JSON, as quality's --prompts)")
+    presets.add_argument("--max-new-tokens", type=int, default=48, help="answer budget of the chat agreement")
     presets.add_argument("--repeats", type=int, default=2, help="alternated speed measurements per preset")
     presets.add_argument("--quality-targets", type=float, nargs="*", default=list(QUALITY_TARGETS),
                          help=f"predicted top-1 agreements to reach (default {' '.join(map(str, QUALITY_TARGETS))})")
@@ -106,12 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("evaluations", "surrogate", "cost", "presets", "front"):
+    for name in ("evaluations", "surrogate", "cost", "presets", "front", "prompts", "chat_prompts"):
         for path in _as_list(getattr(args, name, None)):
             if not path.is_file():
-                parser.error(f"--{name} {path}: no such file")
-    if args.command != "stability" and not (args.checkpoint / "config.json").is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)")
+                parser.error(f"--{name.replace('_', '-')} {path}: no such file")
+    for name in ("checkpoint", "teacher"):
+        path = getattr(args, name, None)
+        if path is not None and not (path / "config.json").is_file():
+            parser.error(f"--{name} {path}: not a checkpoint directory (no config.json)")
     if args.command in ANALYSES:
         return
     for path in args.data:
@@ -140,15 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     label = str(args.checkpoint)
 
     if args.command == "presets":
-        return run_presets(parser, args, model, held_out)
+        return run_presets(parser, args, model, tokenizer, held_out)
 
     if args.command == "quality":
-        prompts = DEFAULT_PROMPTS
-        if args.prompts is not None:
-            import json
+        from fast_llm_supernet.model import SupernetForCausalLM
+        from fast_llm_supernet.toolkit.chat_eval import load_prompts
 
-            prompts = tuple(json.loads(args.prompts.read_text()))
-        rows = quality_table(model, tokenizer, held_out, prompts, args.max_new_tokens, label)
+        prompts = None if args.no_chat else load_prompts(args.prompts)
+        teacher = SupernetForCausalLM.from_pretrained(args.teacher) if args.teacher else None
+        rows = quality_table(model, tokenizer, held_out, prompts, args.max_new_tokens, label, teacher)
         write_quality(rows, args.output, args.title)
         print((args.output / "quality.md").read_text())
         return 0
@@ -295,7 +301,7 @@ def run_cost(parser, args) -> int:
     return 0
 
 
-def run_presets(parser, args, model, held_out) -> int:
+def run_presets(parser, args, model, tokenizer, held_out) -> int:
     import json
     import shutil
 
@@ -305,8 +311,14 @@ def run_presets(parser, args, model, held_out) -> int:
     picks = pick_from_front(front["points"], args.quality_targets, args.speed_targets)
     if not picks:
         parser.error(f"presets: no frontier point of {args.front} reaches any quality or speed target")
+    chat = None
+    if args.chat_prompts is not None:
+        from fast_llm_supernet.toolkit.chat_eval import load_prompts, reference_answers
+
+        # The reference: the checkpoint's own all-attention placement (the teacher's computation).
+        chat = (tokenizer, reference_answers(model, tokenizer, load_prompts(args.chat_prompts), args.max_new_tokens))
     presets = measure_presets(model, args.checkpoint, picks, held_out, front["context"], repeats=args.repeats,
-                              log_path=args.output.with_suffix(".log"))
+                              log_path=args.output.with_suffix(".log"), chat=chat)
     presets.validate_against(model.spec)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(presets.model_dump_json(indent=2) + "\n")

@@ -6,7 +6,9 @@ quality with the PyTorch model on held-out text (`toolkit.evaluate`), decode spe
 context (`toolkit.cost.ProfilingEngine`, all-attention timed in the same engine between the picks), and written
 as a preset whose metrics hold the measured figures under the names service-level requests read
 (`quality`, `speedup`, `speedup_context`) and the predicted ones beside them (`predicted_quality`,
-`predicted_speedup`).
+`predicted_speedup`). Given held-out chat prompts and the teacher's answers to them, each pick's chat agreement
+(`toolkit.chat_eval`) is recorded too: `chat_first_sentence`, `chat_exact`, `chat_logprob`; a presets file whose
+`quality_metric` names one of the first two matches service levels on it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from fast_llm_supernet.toolkit.chat_eval import Reference, chat_agreement
 from fast_llm_supernet.toolkit.cost import ProfilingEngine, engine_options
 from fast_llm_supernet.toolkit.evaluate import HeldOutRows, evaluate_placements
 from shared_spec import Placement, Preset, PresetsFile
-from shared_spec.presets import QUALITY_METRIC, SPEEDUP_CONTEXT_METRIC, SPEEDUP_METRIC
+from shared_spec.presets import (
+    CHAT_EXACT_METRIC,
+    CHAT_FIRST_SENTENCE_METRIC,
+    CHAT_LOGPROB_METRIC,
+    QUALITY_METRIC,
+    SPEEDUP_CONTEXT_METRIC,
+    SPEEDUP_METRIC,
+)
 
 QUALITY_TARGETS = (0.99, 0.97, 0.95, 0.90, 0.80)
 SPEED_TARGETS = (1.5, 2.0, 3.0)
@@ -60,15 +70,21 @@ def measure_speedups(
 
 def measure_presets(
     model, checkpoint: Path, picks: dict[str, dict], held_out: HeldOutRows, context: int, steps: int = 16,
-    repeats: int = 2, log_path: Path | None = None,
+    repeats: int = 2, log_path: Path | None = None, chat: tuple[object, Reference] | None = None,
 ) -> PresetsFile:
-    """The picks measured (quality and speed) as a presets file, merged over the checkpoint's own presets."""
+    """The picks measured (quality and speed; with `chat` = (tokenizer, the teacher's reference answers), chat
+    agreement too) as a presets file, merged over the checkpoint's own presets."""
     placements = [Placement.parse(p["placement"], model.spec) for p in picks.values()]
     quality = evaluate_placements(model, placements, held_out, str(checkpoint))
     speedups = measure_speedups(checkpoint, [p.canonical for p in placements], context, steps, repeats,
                                 log_path or checkpoint.parent / "presets_speed.log")
     presets = model.presets.model_copy(deep=True) if model.presets is not None else PresetsFile()
     for (name, point), placement, record in zip(picks.items(), placements, quality, strict=True):
+        chat_metrics = {}
+        if chat is not None:
+            agreement, _ = chat_agreement(model, chat[0], placement, chat[1])
+            chat_metrics = {CHAT_FIRST_SENTENCE_METRIC: agreement.first_sentence, CHAT_EXACT_METRIC: agreement.exact,
+                            CHAT_LOGPROB_METRIC: agreement.logprob}
         presets.presets[name] = Preset(
             placement=placement.canonical,
             description=f"picked on the predicted frontier ({name}); measured on {record.data}, speed at {context} tokens",
@@ -76,7 +92,7 @@ def measure_presets(
                 QUALITY_METRIC: record.top1, "quality_se": record.top1_se, "kl_to_teacher": record.kl,
                 "perplexity": record.ppl, SPEEDUP_METRIC: speedups[placement.canonical],
                 SPEEDUP_CONTEXT_METRIC: float(context), "predicted_quality": point["predicted_quality"],
-                "predicted_speedup": point["predicted_speedup"],
+                "predicted_speedup": point["predicted_speedup"], **chat_metrics,
             },
         )
     return presets

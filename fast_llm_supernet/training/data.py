@@ -12,12 +12,16 @@ concatenated and cut into rows of `sequence_length + 1` tokens (inputs are a row
 token, labels the row shifted by one). Chat conversations are packed whole, back to back, into rows
 (a conversation longer than a row is truncated); the tail of a row is padding with no loss.
 
-Chats are rendered with a plain role-tagged template (the tiny tokenizer has none of its own):
+Chats are rendered with the tokenizer's own chat template, the one a served model's
+/v1/chat/completions and `supernet-place quality` apply (SmolLM2's `<|im_start|>user ...<|im_end|>`), or,
+for a tokenizer without one (the tiny tokenizer as `train_tokenizer` returns it), with `CHAT_TEMPLATE`,
+a plain role-tagged template:
 
     <bos>### System:\n{content}\n### User:\n{content}\n### Assistant:\n{content}<eos>\n...
 
-and a token is an assistant (loss-carrying) token when its first character lies in an assistant
-reply or its closing EOS, found through the tokenizer's character offsets.
+An assistant reply's loss span runs from the end of the generation prompt the template renders before it
+to the end of its turn (trailing whitespace excluded): the reply and its end-of-turn token, so the model
+learns to stop. A token carries loss when its first character lies in such a span (character offsets).
 
 The batch of a step is a pure function of (seed, step): rows are visited in a fresh permutation
 each epoch, seeded by (seed, epoch). Resuming at step N therefore needs only N.
@@ -34,9 +38,9 @@ import torch
 
 from fast_llm_supernet.training.loss import IGNORE_INDEX
 
-ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
-# The same rendering as `tokenize_conversation`, as a Hugging Face chat template, so that a served
-# model (vLLM's /v1/chat/completions) sees conversations exactly as SFT showed them.
+ROLES = ("assistant", "system", "user")
+# The chat template of tokenizers without one of their own (`render_conversation`); tokenizers this project
+# writes carry it (`tiny_teacher.save_tokenizer`), so a served model sees conversations exactly as SFT showed them.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
@@ -107,36 +111,61 @@ def read_conversations(paths: Sequence[Path], messages_field: str = "messages") 
             if not isinstance(messages, list) or not messages:
                 raise DataError(f"{path}:{number}: field {messages_field!r} must be a non-empty list of messages")
             for index, message in enumerate(messages):
-                if not isinstance(message, dict) or message.get("role") not in ROLE_HEADERS:
+                if not isinstance(message, dict) or message.get("role") not in ROLES:
                     raise DataError(
-                        f"{path}:{number}: message {index} needs a role in {sorted(ROLE_HEADERS)}, got {message!r:.80}"
+                        f"{path}:{number}: message {index} needs a role in {list(ROLES)}, got {message!r:.80}"
                     )
                 if not isinstance(message.get("content"), str):
                     raise DataError(f"{path}:{number}: message {index} needs a string `content`")
             if not any(message["role"] == "assistant" for message in messages):
                 raise DataError(f"{path}:{number}: conversation has no assistant turn, so no token would carry loss")
+            if messages[0]["role"] == "assistant":
+                raise DataError(f"{path}:{number}: conversation starts with an assistant turn; a reply needs a prompt before it")
             conversations.append(messages)
     return conversations
 
 
+def render_conversation(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """One conversation through the chat template (`tokenizer.chat_template`, else `CHAT_TEMPLATE`) and the
+    character ranges [start, end) of its assistant replies with their end-of-turn tokens."""
+    template = tokenizer.chat_template or CHAT_TEMPLATE
+
+    def render(turns: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(
+            list(turns), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    text = render(messages)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if index == 0:
+            raise DataError("a conversation starts with an assistant turn; a reply needs a prompt before it")
+        before, through = render(messages[:index], add_generation_prompt=True), render(messages[: index + 1])
+        # A template that rewrites earlier turns (or drops the generation prompt) would shift the spans.
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError("the chat template does not render a conversation turn by turn; SFT cannot find its replies")
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A one-turn user prompt through the chat template, ending with the generation prompt (where the answer starts)."""
+    return list(tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
+        tokenize=True, add_generation_prompt=True, return_dict=True,
+    )["input_ids"])
+
+
 def tokenize_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
     """Token ids of one rendered conversation and, per token, whether it is an assistant (loss) token."""
-    text = ""
-    assistant_spans = []  # character ranges [start, end) that carry loss
-    for message in messages:
-        text += ROLE_HEADERS[message["role"]]
-        start = len(text)
-        text += message["content"]
-        if message["role"] == "assistant":
-            text += tokenizer.eos_token  # the model must learn to stop
-            assistant_spans.append((start, len(text)))
-        text += "\n"
-    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    is_assistant = []
-    for token_id, (char_start, char_end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        special = char_end == char_start  # added BOS has an empty span
-        inside = any(start <= char_start < end for start, end in assistant_spans)
-        is_assistant.append(inside and not (special and token_id == tokenizer.bos_token_id))
+    text, spans = render_conversation(tokenizer, messages)
+    # The template writes its own special tokens (BOS included), as `apply_chat_template(tokenize=True)` does.
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    is_assistant = [
+        any(start <= char_start < end for start, end in spans) for char_start, _ in encoded["offset_mapping"]
+    ]
     return list(encoded["input_ids"]), is_assistant
 
 
