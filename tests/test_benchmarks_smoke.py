@@ -15,12 +15,13 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vllm.py"
 
 
-def _load_bench():
+def _load_bench(name: str = "bench_vllm"):
     # Imported by name from sys.path (not from a file spec): the benchmark's engine workers are spawned
-    # processes, which must import the module that defines them, and they inherit sys.path.
+    # processes, which must import the module that defines them, and they inherit sys.path (the other
+    # benchmarks import bench_vllm by name from there too).
     if str(BENCH.parent) not in sys.path:
         sys.path.insert(0, str(BENCH.parent))
-    return importlib.import_module("bench_vllm")
+    return importlib.import_module(name)
 
 
 def _synthetic_results(bench, contexts):
@@ -157,13 +158,8 @@ def test_step_time_benchmark_runs_end_to_end(tmp_path):
     assert "| supernet thinned |" in (out / "step_time_all-SWA_48.md").read_text()
 
 
-def _load_capacity_bench():
-    _load_bench()  # bench_capacity imports bench_vllm by name from benchmarks/
-    return importlib.import_module("bench_capacity")
-
-
 def test_capacity_table_compares_each_engine_with_the_thinned_one():
-    bench = _load_capacity_bench()
+    bench = _load_bench("bench_capacity")
     row = {"preemptions": 0, "tokens_per_s": 100.0, "generated_per_s": 10.0}
     results = {
         "command": "python benchmarks/bench_capacity.py", "window": 512,
@@ -183,7 +179,7 @@ def test_capacity_table_compares_each_engine_with_the_thinned_one():
 @pytest.mark.slow
 def test_capacity_benchmark_runs_end_to_end(tmp_path):
     """Five real engines (all-GDN unthinned, per kind and thinned; the mixed workload both ways) at toy sizes."""
-    bench = _load_capacity_bench()
+    bench = _load_bench("bench_capacity")
     results = bench.main(["--requests", "4", "--prompt", "64", "--new-tokens", "4", "--budget-mib", "8", "--layers", "2",
                           "--natives", "--workloads", "all-GDN", "--workdir", str(tmp_path / "work"),
                           "--out", str(tmp_path / "out")])  # fmt: skip
@@ -195,13 +191,8 @@ def test_capacity_benchmark_runs_end_to_end(tmp_path):
     assert (tmp_path / "out" / "capacity.png").exists() and (tmp_path / "out" / "capacity.md").exists()
 
 
-def _load_load_bench():
-    _load_bench()  # bench_load imports bench_vllm by name from benchmarks/
-    return importlib.import_module("bench_load")
-
-
 def test_load_ramp_summary_and_verdict():
-    bench = _load_load_bench()
+    bench = _load_bench("bench_load")
     quality = {"attention": 1.0, "window": 0.758, "gdn": 0.556}
     samples = [  # step 0: two quick requests; step 1: one slow one, one below its floor
         bench.Sample(sent=0.0, step=0, floor=0.5, ttft=1.0, tpot=0.1, done=2.0, tokens=11, preset="attention"),
@@ -231,7 +222,7 @@ def test_load_ramp_summary_and_verdict():
 def test_load_benchmark_runs_end_to_end(tmp_path):
     """Two servers (fixed presets, then the load policy), a two-step ramp of short requests (too short to measure
     the presets' speed-ups, so they are given)."""
-    bench = _load_load_bench()
+    bench = _load_bench("bench_load")
     results = bench.main(["--prompt", "64", "--new-tokens", "4", "--rates", "1", "2", "--step-seconds", "3",
                           "--idle-requests", "1", "--max-num-seqs", "4", "--budget-mib", "32",
                           "--policies", "attention", "adaptive", "--speedups", '{"attention": 1, "window": 1.6, "gdn": 1.3}',
