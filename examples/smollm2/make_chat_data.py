@@ -32,11 +32,12 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from fast_llm_supernet.model import SupernetForCausalLM
 from fast_llm_supernet.training.chat_prompts import build_prompts, evaluation_prompts
 from fast_llm_supernet.training.data import load_tokenizer, read_documents, render_conversation
-from fast_llm_supernet.training.teacher_text import AnswerSettings, conversation, write_answers
+from fast_llm_supernet.training.teacher_text import AnswerSettings, conversation, read_records, write_answers
 from shared_spec import MixerKind, uniform_placement
 
 SAMPLED = AnswerSettings(temperature=0.7, top_p=0.95, max_new_tokens=160, seed=0, batch_size=16)
@@ -66,8 +67,11 @@ def make_chat_data(teacher: Path, output: Path, distill_prompts: int, sft_prompt
     evaluation = evaluation_prompts(eval_prompts, seed)
 
     def answers(name: str, prompts, settings: AnswerSettings) -> list[dict]:
-        start = time.perf_counter()
-        records = write_answers(output / f"answers_{name}.jsonl", model, tokenizer, prompts, placement, settings)
+        start, path = time.perf_counter(), output / f"answers_{name}.jsonl"
+        wanted = {prompt.text for prompt in prompts}
+        done = sum(record["prompt"] in wanted for record in read_records(path))
+        with tqdm(total=len(prompts), initial=done, desc=f"teacher answers ({name})", unit="answer") as bar:
+            records = write_answers(path, model, tokenizer, prompts, placement, settings, progress=bar.update)
         log(f"{name}: {len(records)} answers in {time.perf_counter() - start:.0f} s")
         return records
 
