@@ -103,3 +103,18 @@ def test_sft_config_trains_the_served_placements():
     presets = json.loads((EXAMPLES / "results" / "place" / "presets.json").read_text())["presets"]
     picked = [Placement.parse(presets[name]["placement"], spec).canonical for name in ("q90", "q80", "x1.5")]
     assert parsed == table + picked
+
+
+def test_out_of_domain_table_gives_each_placement_its_gap(tiny_teacher, tmp_path):  # noqa: F811
+    """run.py's stage 11 on the tiny teacher: top-1 on the held-out text and on Python's LICENSE.txt, per
+    placement and stage, and the gap between them."""
+    run = load_script("run")
+    if run.outside_text() is None:
+        pytest.skip("this Python's standard library has no LICENSE.txt")
+    held_out = [{"label": label, "top1": 0.9} for label in named_placements(
+        SupernetForCausalLM.from_pretrained(tiny_teacher).spec)]
+    table = run.outside_domain({"conversion": tiny_teacher}, {"conversion": held_out}, tmp_path)
+    outside = json.loads((tmp_path / "outside_conversion" / "quality.json").read_text())
+    assert outside[0]["label"] == "all-attention" and outside[0]["top1"] == 1.0  # the teacher itself
+    assert "| all-attention | 0.900 / 1.000 / -0.100 |" in table
+    assert len(table.splitlines()) == 4 + len(held_out)

@@ -19,7 +19,9 @@ checkpoint and the teacher's answers from their last batch when interrupted):
 9. targeted SFT on the teacher's greedy answers, loss on answer tokens, the served placements oversampled
    (examples/smollm2/sft.yaml, 40 steps);
 10. quality after SFT, and the table of every figure by stage (results/by_stage.md);
-11. serving: vLLM (float32) answers a chat per placement through /v1/chat/completions, and all-attention's
+11. top-1 on text outside the training domain (Python's LICENSE.txt) at each stage, beside the documentation's,
+    and the gap (results/outside_domain.md);
+12. serving: vLLM (float32) answers a chat per placement through /v1/chat/completions, and all-attention's
     greedy answer is compared with the teacher's own (transformers).
 The small results (tables, answers, the text mix, JSON) are copied to examples/smollm2/results/.
 
@@ -39,6 +41,7 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,6 +152,42 @@ def by_stage(stages: dict[str, list[dict]]) -> str:
 
 
 @torch.no_grad()
+def outside_text() -> Path | None:
+    """Text outside the training domain that ships with Python: its `LICENSE.txt` (the history of Python's releases
+    and the licence terms: legal English, no documentation); None where this Python was installed without it."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    return path if path.is_file() else None
+
+
+def outside_domain(checkpoints: dict[str, Path], inside: dict[str, list[dict]], workdir: Path) -> str | None:
+    """Per placement and stage: held-out top-1 on the documentation, on text outside the training domain, and
+    the gap between them (the table's markdown; None when this Python has no such text)."""
+    text = outside_text()
+    if text is None:
+        print("this Python's standard library has no LICENSE.txt: no out-of-domain table")
+        return None
+    from fast_llm_supernet.toolkit.cli import main as place
+
+    outside = {}
+    for name, checkpoint in checkpoints.items():
+        output = workdir / f"outside_{name}"
+        if not (output / "quality.json").exists():
+            place(["quality", "--checkpoint", str(checkpoint), "--data", str(text), "--max-tokens", "4096", "--no-chat",
+                   "--output", str(output), "--title", f"Outside the training domain: {text.name} ({name})"])
+        outside[name] = json.loads((output / "quality.json").read_text())
+    first = next(iter(outside.values()))
+    lines = [f"Top-1 agreement with the teacher on held-out documentation / on `{text.name}` of Python "
+             f"(outside the training domain, {first[0]['tokens']} tokens) / the gap, at each stage.", "",
+             "| placement | " + " | ".join(outside) + " |", "|" + " --- |" * (len(outside) + 1)]
+    for index, row in enumerate(first):
+        cells = []
+        for stage_name in outside:
+            docs, other = inside[stage_name][index]["top1"], outside[stage_name][index]["top1"]
+            cells.append(f"{docs:.3f} / {other:.3f} / {docs - other:+.3f}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def teacher_chat_answer(workdir: Path, max_tokens: int) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,8 +260,14 @@ def main() -> int:
     stage("10. quality after SFT")
     with timed(timings, "quality_sft"):
         after_sft = quality(final, workdir / "quality_sft", workdir, "After distillation + SFT")
-    table = by_stage({"conversion": converted, "distillation": after_distill, "SFT": after_sft})
+    stages = {"conversion": converted, "distillation": after_distill, "SFT": after_sft}
+    table = by_stage(stages)
     print(table)
+    stage("11. held-out top-1 on text outside the training domain, at each stage")
+    with timed(timings, "outside_domain"):
+        outside = outside_domain({"conversion": workdir / "supernet", "distillation": distilled, "SFT": final},
+                                 stages, workdir)
+    print(outside or "")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in ("quality_conversion", "quality_distilled", "quality_sft"):
@@ -230,11 +275,13 @@ def main() -> int:
     shutil.copy(workdir / "check.json", RESULTS / "check.json")
     shutil.copy(workdir / "data" / "mix.json", RESULTS / "mix.json")
     (RESULTS / "by_stage.md").write_text(table)
+    if outside:
+        (RESULTS / "outside_domain.md").write_text(outside)
     for name in ("layer_local", "distill", "sft"):
         if (workdir / name / "metrics.jsonl").exists():
             shutil.copy(workdir / name / "metrics.jsonl", RESULTS / f"{name}_metrics.jsonl")
     if not args.skip_serve:
-        stage("11. served by vLLM (float32): /v1/chat/completions with a placement per request")
+        stage("12. served by vLLM (float32): /v1/chat/completions with a placement per request")
         hybrid = next(row["placement"] for row in after_sft if row["label"].startswith("attention in even layers, GDN"))
         with timed(timings, "serve"):
             served = serve(final, workdir, hybrid)
