@@ -42,6 +42,30 @@ def test_a_request_holds_the_groups_of_its_placement_and_of_plain_layers():
     assert groups_of([placement, draft], users) == {0, 1, 3, 4, 5}
 
 
+def test_held_groups_are_asked_once_a_step_and_follow_the_tables():
+    """The runner's groups with blocks among a step's rows: from the shared counts, kept from `_update_states`
+    (`remember_held_groups`) to the metadata pass, which forgets them; a different row count asks again."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_supernet.patches import _share_block_counts, forget_held_groups, held_groups, remember_held_groups
+
+    tables = SimpleNamespace(block_tables=[SimpleNamespace(num_blocks_per_row=np.zeros(4, dtype=np.int32))
+                                           for _ in range(5)])  # fmt: skip
+    tables.block_tables[1].num_blocks_per_row[0] = 3
+    assert held_groups(tables, 4) == [1]  # tables whose counts are not shared yet: one query per group
+    _share_block_counts(tables)
+    tables.block_tables[3].num_blocks_per_row[2] = 1  # vLLM writes in place: the shared array sees it
+    assert held_groups(tables, 4) == [1, 3] and held_groups(tables, 2) == [1]
+    assert remember_held_groups(tables, 4) == [1, 3]
+    tables.block_tables[4].num_blocks_per_row[0] = 1  # (no runner changes tables between reorder and metadata)
+    assert held_groups(tables, 4) == [1, 3], "kept for the step"
+    assert held_groups(tables, 2) == [1, 4], "another row count asks again"
+    forget_held_groups(tables)
+    assert held_groups(tables, 4) == [1, 3, 4]
+
+
 def _fixture_footprints(block_size=128, chunk_tokens=128, speculative_tokens=0):
     from shared_spec import MixerKind
     from vllm_supernet.footprint import CacheFootprints, MixerCache
@@ -117,17 +141,22 @@ def _engine(**options) -> dict:
             "disable_log_stats": False, **options}  # fmt: skip
 
 
-def _run(tmp_path_factory, name: str, engine: dict, batches: list[dict], model=FIXTURE_CHECKPOINT, invalid=()) -> dict:
+def _run(tmp_path_factory, name: str, engine: dict, batches: list[dict], model=FIXTURE_CHECKPOINT, invalid=(),
+         **probes) -> dict:  # fmt: skip
     scenario = {"model": str(model), "engine": engine, "batches": batches, "invalid": list(invalid),
-                "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}  # fmt: skip
+                "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, **probes}  # fmt: skip
     return run_engine(scenario, tmp_path_factory.mktemp(name))
 
 
 @pytest.mark.engine
 def test_preempted_mixed_batch_resumes_with_the_same_tokens_and_logprobs(tmp_path_factory):
     batch = [{"name": "mixed", "requests": _mixed_requests()}]
-    ample = _run(tmp_path_factory, "ample", _engine(), batch)
+    ample = _run(tmp_path_factory, "ample", _engine(), batch, block_tables=True)
     tight = _run(tmp_path_factory, "tight", _engine(num_gpu_blocks_override=9), batch)
+    # The CPU runner's block tables stay one tensor each after the hybrid input batch is rebuilt (no per-group
+    # copy a step), and their block counts are rows of one array (one held-groups query a step).
+    (tables,) = ample["block_tables"]
+    assert tables["groups"] > 1 and all(tables["one_tensor"]) and all(tables["shared_counts"]), tables
     assert ample["metrics"]["vllm:num_preemptions"] == 0
     assert tight["metrics"]["vllm:num_preemptions"] > 0, "the small cache was meant to force preemptions"
     for placement, free, preempted in zip(MIXED, ample["batches"]["mixed"], tight["batches"]["mixed"], strict=True):

@@ -90,13 +90,30 @@ def rank_shapes(model) -> dict:
     return {"linears": linears, "parameters": parameters, "states": states}
 
 
+def block_tables_of(worker) -> dict:
+    """How the runner keeps its block tables (`LLM.collective_rpc(block_tables_of)`): per group whether the host
+    and device tables are one tensor (the CPU runner's intent), and whether the groups' per-row block counts are
+    rows of the plugin's shared array (`patches._share_block_counts`)."""
+    import numpy as np
+
+    tables = worker.model_runner.input_batch.block_table
+    shared = getattr(tables, "supernet_block_counts", None)
+    return {
+        "groups": len(tables.block_tables),
+        "one_tensor": [t.block_table.gpu is t.block_table.cpu for t in tables.block_tables],
+        "shared_counts": [shared is not None and np.shares_memory(t.num_blocks_per_row, shared)
+                          for t in tables.block_tables],
+    }  # fmt: skip
+
+
 def _main(scenario_path: str) -> None:
     """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
     placement?, draft_placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?, temperature?, n?,
     seed?}]}], invalid: [placement values, or request fields such as {"draft_placement": value}] (with speculative_config in
     engine, and disable_log_stats False, `speculation` gives each batch's drafting counts; with disable_log_stats
     False, `metrics` holds vLLM's counters and gauges after the last batch),
-    env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`),
+    env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`), block_tables?: bool
+    (see `block_tables_of`),
     draft_memory?: bool (each rank's `speculative.DraftMemory` after the batches, with its pool's page bytes)}."""
     from vllm import LLM, SamplingParams
 
@@ -113,6 +130,8 @@ def _main(scenario_path: str) -> None:
     results: dict = {"batches": {}, "invalid": []}
     if scenario.get("rank_shapes"):
         results["rank_shapes"] = llm.collective_rpc("rank_shapes")
+    if scenario.get("block_tables"):
+        results["block_tables"] = llm.collective_rpc(block_tables_of)
 
     def params(request: dict) -> SamplingParams:
         extra = {key: request[key] for key in ("placement", "draft_placement") if key in request} or None

@@ -17,7 +17,10 @@ placement. This module changes two things, both in the engine-core process:
    (admission, growth, freeing, preemption and resume, caching) run unchanged over that view, so every
    count the scheduler makes, its budget and its admission gate included, is the request's own
    footprint; a prefix-cache lookup matches only the request's groups (the placement hash is in the
-   cache salt, so no other placement's blocks could match anyway).
+   cache salt, so no other placement's blocks could match anyway). The loops that do not index groups
+   (growth, skipped window blocks, freeing; `_OWN_GROUPS_ONLY`) run over the request's own managers alone,
+   their per-group results put back at the groups' ids: a decode step's bookkeeping then grows with the
+   groups a request uses, not with all of them.
 
 On the worker a group a request does not use has an empty block-table row for it, and the layers read only
 the rows of the requests their mixer runs (`batch.StepRequests`). The runner patches in `patches.py` keep
@@ -181,11 +184,14 @@ class UnusedGroup:
 @dataclass(frozen=True)
 class RequestView:
     """What one request sees of the coordinator: its groups' managers (stand-ins elsewhere) and, for
-    prefix-cache lookups, the spec groups restricted to its groups."""
+    prefix-cache lookups, the spec groups restricted to its groups; `own` / `own_managers`: its groups alone,
+    in group order, for the loops that do not index groups (`_OWN_GROUPS_ONLY`)."""
 
     groups: frozenset[int]
     managers: tuple
     attention_groups: list | None
+    own: tuple[int, ...] = ()
+    own_managers: tuple = ()
 
 
 def _run_in_view(coordinator, request_id: str | None, method, /, *args, **kwargs):
@@ -194,6 +200,9 @@ def _run_in_view(coordinator, request_id: str | None, method, /, *args, **kwargs
     view = coordinator.placement_views.get(request_id) if request_id is not None else None
     if view is None:
         return method(*args, **kwargs)
+    shape = _OWN_GROUPS_ONLY.get(method.__name__)
+    if shape is not None and (shape != "per_group_argument" or "new_computed_blocks" in kwargs):
+        return _run_over_own_groups(coordinator, view, shape, method, args, kwargs)
     saved_managers, coordinator.single_type_managers = coordinator.single_type_managers, view.managers
     saved_groups = getattr(coordinator, "attention_groups", None)
     if view.attention_groups is not None:
@@ -204,6 +213,37 @@ def _run_in_view(coordinator, request_id: str | None, method, /, *args, **kwargs
         coordinator.single_type_managers = saved_managers
         if saved_groups is not None:
             coordinator.attention_groups = saved_groups
+
+
+# Coordinator methods (vLLM 0.32, vllm/v1/core/kv_cache_coordinator.py) whose loop over the managers does not
+# use a manager's group id, run over the request's own managers alone instead of all groups with stand-ins
+# (a decode step calls the first four for every running request: 12 stand-in calls each for an all-SWA request
+# of a 4-layer supernet). "results": one entry per group comes back, put back at the groups' ids;
+# "per_group_argument": `new_computed_blocks` (one entry per group) goes in as the request's groups' entries.
+_OWN_GROUPS_ONLY = {
+    "remove_skipped_blocks": "none",
+    "get_num_blocks_to_allocate": "per_group_argument",
+    "allocate_new_blocks": "results",
+    "free": "none",
+    "pop_blocks_for_free": "none",
+    "get_blocks": "results",
+}
+
+
+def _run_over_own_groups(coordinator, view: RequestView, shape: str, method, args, kwargs):
+    if shape == "per_group_argument":
+        kwargs = {**kwargs, "new_computed_blocks": tuple(kwargs["new_computed_blocks"][g] for g in view.own)}
+    saved, coordinator.single_type_managers = coordinator.single_type_managers, view.own_managers
+    try:
+        result = method(*args, **kwargs)
+    finally:
+        coordinator.single_type_managers = saved
+    if shape != "results":
+        return result
+    every_group = [[] for _ in saved]  # a list of its own for every group, as vLLM's loops make
+    for group, blocks in zip(view.own, result, strict=True):
+        every_group[group] = blocks
+    return tuple(every_group)
 
 
 # The coordinator's per-request operations, and how each finds its request id in its arguments.
@@ -296,7 +336,9 @@ class PlacementAllocation:
                     for spec_group in spec_groups
                     if any(g in groups for g in spec_group.group_ids)
                 ]
-            view = self._views[groups] = RequestView(groups, managers, restricted)
+            own = tuple(sorted(groups))
+            view = self._views[groups] = RequestView(groups, managers, restricted, own,
+                                                     tuple(managers[g] for g in own))  # fmt: skip
         return view
 
     def check_default_fits(self, vllm_config) -> None:

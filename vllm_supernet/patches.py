@@ -45,9 +45,12 @@ vLLM 0.32 internals relied on:
   `add_request` and `_free_blocks` (vllm/v1/core/sched/scheduler.py) install and feed the per-request views; in
   the worker, `mamba_utils.collect_mamba_copy_meta`, `MultiGroupBlockTable.compute_slot_mapping` /
   `commit_block_table` (vllm/v1/worker/block_table.py) and `GPUModelRunner._build_attention_metadata` /
-  `_may_reorder_batch` skip groups no request of the step holds blocks in (the metadata pass reads groups by
-  position: `kv_cache_config.kv_cache_groups`, `attn_groups`, `input_batch.block_table`, its `slot_mappings`
-  argument); `OutputProcessor.add_request` / `process_outputs` / `abort_requests`
+  `_get_slot_mappings` / `_may_reorder_batch` skip groups no request of the step holds blocks in (the metadata
+  pass reads groups by position: `kv_cache_config.kv_cache_groups`, `attn_groups`, `input_batch.block_table`, its
+  `slot_mappings` argument; `_update_states` calls `_may_reorder_batch` once the step's rows are final, and
+  `_dummy_run` builds a batch of its own); after `GPUModelRunner.initialize_kv_cache` (which rebuilds the input
+  batch for several groups) the CPU runner's `_postprocess_tensors` makes each block table one tensor again, and
+  on a CPU without Triton the slot mappings call `cpu_triton_utils._compute_slot_mapping_kernel_impl` directly; `OutputProcessor.add_request` / `process_outputs` / `abort_requests`
   (vllm/v1/engine/output_processor.py) feed the metrics; `InputProcessor.process_inputs` refuses what cannot fit
   (`cache_config.num_gpu_blocks`, `block_size`: the engine's, reported back to the frontend).
 - `vllm.triton_utils.dispatcher.register_kernels` (what the CPU platform's `register_triton_kernel_overrides`
@@ -519,6 +522,14 @@ def install_runner_patch() -> None:
         original_initialize(self, kv_cache_config, is_profiling, *args, **kwargs)
         from vllm_supernet.speculative import SelfSpeculator
 
+        # vLLM's CPU runner makes each host/device buffer pair one tensor when it is built (`_postprocess_tensors`),
+        # but `initialize_kv_cache` rebuilds the input batch for a model with several cache groups, and the new
+        # block tables get a second CPU tensor each, copied into every step (16 copies a step for a 4-layer
+        # supernet). Making them one tensor again is what the CPU runner means to run.
+        if hasattr(self, "_postprocess_tensors"):
+            self._postprocess_tensors()
+        _share_block_counts(self.input_batch.block_table)
+
         # The draft slots take the memory kept out of the pool (`speculative.draft_reserve`), now that the pool
         # is allocated: measured before it, they would have been counted as the model's own.
         if not is_profiling and isinstance(getattr(self, "drafter", None), SelfSpeculator):
@@ -528,6 +539,71 @@ def install_runner_patch() -> None:
     _patch_mamba_copies()
     _skip_idle_groups()
     _runner_installed = True
+
+
+def _share_block_counts(multi_table) -> None:
+    """Put every group's `num_blocks_per_row` (blocks held per batch row, vllm/v1/worker/block_table.py) in the
+    rows of one [groups, max_num_reqs] array, so that `held_groups` asks numpy once a step, not once per group."""
+    import numpy as np
+
+    tables = multi_table.block_tables
+    counts = np.stack([table.num_blocks_per_row for table in tables])
+    for group, table in enumerate(tables):
+        table.num_blocks_per_row = counts[group]  # a view: vLLM writes the counts in place
+    multi_table.supernet_block_counts = counts
+
+
+def held_groups(multi_table, num_reqs: int, fresh: bool = False) -> list[int]:
+    """The cache groups any of the step's first `num_reqs` batch rows holds blocks in.
+
+    A step asks four times (reorder, slot mappings twice, metadata) about tables that do not change in between:
+    the runner's `_update_states` works out the answer once its batch is final (`remember_held_groups`) and the
+    metadata pass, the step's last reader, forgets it; `fresh` (or no answer kept) asks numpy."""
+    import numpy as np
+
+    kept = getattr(multi_table, "supernet_step_held", None)
+    if not fresh and kept is not None and kept[0] == num_reqs:
+        return kept[1]
+    counts = getattr(multi_table, "supernet_block_counts", None)
+    if counts is None:  # tables the runner built before `initialize_kv_cache` shared their counts
+        return [group for group, table in enumerate(multi_table.block_tables)
+                if table.num_blocks_per_row[:num_reqs].any()]  # fmt: skip
+    return np.flatnonzero(counts[:, :num_reqs].any(axis=1)).tolist()
+
+
+def remember_held_groups(multi_table, num_reqs: int) -> list[int]:
+    held = held_groups(multi_table, num_reqs, fresh=True)
+    multi_table.supernet_step_held = (num_reqs, held)
+    return held
+
+
+def forget_held_groups(multi_table) -> None:
+    multi_table.supernet_step_held = None
+
+
+def _compute_slot_mapping_on_cpu():
+    """vLLM's CPU fallback for the slot-mapping kernel called as the kernel launcher would (vLLM 0.32 on a CPU
+    without Triton: `platforms/cpu.py` registers `cpu_triton_utils._compute_slot_mapping_kernel_impl`), or None
+    where the launcher runs another kernel. The launcher binds its arguments by signature on every call, which
+    costs more than the kernel at decode sizes, once per group with blocks."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    if not current_platform.is_cpu() or HAS_TRITON:
+        return None
+    from vllm.utils.cpu_triton_utils import _compute_slot_mapping_kernel_impl
+    from vllm.v1.worker.block_table import SlotMappingMode
+
+    def compute(block_table, query_start_loc, positions) -> None:
+        if block_table.slot_mapping_mode == SlotMappingMode.NONE:  # state groups read no slot mapping
+            return
+        _compute_slot_mapping_kernel_impl(
+            positions.shape[0], block_table.max_num_batched_tokens, query_start_loc, positions,
+            block_table.block_table.gpu, block_table.block_table.gpu.stride(0), block_table.slot_mapping.gpu,
+            block_table.block_size,
+        )  # fmt: skip
+
+    return compute
 
 
 def _skip_idle_groups() -> None:
@@ -543,13 +619,14 @@ def _skip_idle_groups() -> None:
     host and device tables one tensor. Installed in the processes that build a supernet only."""
     from vllm.v1.worker.block_table import MultiGroupBlockTable
 
-    def holds_blocks(block_table, num_reqs: int) -> bool:
-        """Whether any of the step's first `num_reqs` rows holds blocks in this group's table."""
-        return bool(block_table.num_blocks_per_row[:num_reqs].any())
+    compute_on_cpu = _compute_slot_mapping_on_cpu()
 
     def compute_slot_mapping(self, num_reqs, query_start_loc, positions):
-        for block_table in self.block_tables:
-            if holds_blocks(block_table, num_reqs):
+        for group in held_groups(self, num_reqs):
+            block_table = self.block_tables[group]
+            if compute_on_cpu is not None and block_table.dcp_world_size == 1:
+                compute_on_cpu(block_table, query_start_loc, positions)
+            else:
                 block_table.compute_slot_mapping(num_reqs, query_start_loc, positions)
 
     def commit_block_table(self, num_reqs):
@@ -572,7 +649,8 @@ def _skip_idle_groups() -> None:
     def _build_attention_metadata(self, num_tokens, num_reqs, *args, slot_mappings=None, **kwargs):
         multi_table = self.input_batch.block_table
         tables = multi_table.block_tables
-        held = [group for group, table in enumerate(tables) if holds_blocks(table, num_reqs)]
+        held = held_groups(multi_table, num_reqs)
+        forget_held_groups(multi_table)  # the step's last reader
         if not held or len(held) == len(tables) or slot_mappings is None or kwargs.get("for_cudagraph_capture"):
             return original_build(self, num_tokens, num_reqs, *args, slot_mappings=slot_mappings, **kwargs)
         config, attn_groups = self.kv_cache_config, self.attn_groups
@@ -587,22 +665,56 @@ def _skip_idle_groups() -> None:
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
 
+    # The slot mappings the step hands its metadata and its forward context: vLLM slices and pads one per group;
+    # only the held groups' are read (above, and by the layers of the mixers the step runs).
+    original_slot_mappings = GPUModelRunner._get_slot_mappings
+
+    def _get_slot_mappings(self, num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices=None):
+        config = getattr(self, "kv_cache_config", None)
+        multi_table = self.input_batch.block_table
+        held = held_groups(multi_table, self.input_batch.num_reqs) if config is not None else []
+        if ubatch_slices is not None or not held or len(held) == len(config.kv_cache_groups):
+            return original_slot_mappings(self, num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices)
+        by_group, by_layer = {}, {}
+        for group in held:
+            slot_mapping = multi_table[group].slot_mapping.gpu[:num_tokens_padded]
+            slot_mapping[num_tokens_unpadded:num_tokens_padded].fill_(-1)  # padding slots, as vLLM writes them
+            by_group[group] = slot_mapping
+            by_layer.update(dict.fromkeys(config.kv_cache_groups[group].layer_names, slot_mapping))
+        return by_group, by_layer
+
+    GPUModelRunner._get_slot_mappings = _get_slot_mappings
+
     # vLLM's GDN metadata builder wants a step's decodes first, so the runner reorders every step's batch
     # (`_may_reorder_batch`, a Python pass over the requests) once any state group exists; a step none of whose
     # requests holds a state page never builds that metadata, so its order does not matter.
     from vllm.v1.kv_cache_interface import MambaSpec
 
     original_reorder = GPUModelRunner._may_reorder_batch
+    state_groups_of: dict[int, frozenset[int]] = {}  # id(kv_cache_config) -> its state groups
 
     def _may_reorder_batch(self, scheduler_output):
         groups = self.kv_cache_config.kv_cache_groups
-        state_groups = [g for g, group in enumerate(groups) if isinstance(group.kv_cache_spec, MambaSpec)]
-        tables, num_reqs = self.input_batch.block_table.block_tables, self.input_batch.num_reqs
-        if len(groups) == len(tables) and not any(holds_blocks(tables[g], num_reqs) for g in state_groups):
+        state_groups = state_groups_of.get(id(self.kv_cache_config))
+        if state_groups is None:
+            state_groups = state_groups_of[id(self.kv_cache_config)] = frozenset(
+                g for g, group in enumerate(groups) if isinstance(group.kv_cache_spec, MambaSpec))
+        multi_table = self.input_batch.block_table
+        # Called by `_update_states` once the step's rows are final (a reorder swaps rows, not their blocks).
+        held = remember_held_groups(multi_table, self.input_batch.num_reqs)
+        if len(groups) == len(multi_table.block_tables) and state_groups.isdisjoint(held):
             return None
         return original_reorder(self, scheduler_output)
 
     GPUModelRunner._may_reorder_batch = _may_reorder_batch
+
+    original_dummy_run = GPUModelRunner._dummy_run
+
+    def _dummy_run(self, *args, **kwargs):
+        forget_held_groups(self.input_batch.block_table)  # a dummy batch is not the last step's
+        return original_dummy_run(self, *args, **kwargs)
+
+    GPUModelRunner._dummy_run = _dummy_run
 
 
 def _patch_mamba_copies() -> None:
