@@ -50,9 +50,10 @@ vLLM 0.32 internals relied on:
   `slot_mappings` argument; `_update_states` calls `_may_reorder_batch` once the step's rows are final, and
   `_dummy_run` builds a batch of its own); after `GPUModelRunner.initialize_kv_cache` (which rebuilds the input
   batch for several groups) the CPU runner's `_postprocess_tensors` makes each block table one tensor again, and
-  on a CPU without Triton the slot mappings call `cpu_triton_utils._compute_slot_mapping_kernel_impl` directly; `OutputProcessor.add_request` / `process_outputs` / `abort_requests`
-  (vllm/v1/engine/output_processor.py) feed the metrics; `InputProcessor.process_inputs` refuses what cannot fit
-  (`cache_config.num_gpu_blocks`, `block_size`: the engine's, reported back to the frontend).
+  on a CPU without Triton the slot mappings call `cpu_triton_utils._compute_slot_mapping_kernel_impl` directly;
+  `OutputProcessor.add_request` / `process_outputs` / `abort_requests` (vllm/v1/engine/output_processor.py) feed
+  the metrics; `InputProcessor.process_inputs` refuses what cannot fit (`cache_config.num_gpu_blocks`,
+  `block_size`: the engine's, reported back to the frontend).
 - `vllm.triton_utils.dispatcher.register_kernels` (what the CPU platform's `register_triton_kernel_overrides`
   calls at worker start) swaps a Triton kernel for a Python/C++ stand-in; `fix_cpu_expand_kernel` registers a
   correct stand-in for `rejection_sampler.expand_kernel` (vLLM 0.32's CPU one writes into a copy) when the
@@ -529,6 +530,7 @@ def install_runner_patch() -> None:
         if hasattr(self, "_postprocess_tensors"):
             self._postprocess_tensors()
         _share_block_counts(self.input_batch.block_table)
+        _note_state_groups(self)
 
         # The draft slots take the memory kept out of the pool (`speculative.draft_reserve`), now that the pool
         # is allocated: measured before it, they would have been counted as the model's own.
@@ -551,6 +553,14 @@ def _share_block_counts(multi_table) -> None:
     for group, table in enumerate(tables):
         table.num_blocks_per_row = counts[group]  # a view: vLLM writes the counts in place
     multi_table.supernet_block_counts = counts
+
+
+def _note_state_groups(runner) -> None:
+    """The cache groups of state pages (`MambaSpec`), fixed once the runner has its cache config."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    groups = runner.kv_cache_config.kv_cache_groups
+    runner.supernet_state_groups = frozenset(g for g, group in enumerate(groups) if isinstance(group.kv_cache_spec, MambaSpec))
 
 
 def held_groups(multi_table, num_reqs: int, fresh: bool = False) -> list[int]:
@@ -688,21 +698,14 @@ def _skip_idle_groups() -> None:
     # vLLM's GDN metadata builder wants a step's decodes first, so the runner reorders every step's batch
     # (`_may_reorder_batch`, a Python pass over the requests) once any state group exists; a step none of whose
     # requests holds a state page never builds that metadata, so its order does not matter.
-    from vllm.v1.kv_cache_interface import MambaSpec
-
     original_reorder = GPUModelRunner._may_reorder_batch
-    state_groups_of: dict[int, frozenset[int]] = {}  # id(kv_cache_config) -> its state groups
 
     def _may_reorder_batch(self, scheduler_output):
-        groups = self.kv_cache_config.kv_cache_groups
-        state_groups = state_groups_of.get(id(self.kv_cache_config))
-        if state_groups is None:
-            state_groups = state_groups_of[id(self.kv_cache_config)] = frozenset(
-                g for g, group in enumerate(groups) if isinstance(group.kv_cache_spec, MambaSpec))
         multi_table = self.input_batch.block_table
         # Called by `_update_states` once the step's rows are final (a reorder swaps rows, not their blocks).
         held = remember_held_groups(multi_table, self.input_batch.num_reqs)
-        if len(groups) == len(multi_table.block_tables) and state_groups.isdisjoint(held):
+        groups = self.kv_cache_config.kv_cache_groups
+        if len(groups) == len(multi_table.block_tables) and self.supernet_state_groups.isdisjoint(held):
             return None
         return original_reorder(self, scheduler_output)
 
