@@ -15,6 +15,7 @@ from fast_llm_supernet.tools.tiny_teacher import train_tokenizer
 from fast_llm_supernet.training.config import ConfigError, load_config, parse_config
 from fast_llm_supernet.training.data import (
     IGNORE_INDEX,
+    Conversation,
     batch_indices,
     load_tokenizer,
     pack_conversations,
@@ -215,11 +216,11 @@ def test_chat_loss_only_on_assistant_turns(tiny_run):
         {"role": "user", "content": "And three?"},
         {"role": "assistant", "content": "Six."},
     ]
-    ids, is_assistant = tokenize_conversation(tokenizer, messages)
+    ids, is_assistant = tokenize_conversation(tokenizer, Conversation(messages))
     assistant_text = tokenizer.decode([i for i, keep in zip(ids, is_assistant, strict=True) if keep])
     assert assistant_text == f"Four.{tokenizer.eos_token}Six.{tokenizer.eos_token}"
     # Three conversations packed two to a row: the targets are exactly the assistant replies.
-    data = pack_conversations(tokenizer, [messages] * 3, sequence_length=2 * len(ids))
+    data = pack_conversations(tokenizer, [Conversation(messages)] * 3, sequence_length=2 * len(ids))
     assert data.num_rows == 2
     batch = data.rows(torch.arange(data.num_rows))
     assert (batch["labels"][~batch["loss_mask"]] == IGNORE_INDEX).all()

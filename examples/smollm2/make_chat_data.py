@@ -14,7 +14,9 @@ disjoint parts:
   distillation stages train on it and on `train.jsonl` (make_data.py) together; `mix.json` gives each file's
   tokens, i.e. the mix;
 * `sft_train.jsonl`: the next `--sft-prompts` prompts and the teacher's **greedy** answers (at most 128 new
-  tokens; answers the budget cut are dropped, so every target ends where the teacher ends), `{"messages": ...}`;
+  tokens), `{"messages": ..., "finished": ...}`; an answer the budget cut (`finished: false`, most of SmolLM2's)
+  is kept as an open turn: its text carries loss, no end-of-turn follows it (so the model learns the teacher's
+  words, not to stop at the cut);
 * `chat_eval.json`: the chat evaluation's prompts: the 18 hand-written factual questions and the first
   `--eval-prompts` held-out prompts (subjects no training prompt names); `sft_heldout.jsonl`: the teacher's greedy
   answers to them, the SFT stage's held-out loss.
@@ -54,9 +56,8 @@ def token_count(tokenizer, path: Path) -> int:
 
 def make_chat_data(teacher: Path, output: Path, distill_prompts: int, sft_prompts: int, eval_prompts: int,
                    seed: int = 0, sampled_settings: AnswerSettings = SAMPLED, greedy_settings: AnswerSettings = GREEDY,
-                   keep_cut: bool = False, log=print) -> dict:
-    """Writes the files of the module docstring; returns the mix (also `mix.json`). `keep_cut`: keep SFT answers the
-    budget cut too (their turn then ends at the cut; for teachers that rarely stop, as the tiny test teacher)."""
+                   log=print) -> dict:
+    """Writes the files of the module docstring; returns the mix (also `mix.json`)."""
     output.mkdir(parents=True, exist_ok=True)
     model = SupernetForCausalLM.from_pretrained(teacher).eval()
     tokenizer = load_tokenizer(teacher)
@@ -80,15 +81,15 @@ def make_chat_data(teacher: Path, output: Path, distill_prompts: int, sft_prompt
     write_jsonl(output / "teacher_text.jsonl",
                 [{"text": render_conversation(tokenizer, conversation(record))[0]} for record in sampled])
     greedy = answers("greedy", train_prompts[distill_prompts : distill_prompts + sft_prompts], greedy_settings)
-    write_jsonl(output / "sft_train.jsonl", [{"messages": conversation(r)} for r in greedy if r["finished"] or keep_cut])
+    write_jsonl(output / "sft_train.jsonl", [{"messages": conversation(r), "finished": r["finished"]} for r in greedy])
     held_out = answers("eval", evaluation, greedy_settings)
-    write_jsonl(output / "sft_heldout.jsonl", [{"messages": conversation(r)} for r in held_out if r["finished"] or keep_cut])
+    write_jsonl(output / "sft_heldout.jsonl", [{"messages": conversation(r), "finished": r["finished"]} for r in held_out])
     (output / "chat_eval.json").write_text(json.dumps([p.model_dump(mode="json") for p in evaluation], indent=1) + "\n")
 
     mix = {"documentation_tokens": token_count(tokenizer, output / "train.jsonl") if (output / "train.jsonl").exists() else None,
            "teacher_text_tokens": token_count(tokenizer, output / "teacher_text.jsonl"),
            "teacher_text_conversations": len(sampled), "sampling": sampling.model_dump(),
-           "sft_conversations": sum(r["finished"] for r in greedy), "sft_cut_by_budget": sum(not r["finished"] for r in greedy),
+           "sft_conversations": len(greedy), "sft_cut_by_budget": sum(not r["finished"] for r in greedy),
            "eval_prompts": len(evaluation)}
     if mix["documentation_tokens"]:
         mix["teacher_text_share"] = mix["teacher_text_tokens"] / (mix["teacher_text_tokens"] + mix["documentation_tokens"])

@@ -17,7 +17,7 @@ checkpoint and the teacher's answers from their last batch when interrupted):
 7. stochastic end-to-end distillation (examples/smollm2/distill.yaml, 40 steps);
 8. quality after distillation;
 9. targeted SFT on the teacher's greedy answers, loss on answer tokens, the served placements oversampled
-   (examples/smollm2/sft.yaml, 40 steps);
+   (examples/smollm2/sft.yaml, 80 steps);
 10. quality after SFT, and the table of every figure by stage (results/by_stage.md);
 11. top-1 on text outside the training domain (Python's LICENSE.txt) at each stage, beside the documentation's,
     and the gap (results/outside_domain.md);

@@ -6,6 +6,8 @@ Formats (`DataSourceConfig.format`):
 * `jsonl`: one JSON object per line; the document is `obj[text_field]` (default `"text"`).
 * `chat`: one JSON object per line with `obj[messages_field]` (default `"messages"`) a list of
   `{"role": "system" | "user" | "assistant", "content": str}`. Only assistant turns carry loss (SFT).
+  `"finished": false` marks a conversation whose last (assistant) reply was cut, by a generation budget say:
+  its tokens carry loss but no end-of-turn follows it, so the model does not learn to stop where the cut fell.
 
 Documents are tokenised with the checkpoint's tokenizer (BOS added by the tokenizer, EOS appended),
 concatenated and cut into rows of `sequence_length + 1` tokens (inputs are a row without its last
@@ -21,7 +23,8 @@ a plain role-tagged template:
 
 An assistant reply's loss span runs from the end of the generation prompt the template renders before it
 to the end of its turn (trailing whitespace excluded): the reply and its end-of-turn token, so the model
-learns to stop. A token carries loss when its first character lies in such a span (character offsets).
+learns to stop; a cut reply (`finished: false`) is rendered open, as `continue_final_message` renders it,
+and its span ends with its text. A token carries loss when its first character lies in such a span (character offsets).
 
 The batch of a step is a pure function of (seed, step): rows are visited in a fresh permutation
 each epoch, seeded by (seed, epoch). Resuming at step N therefore needs only N.
@@ -51,6 +54,14 @@ CHAT_TEMPLATE = (
 
 class DataError(ValueError):
     """A data file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One chat record: its messages and whether its last reply ended where the speaker ended it."""
+
+    messages: list[dict]
+    finished: bool = True
 
 
 def load_tokenizer(path: str | Path):
@@ -102,7 +113,7 @@ def read_documents(paths: Sequence[Path], format: str, text_field: str = "text")
     return [document for document in documents if document.strip()]
 
 
-def read_conversations(paths: Sequence[Path], messages_field: str = "messages") -> list[list[dict]]:
+def read_conversations(paths: Sequence[Path], messages_field: str = "messages") -> list[Conversation]:
     """Chat conversations: lists of {role, content}, each with at least one assistant turn."""
     conversations = []
     for path in paths:
@@ -121,32 +132,45 @@ def read_conversations(paths: Sequence[Path], messages_field: str = "messages") 
                 raise DataError(f"{path}:{number}: conversation has no assistant turn, so no token would carry loss")
             if messages[0]["role"] == "assistant":
                 raise DataError(f"{path}:{number}: conversation starts with an assistant turn; a reply needs a prompt before it")
-            conversations.append(messages)
+            finished = record.get("finished", True)
+            if not isinstance(finished, bool):
+                raise DataError(f"{path}:{number}: `finished` must be true or false, got {finished!r:.40}")
+            if not finished and messages[-1]["role"] != "assistant":
+                raise DataError(f"{path}:{number}: `finished: false` marks a cut last reply, but the last message "
+                                f"is a {messages[-1]['role']} turn")
+            conversations.append(Conversation(messages, finished))
     return conversations
 
 
-def render_conversation(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_conversation(
+    tokenizer, messages: Sequence[dict], finished: bool = True
+) -> tuple[str, list[tuple[int, int]]]:
     """One conversation through the chat template (`tokenizer.chat_template`, else `CHAT_TEMPLATE`) and the
-    character ranges [start, end) of its assistant replies with their end-of-turn tokens."""
+    character ranges [start, end) of its assistant replies with their end-of-turn tokens (a cut last reply,
+    `finished=False`: rendered open, its range ends with its text)."""
     template = tokenizer.chat_template or CHAT_TEMPLATE
 
-    def render(turns: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    def render(turns: Sequence[dict], add_generation_prompt: bool = False, open_reply: bool = False) -> str:
         return tokenizer.apply_chat_template(
-            list(turns), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            list(turns), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=open_reply,
         )
 
-    text = render(messages)
+    last = len(messages) - 1
+    text = render(messages, open_reply=not finished)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if index == 0:
             raise DataError("a conversation starts with an assistant turn; a reply needs a prompt before it")
-        before, through = render(messages[:index], add_generation_prompt=True), render(messages[: index + 1])
+        open_reply = index == last and not finished
+        before = render(messages[:index], add_generation_prompt=True)
+        through = render(messages[: index + 1], open_reply=open_reply)
         # A template that rewrites earlier turns (or drops the generation prompt) would shift the spans.
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError("the chat template does not render a conversation turn by turn; SFT cannot find its replies")
-        spans.append((len(before), len(through.rstrip())))
+        spans.append((len(before), len(through) if open_reply else len(through.rstrip())))
     return text, spans
 
 
@@ -158,9 +182,9 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     )["input_ids"])
 
 
-def tokenize_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+def tokenize_conversation(tokenizer, conversation: Conversation) -> tuple[list[int], list[bool]]:
     """Token ids of one rendered conversation and, per token, whether it is an assistant (loss) token."""
-    text, spans = render_conversation(tokenizer, messages)
+    text, spans = render_conversation(tokenizer, conversation.messages, conversation.finished)
     # The template writes its own special tokens (BOS included), as `apply_chat_template(tokenize=True)` does.
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     is_assistant = [
@@ -202,7 +226,7 @@ def pack_documents(tokenizer, documents: Sequence[str], sequence_length: int) ->
     return PackedData(tokens=tokens, target_mask=torch.ones_like(tokens, dtype=torch.bool))
 
 
-def pack_conversations(tokenizer, conversations: Sequence[Sequence[dict]], sequence_length: int) -> PackedData:
+def pack_conversations(tokenizer, conversations: Sequence[Conversation], sequence_length: int) -> PackedData:
     """Whole conversations back to back in rows; padding and non-assistant tokens are not targets."""
     row = sequence_length + 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -210,8 +234,8 @@ def pack_conversations(tokenizer, conversations: Sequence[Sequence[dict]], seque
     masks: list[list[bool]] = []
     current: list[int] = []
     current_mask: list[bool] = []
-    for messages in conversations:
-        ids, is_assistant = tokenize_conversation(tokenizer, messages)
+    for conversation in conversations:
+        ids, is_assistant = tokenize_conversation(tokenizer, conversation)
         ids, is_assistant = ids[:row], is_assistant[:row]
         if len(current) + len(ids) > row:
             rows.append(current)
