@@ -49,7 +49,12 @@ def test_held_groups_are_asked_once_a_step_and_follow_the_tables():
 
     import numpy as np
 
-    from vllm_supernet.patches import _share_block_counts, forget_held_groups, held_groups, remember_held_groups
+    from vllm_supernet.patches import (
+        _share_block_counts,
+        forget_held_groups,
+        held_groups,
+        remember_held_groups,
+    )
 
     tables = SimpleNamespace(block_tables=[SimpleNamespace(num_blocks_per_row=np.zeros(4, dtype=np.int32))
                                            for _ in range(5)])  # fmt: skip
