@@ -25,13 +25,10 @@ checkpoint and the teacher's answers from their last batch when interrupted):
     greedy answer is compared with the teacher's own (transformers).
 The small results (tables, answers, the text mix, JSON) are copied to examples/smollm2/results/.
 
-Estimated wall time on 2 idle cores (not yet measured as a whole; from the previous run's stage times, 160 layer-local
-steps in 57 min, 40 end-to-end steps in 10 min, quality tables 3-4 min with 32 greedy answers each, and the
-layer-local step 1.46x faster since; greedy decode at batch 1 ~13 tokens/s, batches of up to 16 equal-length prompts
-taken as ~100 tokens/s): conversion and check 1.5 min; the teacher's chat answers ~14 min (~85k tokens); each quality
-table ~6 min (8 placements x 30 prompts x <= 32 tokens, and 4096 documentation tokens), 18 min for three;
-layer-local ~57 min; end-to-end 10 min; SFT ~12 min (40 steps of 2 x 512 tokens, ~16 s each); serving 1.5 min.
-About 115 minutes.
+Wall time on 2 idle cores, measured (2026-12-05, results/timings.json): 85 minutes. Conversion and check 17 s;
+the teacher's chat answers 13 min; the three quality tables 3.8 + 4.1 + 4.3 min; layer-local 38 min (230 steps,
+10.0 s each); end-to-end 5.4 min (40 steps); SFT 11.4 min (80 steps of 2 x 512 tokens); the out-of-domain table
+3.0 min; serving 51 s. The same run on a busier box took 103 minutes.
 """
 
 from __future__ import annotations
