@@ -141,8 +141,9 @@ def _mixed_requests() -> list[dict]:
 
 
 def _engine(**options) -> dict:
+    # Pages of 128 tokens, given (the counts below are in them; by default the fixture's pages are 32 tokens).
     return {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 256, "max_num_seqs": 16,
-            "max_num_batched_tokens": 128, "enforce_eager": True, "enable_prefix_caching": False,
+            "max_num_batched_tokens": 128, "block_size": 128, "enforce_eager": True, "enable_prefix_caching": False,
             "disable_log_stats": False, **options}  # fmt: skip
 
 
@@ -162,6 +163,7 @@ def test_preempted_mixed_batch_resumes_with_the_same_tokens_and_logprobs(tmp_pat
     # copy a step), and their block counts are rows of one array (one held-groups query a step).
     (tables,) = ample["block_tables"]
     assert tables["groups"] > 1 and all(tables["one_tensor"]) and all(tables["shared_counts"]), tables
+    assert ample["block_size"] == tight["block_size"] == 128, "a block size given is kept"
     assert ample["metrics"]["vllm:num_preemptions"] == 0
     assert tight["metrics"]["vllm:num_preemptions"] > 0, "the small cache was meant to force preemptions"
     for placement, free, preempted in zip(MIXED, ample["batches"]["mixed"], tight["batches"]["mixed"], strict=True):

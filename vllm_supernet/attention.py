@@ -42,7 +42,12 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
-from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, CommonAttentionMetadata
+from vllm.v1.attention.backend import (
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
 
 from fast_llm_supernet.model import ops
@@ -55,6 +60,9 @@ from fast_llm_supernet.model.attention import (
 )
 from shared_spec import AttentionMixerConfig
 from vllm_supernet.batch import StepRequests, deferred_builder, layer_metadata
+
+# Attention blocks (pages) step by this many tokens in a deployment that also holds state pages.
+BLOCK_STEP = 16
 
 
 class SupernetAttention(nn.Module):
@@ -301,6 +309,13 @@ class SupernetAttentionBackend(CPUAttentionBackend):
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
         return head_size > 0
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # vLLM's CPU kernel takes any multiple of 16 tokens (its "vec16" path where 32 does not divide; the
+        # reference path any size). The finer the step, the closer a hybrid supernet's page comes to its
+        # largest state page (`patches._patch_block_alignment`).
+        return [MultipleOf(BLOCK_STEP)]
 
     @staticmethod
     def get_impl_cls() -> type[SupernetAttentionImpl]:

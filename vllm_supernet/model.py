@@ -219,6 +219,13 @@ def served_mixer_configs(config: Apriel2TextConfig, serving: ServingPlacements):
             yield index, name, mixers[name]
 
 
+def holds_attention_and_states(model_config) -> bool:
+    """Whether the deployment builds attention and linear mixers both: KV pages and state pages in one pool."""
+    served = served_mixer_configs(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config))
+    attention = [isinstance(mixer, AttentionMixerConfig) for _, _, mixer in served]
+    return any(attention) and not all(attention)
+
+
 def check_parallel(config: Apriel2TextConfig, serving: ServingPlacements, vllm_config: VllmConfig) -> None:
     """Refuse, before any weight is loaded, what the served mixers cannot be split into."""
     parallel = vllm_config.parallel_config

@@ -99,9 +99,49 @@ def install_frontend_patches() -> None:
     _patch_request_models()
     _patch_input_processor()
     _patch_build_app()
+    _patch_block_alignment()
     _patch_cache_groups()
     _patch_scheduler()
     _patch_output_processor()
+
+
+def _patch_block_alignment() -> None:
+    """A deployment holding attention and state pages gets the smallest attention block, in steps of
+    `attention.BLOCK_STEP` tokens, whose page holds its largest state page.
+
+    vLLM gives every page of a hybrid model one size: attention blocks are made long enough to hold a state
+    page and state pages are padded to them (`Platform._align_hybrid_block_size`), in steps of the larger of
+    the backends' smallest kernel block and `cache_config.block_size`, which the CPU platform sets to 128 when
+    nobody asked. Pages then overshoot the state by up to 128 tokens of keys and values: the benchmark model's
+    137 KiB states went into 256 KiB pages, so an all-GDN request held 1.9x its bytes and a sliding window up
+    to 128 tokens more than it needs. In steps of 16 tokens the same model's pages are 144 KiB.
+
+    The size is settled when the config is built (`check_and_update_config`, in the process that builds it),
+    not where vLLM aligns it (at worker start): the engine core's scheduler keeps a copy of the cache config
+    taken before, and prefill chunks split at another block size than the state pages' never hit the prefix
+    cache. A block size given on the command line is kept.
+    """
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    original = platform.check_and_update_config
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original(vllm_config)
+        if not is_supernet(vllm_config.model_config):
+            return
+        from vllm_supernet.attention import BLOCK_STEP, SupernetAttentionBackend
+        from vllm_supernet.model import holds_attention_and_states
+
+        cache_config, model_config = vllm_config.cache_config, vllm_config.model_config
+        if (
+            not cache_config.user_specified_block_size
+            and holds_attention_and_states(model_config)  # else one kind of page: vLLM's sizes
+        ):
+            cache_config.block_size = BLOCK_STEP
+            cls._align_hybrid_block_size(vllm_config, SupernetAttentionBackend)
+
+    platform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def _patch_cache_groups() -> None:
