@@ -54,6 +54,10 @@ vLLM 0.32 internals relied on:
   `OutputProcessor.add_request` / `process_outputs` / `abort_requests` (vllm/v1/engine/output_processor.py) feed
   the metrics; `InputProcessor.process_inputs` refuses what cannot fit (`cache_config.num_gpu_blocks`,
   `block_size`: the engine's, reported back to the frontend).
+- `Platform.check_and_update_config` (the current platform's class; called from `VllmConfig.__post_init__` in the
+  process that builds the config) is followed, for supernets holding attention and state pages, by
+  `Platform._align_hybrid_block_size` from a 16-token block (`_patch_block_alignment`); the worker's later
+  `update_block_size_for_backend` then finds the size already aligned.
 - `vllm.triton_utils.dispatcher.register_kernels` (what the CPU platform's `register_triton_kernel_overrides`
   calls at worker start) swaps a Triton kernel for a Python/C++ stand-in; `fix_cpu_expand_kernel` registers a
   correct stand-in for `rejection_sampler.expand_kernel` (vLLM 0.32's CPU one writes into a copy) when the
