@@ -13,11 +13,15 @@ a difference comes from: the model's forward (the mixers, the linear layers) or 
 bookkeeping, which grows with the number of KV-cache groups (an unthinned supernet has one per mixer
 kind, a native model one).
 
-Engines, all up at once and timed in turn, round by round (order reversed every other round): the
-supernet serving every mixer with the placement per request, the supernet thinned to that placement
-(`hf_overrides={"supernet_placements": [...]}`), and the native model (`bench_vllm.NATIVE_FOR`). Same
-checkpoints as `bench_vllm.py` (written to `--workdir` if missing). Results: medians over every decode
-step of every round, in `--out` (`step_time_<placement>_<context>.{json,md}`).
+Engines, all up at once: the supernet serving every mixer with the placement per request, the supernet
+thinned to that placement (`hf_overrides={"supernet_placements": [...]}`), the native model
+(`bench_vllm.NATIVE_FOR`) and, with `--supernet-block-sizes`, the unthinned supernet on other page sizes.
+Each round, every engine prefills its batch; then they decode in turns of `--slice` steps (order reversed
+every other turn), so that a swing of the shared box hits them alike. Same checkpoints as `bench_vllm.py`
+(written to `--workdir` if missing). Results, in `--out` (`step_time_<placement>_<context>.{json,md}`):
+medians over every timed decode step, and the paired ratio, the median over turns of the native model's
+step over the engine's in the same turn (the figure to quote: pooled medians move by 10-50 % between runs
+here, the paired ratio much less).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ from bench_vllm import (  # noqa: E402
 from vllm_supernet.engine_process import EngineProcess, serve_engine  # noqa: E402
 
 SCHEDULER_STAGES = ("schedule", "update_from_output")
+# Untimed decode steps at the start of each turn: they pay for the CPU caches the other engines' turns evicted.
+TURN_WARM_UP_STEPS = 2
 RUNNER_STAGES = ("_update_states", "_prepare_inputs", "_build_attention_metadata", "_model_forward", "sample_tokens")
 
 
@@ -79,7 +85,9 @@ def _instrument(llm) -> dict[str, list[float]]:
 
 
 def _engine_worker(connection, model: str, options: dict, log_path: str, extra_env: dict) -> None:
-    """Runs in its own process: one in-process `vllm.LLM`, timing decode steps on request."""
+    """Runs in its own process: one in-process `vllm.LLM`, answering three commands. "prefill": add `batch`
+    random requests and step until every one is past its prefill; "decode": `TURN_WARM_UP_STEPS` untimed engine
+    steps, then `steps` more, each timed whole and by stage; "drain": step until no request is left (untimed)."""
     rng, request_ids = random.Random(0), itertools.count()
     stages: dict[str, list[float]] = {}
 
@@ -90,25 +98,31 @@ def _engine_worker(connection, model: str, options: dict, log_path: str, extra_e
         return llm
 
     def answer(llm, command: dict) -> dict:
-        engine, batch = llm.llm_engine, command["batch"]
-        add_random_requests(engine, [command["placement"]] * batch, command["context"], command["new_tokens"], rng,
-                            request_ids)  # fmt: skip
+        engine = llm.llm_engine
+        if command["op"] == "prefill":
+            add_random_requests(engine, [command["placement"]] * command["batch"], command["context"],
+                                command["new_tokens"], rng, request_ids)  # fmt: skip
+            generated: dict[str, int] = {}
+            while len(generated) < command["batch"] or min(generated.values()) < 1:
+                for output in engine.step():
+                    generated[output.request_id] = len(output.outputs[0].token_ids)
+            return {}
+        if command["op"] == "drain":
+            while engine.has_unfinished_requests():
+                engine.step()
+            return {}
+        for _ in range(TURN_WARM_UP_STEPS):
+            engine.step()
         steps: list[float] = []
         by_stage: dict[str, list[float]] = {name: [] for name in stages}
-        generated: dict[str, int] = {}
-        while engine.has_unfinished_requests():
-            decoding = len(generated) == batch and min(generated.values()) >= 1
+        for _ in range(command["steps"]):
             for calls in stages.values():
                 calls.clear()
             start = time.perf_counter()
-            outputs = engine.step()
-            elapsed = time.perf_counter() - start
-            for output in outputs:
-                generated[output.request_id] = len(output.outputs[0].token_ids)
-            if decoding:  # every request past its prefill: a pure decode step
-                steps.append(elapsed)
-                for name, calls in stages.items():
-                    by_stage[name].append(sum(calls))
+            engine.step()
+            steps.append(time.perf_counter() - start)
+            for name, calls in stages.items():
+                by_stage[name].append(sum(calls))
         return {"steps": steps, "stages": by_stage}
 
     serve_engine(connection, log_path, build, answer, extra_env)
@@ -143,34 +157,56 @@ def run(args) -> dict:
         ),  # fmt: skip
         native_kind: (StepEngine(native_kind, checkpoints[native_kind], options, logdir, native_env), None),
     }
-    samples: dict[str, dict] = {name: {"steps": [], "stages": {}} for name in engines}
+    for block_size in args.supernet_block_sizes:  # the unthinned supernet again, on pages of a given size
+        engines[f"supernet block {block_size}"] = (
+            StepEngine(f"supernet_block_{block_size}", checkpoints["supernet"], {**options, "block_size": block_size},
+                       logdir, in_process),
+            placement,
+        )  # fmt: skip
+    samples: dict[str, dict] = {name: {"steps": [], "stages": {}, "paired": []} for name in engines}
     started = time.time()
     try:
-        for engine, engine_placement in engines.values():
+        for engine, _ in engines.values():
             engine.wait_ready()
-            engine.request({"op": "time", "placement": engine_placement, "batch": args.batch, "context": 32,
-                            "new_tokens": 4})  # warm-up  # fmt: skip
         names = list(engines)
-        for round_index in tqdm(range(args.rounds), desc=f"{args.placement} at {args.context}", file=sys.stdout):
-            for name in names if round_index % 2 == 0 else names[::-1]:
-                engine, engine_placement = engines[name]
-                result = engine.request({"op": "time", "placement": engine_placement, "batch": args.batch,
-                                         "context": args.context, "new_tokens": args.new_tokens})  # fmt: skip
-                samples[name]["steps"] += result["steps"]
-                for stage, values in result["stages"].items():
-                    samples[name]["stages"].setdefault(stage, []).extend(values)
+        # Decode steps are timed in slices of `--slice` steps, engine after engine (order reversed every other
+        # slice), so that the engines share the box's swings (20 % within seconds on a shared 2-core host);
+        # each slice gives each engine a paired ratio against the native one.
+        # The first token comes with the prefill; keep one spare.
+        slices = (args.new_tokens - 2) // (args.slice + TURN_WARM_UP_STEPS)
+        for round_index in tqdm(range(args.rounds + 1), desc=f"{args.placement} at {args.context}", file=sys.stdout):
+            warm_up = round_index == 0
+            for engine, engine_placement in engines.values():
+                engine.request({"op": "prefill", "placement": engine_placement, "batch": args.batch,
+                                "context": 32 if warm_up else args.context, "new_tokens": args.new_tokens})  # fmt: skip
+            for slice_index in range(1 if warm_up else slices):
+                slice_steps = {}
+                for name in names if slice_index % 2 == 0 else names[::-1]:
+                    result = engines[name][0].request({"op": "decode", "steps": args.slice})
+                    slice_steps[name] = statistics.median(result["steps"])
+                    if warm_up:
+                        continue
+                    samples[name]["steps"] += result["steps"]
+                    for stage, values in result["stages"].items():
+                        samples[name]["stages"].setdefault(stage, []).extend(values)
+                if not warm_up:
+                    for name in names:
+                        samples[name]["paired"].append(slice_steps[native_kind] / slice_steps[name])
+            for engine, _ in engines.values():
+                engine.request({"op": "drain"})
     finally:
         for engine, _ in engines.values():
             engine.stop()
     return {
         "settings": {"placement": args.placement, "context": args.context, "batch": args.batch,
-                     "new_tokens": args.new_tokens, "rounds": args.rounds, "window": args.window,
+                     "new_tokens": args.new_tokens, "rounds": args.rounds, "slice": args.slice, "window": args.window,
                      "layers": args.layers},  # fmt: skip
         "native": native_kind,
         "median_ms": {
             name: {
                 "step": 1000 * statistics.median(sample["steps"]),
                 "steps_timed": len(sample["steps"]),
+                "paired_ratio": statistics.median(sample["paired"]),
                 **{stage: 1000 * statistics.median(values) for stage, values in sample["stages"].items()},
             }
             for name, sample in samples.items()
@@ -187,14 +223,16 @@ def markdown(results: dict, command: str) -> str:
     lines = [
         f"Command: `{command}` ({results['wall_seconds'] / 60:.1f} min). vLLM CPU build, bf16, eager, engine core in "
         f"process; {settings['layers']} layers, batch {settings['batch']} at {settings['context']} tokens, {settings['new_tokens']} new tokens, "
-        f"{settings['rounds']} rounds; medians over every decode step (ms).",
+        f"{settings['rounds']} rounds, engines taking turns every {settings['slice']} decode steps; medians over every "
+        "decode step (ms); paired: the median over turns of the native step / the engine's step in the same turn.",
         "",
-        "| engine | step | native step / step | " + " | ".join(f"`{stage}`" for stage in stages) + " |",
-        "|---|---|---|" + "---|" * len(stages),
+        "| engine | step | native step / step | paired | " + " | ".join(f"`{stage}`" for stage in stages) + " |",
+        "|---|---|---|---|" + "---|" * len(stages),
     ]
     for name, median in medians.items():
         cells = " | ".join(f"{median.get(stage, float('nan')):.3f}" for stage in stages)
-        lines.append(f"| {name} | {median['step']:.3f} | **{native['step'] / median['step']:.2f}x** | {cells} |")
+        lines.append(f"| {name} | {median['step']:.3f} | {native['step'] / median['step']:.2f}x | "
+                     f"**{median['paired_ratio']:.2f}x** | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,15 +241,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--placement", choices=sorted(NATIVE_FOR), default="all-SWA")
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=272)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--slice", type=int, default=32, help="timed decode steps of an engine's turn")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--layers", type=int, default=LAYERS,
                         help="decoder layers of every checkpoint (the rest of bench_vllm's sizes stay)")  # fmt: skip
+    parser.add_argument("--supernet-block-sizes", type=int, nargs="*", default=[],
+                        help="also time the unthinned supernet with these attention page sizes (tokens); its "
+                        "default page is the smallest step of 16 tokens that holds a state page")  # fmt: skip
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="cache budget per engine")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "step_time")
     args = parser.parse_args(argv)
+    if (args.new_tokens - 2) // (args.slice + TURN_WARM_UP_STEPS) < 1:
+        parser.error(
+            f"--new-tokens {args.new_tokens} leaves no turn of --slice {args.slice} timed decode steps (each turn "
+            f"runs {TURN_WARM_UP_STEPS} untimed steps first); give at least {args.slice + TURN_WARM_UP_STEPS + 2}"
+        )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the engines on the way out
     command = "python benchmarks/bench_step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = run(args)

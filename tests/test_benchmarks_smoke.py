@@ -146,16 +146,19 @@ def test_step_time_benchmark_runs_end_to_end(tmp_path):
         sys.path.insert(0, str(BENCH.parent))
     bench_step = importlib.import_module("bench_step_time")
     out = tmp_path / "out"
-    bench_step.main(["--placement", "all-SWA", "--context", "48", "--new-tokens", "6", "--rounds", "2",
+    bench_step.main(["--placement", "all-SWA", "--context", "48", "--new-tokens", "6", "--rounds", "2", "--slice", "2",
                      "--kv-cache-gib", "0.25", "--workdir", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
     results = json.loads((out / "step_time_all-SWA_48.json").read_text())
     assert set(results["median_ms"]) == {"supernet", "supernet thinned", "mistral_swa"}
     stages = {*bench_step.SCHEDULER_STAGES, *bench_step.RUNNER_STAGES}
     for median in results["median_ms"].values():
-        assert median["steps_timed"] >= 2 * 4  # decode steps of two rounds (the first token is prefill's)
-        assert set(median) == {"step", "steps_timed", *stages}  # vLLM 0.32 has every stage the table names
+        assert median["steps_timed"] == 2 * 2  # one turn of two timed decode steps in each of two rounds
+        assert set(median) == {"step", "steps_timed", "paired_ratio", *stages}  # vLLM 0.32 has every stage the table names
         assert all(median[stage] > 0 for stage in stages) and median["step"] > median["_model_forward"]
+    assert results["median_ms"]["mistral_swa"]["paired_ratio"] == 1.0  # the native engine against itself
     assert "| supernet thinned |" in (out / "step_time_all-SWA_48.md").read_text()
+    with pytest.raises(SystemExit):  # too few new tokens for one turn: refused before any engine starts
+        bench_step.main(["--new-tokens", "4", "--slice", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)])
 
 
 def test_capacity_table_compares_each_engine_with_the_thinned_one():

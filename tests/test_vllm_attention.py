@@ -91,3 +91,24 @@ def test_paged_attention_equals_reference_mixer_over_chunks_and_decode(kernel, w
             offset += end - start
             done[r] = end
     assert done == lengths
+
+
+# ---- the step of a hybrid supernet's attention pages ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_step_keeps_the_cpu_kernel_on_the_path_of_32_token_blocks(dtype):
+    """Pages step by 16 tokens only where that costs the CPU kernel nothing: the kernel path (ISA) of the chosen
+    step is the one blocks of 32 get. A head size the kernel runs on its 16-wide path whatever the block (48)
+    steps by 16."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from vllm_supernet.attention import BLOCK_STEP, block_step
+
+    step = block_step(dtype, [64, 128], "auto")
+    assert step in (BLOCK_STEP, 2 * BLOCK_STEP)
+    for head in (64, 128):
+        assert _get_attn_isa(dtype, step, head, "auto") == _get_attn_isa(dtype, 2 * BLOCK_STEP, head, "auto")
+    if _get_attn_isa(dtype, BLOCK_STEP, 64, "auto") == "vec16":  # x86: 16-token blocks are slower
+        assert step == 2 * BLOCK_STEP
+    assert block_step(dtype, [48], "auto") == BLOCK_STEP

@@ -61,8 +61,22 @@ from fast_llm_supernet.model.attention import (
 from shared_spec import AttentionMixerConfig
 from vllm_supernet.batch import StepRequests, deferred_builder, layer_metadata
 
-# Attention blocks (pages) step by this many tokens in a deployment that also holds state pages.
+# The finest step of attention blocks (pages) vLLM's CPU kernel takes.
 BLOCK_STEP = 16
+
+
+def block_step(dtype: torch.dtype, head_sizes: list[int], cache_dtype: str) -> int:
+    """Tokens by which the attention blocks (pages) of a deployment that also holds state pages step: 16, the
+    finest the CPU kernel takes, unless blocks of 16 send it down a slower path than blocks of 32 would (on
+    x86 its "vec16" path in place of "amx" or "vec"), then 32. The vec16 path costs more than the finer step
+    saves: on the benchmark model at 8k tokens, all-FA decodes at 0.66x Llama's step on 144-token pages and at
+    0.99x on 160-token ones (`bench_step_time.py --placement all-FA --context 8192 --supernet-block-sizes 160`),
+    while an all-GDN request's 137 KiB state takes a 160 KiB page in place of a 144 KiB one."""
+    slower = any(
+        _get_attn_isa(dtype, BLOCK_STEP, head, cache_dtype) != _get_attn_isa(dtype, 2 * BLOCK_STEP, head, cache_dtype)
+        for head in head_sizes
+    )
+    return 2 * BLOCK_STEP if slower else BLOCK_STEP
 
 
 class SupernetAttention(nn.Module):
@@ -312,9 +326,8 @@ class SupernetAttentionBackend(CPUAttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        # vLLM's CPU kernel takes any multiple of 16 tokens (its "vec16" path where 32 does not divide; the
-        # reference path any size). The finer the step, the closer a hybrid supernet's page comes to its
-        # largest state page (`patches._patch_block_alignment`).
+        # vLLM's CPU kernel takes any multiple of 16 tokens (its slower "vec16" path where 32 does not divide;
+        # the reference path any size). Which step a hybrid supernet's pages take: `block_step`.
         return [MultipleOf(BLOCK_STEP)]
 
     @staticmethod

@@ -226,6 +226,12 @@ def holds_attention_and_states(model_config) -> bool:
     return any(attention) and not all(attention)
 
 
+def attention_head_sizes(model_config) -> list[int]:
+    """The head sizes of the deployment's attention mixers (FA, SWA), each once."""
+    served = served_mixer_configs(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config))
+    return sorted({mixer.head_size for _, _, mixer in served if isinstance(mixer, AttentionMixerConfig)})
+
+
 def check_parallel(config: Apriel2TextConfig, serving: ServingPlacements, vllm_config: VllmConfig) -> None:
     """Refuse, before any weight is loaded, what the served mixers cannot be split into."""
     parallel = vllm_config.parallel_config

@@ -111,14 +111,16 @@ def install_frontend_patches() -> None:
 
 def _patch_block_alignment() -> None:
     """A deployment holding attention and state pages gets the smallest attention block, in steps of
-    `attention.BLOCK_STEP` tokens, whose page holds its largest state page.
+    `attention.block_step` tokens (16, or 32 where blocks of 16 would slow the CPU kernel), whose page holds
+    its largest state page.
 
     vLLM gives every page of a hybrid model one size: attention blocks are made long enough to hold a state
     page and state pages are padded to them (`Platform._align_hybrid_block_size`), in steps of the larger of
     the backends' smallest kernel block and `cache_config.block_size`, which the CPU platform sets to 128 when
     nobody asked. Pages then overshoot the state by up to 128 tokens of keys and values: the benchmark model's
     137 KiB states went into 256 KiB pages, so an all-GDN request held 1.9x its bytes and a sliding window up
-    to 128 tokens more than it needs. In steps of 16 tokens the same model's pages are 144 KiB.
+    to 128 tokens more than it needs. In steps of 32 tokens the same model's pages are 160 KiB (144 KiB in steps of
+    16, where the kernel allows them at full speed).
 
     The size is settled when the config is built (`check_and_update_config`, in the process that builds it),
     not where vLLM aligns it (at worker start): the engine core's scheduler keeps a copy of the cache config
@@ -134,15 +136,17 @@ def _patch_block_alignment() -> None:
         original(vllm_config)
         if not is_supernet(vllm_config.model_config):
             return
-        from vllm_supernet.attention import BLOCK_STEP, SupernetAttentionBackend
-        from vllm_supernet.model import holds_attention_and_states
+        from vllm_supernet.attention import SupernetAttentionBackend, block_step
+        from vllm_supernet.model import attention_head_sizes, holds_attention_and_states
 
         cache_config, model_config = vllm_config.cache_config, vllm_config.model_config
         if (
             not cache_config.user_specified_block_size
             and holds_attention_and_states(model_config)  # else one kind of page: vLLM's sizes
         ):
-            cache_config.block_size = BLOCK_STEP
+            cache_config.block_size = block_step(
+                model_config.dtype, attention_head_sizes(model_config), cache_config.cache_dtype
+            )
             cls._align_hybrid_block_size(vllm_config, SupernetAttentionBackend)
 
     platform.check_and_update_config = classmethod(check_and_update_config)
