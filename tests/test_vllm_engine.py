@@ -122,9 +122,10 @@ def _reference_greedy(model, prompt: list[int], placement, new_tokens: int) -> t
 
 
 def test_pages_are_the_smallest_that_hold_a_state_page(engine_results):
-    """Attention blocks step by 16 tokens, not by the CPU platform's default of 128: the fixture's pages are 32
-    tokens of float32 keys and values (32 x 384 B), the smallest multiple of 16 whose page holds its largest state
-    page (KDA, 9600 B); 128-token pages would pad each state page to 5x its size."""
+    """Attention blocks step by 16 or 32 tokens (`attention.block_step`), not by the CPU platform's default of 128:
+    the fixture's pages are 32 tokens of float32 keys and values (32 x 384 B), the smallest step whose page holds
+    its largest state page (KDA, 9600 B, 25 tokens) either way; 128-token pages would pad each state page to 5x its
+    size."""
     assert engine_results["block_size"] == 32
 
 
