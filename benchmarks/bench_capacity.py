@@ -41,7 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vllm import NATIVE_FOR, Shape, make_native, make_supernet, write_torchvision_stub  # noqa: E402
 
 UNIFORM = {"all-FA": "attention*", "all-SWA": "sliding_window*", "all-GDN": "gdn*", "all-KDA": "kda*"}
-HYBRIDS = {"FA+GDN (1:1)": "attention,gdn,attention,gdn", "SWA+KDA+GDN+FA": "sliding_window,kda,gdn,attention"}
+# Hybrids: a cycle of mixers repeated over the layers (4 layers: "attention,gdn,attention,gdn").
+HYBRIDS = {"FA+GDN (1:1)": ("attention", "gdn"), "SWA+KDA+GDN+FA": ("sliding_window", "kda", "gdn", "attention")}
+
+
+def hybrid_placement(cycle: tuple[str, ...], layers: int) -> str:
+    return ",".join(cycle[layer % len(cycle)] for layer in range(layers))
 NATIVE_NAMES = {"llama": "vLLM Llama", "mistral_swa": "vLLM Mistral (SWA)", "qwen3_5_gdn": "vLLM Qwen3.5 (GDN)"}
 
 
@@ -108,7 +113,8 @@ def engines(args, checkpoints: dict[str, Path]) -> list[dict]:
     """(row, engine, job) of every run, in table order."""
     supernet = str(checkpoints["supernet"])
     runs = []
-    for name, placement in {**UNIFORM, **HYBRIDS}.items():
+    hybrids = {name: hybrid_placement(cycle, args.layers) for name, cycle in HYBRIDS.items()}
+    for name, placement in {**UNIFORM, **hybrids}.items():
         runs.append({"workload": name, "engine": "unthinned", "model": supernet, "placements": [placement]})
         runs.append({"workload": name, "engine": "per kind", "model": supernet, "placements": [placement],
                      "hf_overrides": {"supernet_cache_layout": "per_kind"}})  # fmt: skip
