@@ -44,10 +44,11 @@ UNIFORM = {"all-FA": "attention*", "all-SWA": "sliding_window*", "all-GDN": "gdn
 # Hybrids: a cycle of mixers repeated over the layers (4 layers: "attention,gdn,attention,gdn").
 HYBRIDS = {"FA+GDN (1:1)": ("attention", "gdn"), "SWA+KDA+GDN+FA": ("sliding_window", "kda", "gdn", "attention")}
 
+NATIVE_NAMES = {"llama": "vLLM Llama", "mistral_swa": "vLLM Mistral (SWA)", "qwen3_5_gdn": "vLLM Qwen3.5 (GDN)"}
+
 
 def hybrid_placement(cycle: tuple[str, ...], layers: int) -> str:
     return ",".join(cycle[layer % len(cycle)] for layer in range(layers))
-NATIVE_NAMES = {"llama": "vLLM Llama", "mistral_swa": "vLLM Mistral (SWA)", "qwen3_5_gdn": "vLLM Qwen3.5 (GDN)"}
 
 
 # ----------------------------------------------------------------------------- one engine (child process)

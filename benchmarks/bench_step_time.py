@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="decoder layers of every checkpoint (the rest of bench_vllm's sizes stay)")  # fmt: skip
     parser.add_argument("--supernet-block-sizes", type=int, nargs="*", default=[],
                         help="also time the unthinned supernet with these attention page sizes (tokens); its "
-                        "default page is the smallest step of 16 tokens that holds a state page")  # fmt: skip
+                        "default page is the smallest step (attention.block_step) that holds a state page")  # fmt: skip
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="cache budget per engine")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "step_time")

@@ -69,8 +69,8 @@ def block_step(dtype: torch.dtype, head_sizes: list[int], cache_dtype: str) -> i
     """Tokens by which the attention blocks (pages) of a deployment that also holds state pages step: 16, the
     finest the CPU kernel takes, unless blocks of 16 send it down a slower path than blocks of 32 would (on
     x86 its "vec16" path in place of "amx" or "vec"), then 32. The vec16 path costs more than the finer step
-    saves: on the benchmark model at 8k tokens, all-FA decodes at 0.66x Llama's step on 144-token pages and at
-    0.99x on 160-token ones (`bench_step_time.py --placement all-FA --context 8192 --supernet-block-sizes 160`),
+    saves: on the benchmark model at 8k tokens, all-FA decodes at 0.72x Llama's step on 144-token pages and at
+    0.99x on 160-token ones (`bench_step_time.py --placement all-FA --context 8192 --supernet-block-sizes 144`),
     while an all-GDN request's 137 KiB state takes a 160 KiB page in place of a 144 KiB one."""
     slower = any(
         _get_attn_isa(dtype, BLOCK_STEP, head, cache_dtype) != _get_attn_isa(dtype, 2 * BLOCK_STEP, head, cache_dtype)

@@ -219,17 +219,22 @@ def served_mixer_configs(config: Apriel2TextConfig, serving: ServingPlacements):
             yield index, name, mixers[name]
 
 
+def deployment_mixer_configs(model_config) -> list:
+    """The config of every mixer a deployment (its vLLM model config) builds."""
+    served = served_mixer_configs(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config))
+    return [mixer for _, _, mixer in served]
+
+
 def holds_attention_and_states(model_config) -> bool:
     """Whether the deployment builds attention and linear mixers both: KV pages and state pages in one pool."""
-    served = served_mixer_configs(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config))
-    attention = [isinstance(mixer, AttentionMixerConfig) for _, _, mixer in served]
+    attention = [isinstance(mixer, AttentionMixerConfig) for mixer in deployment_mixer_configs(model_config)]
     return any(attention) and not all(attention)
 
 
 def attention_head_sizes(model_config) -> list[int]:
     """The head sizes of the deployment's attention mixers (FA, SWA), each once."""
-    served = served_mixer_configs(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config))
-    return sorted({mixer.head_size for _, _, mixer in served if isinstance(mixer, AttentionMixerConfig)})
+    mixers = deployment_mixer_configs(model_config)
+    return sorted({mixer.head_size for mixer in mixers if isinstance(mixer, AttentionMixerConfig)})
 
 
 def check_parallel(config: Apriel2TextConfig, serving: ServingPlacements, vllm_config: VllmConfig) -> None:
