@@ -11,6 +11,9 @@ plus generated tokens over the wall time, and generated tokens alone). Engines:
 
 - `unthinned`: the supernet serving every mixer, the placement chosen per request (this project's default,
   cache allocated by placement: `vllm_supernet/cache_allocation.py`);
+- `conv in page`: the same deployment with the convolution states kept in their state page
+  (`supernet_conv_states: in_page`), where the default keeps them in a table beside the pool when that wastes
+  less (`vllm_supernet/page_layout.py`);
 - `per kind`: the same deployment with vLLM's own cache grouping (`supernet_cache_layout: per_kind`): every
   request holds every mixer kind's cache, what this plugin did before allocation by placement;
 - `thinned`: the supernet serving that placement only (`supernet_placements`);
@@ -110,15 +113,23 @@ def measure(job: dict, log_path: Path, env: dict) -> dict:
 # ----------------------------------------------------------------------------- the benchmark
 
 
+# The unthinned supernet's engines: (name, hf_overrides) of its default layout and the layouts it is measured against.
+SUPERNET_LAYOUTS = {"unthinned": None, "conv in page": {"supernet_conv_states": "in_page"},
+                    "per kind": {"supernet_cache_layout": "per_kind"}}  # fmt: skip
+
+
 def engines(args, checkpoints: dict[str, Path]) -> list[dict]:
     """(row, engine, job) of every run, in table order."""
     supernet = str(checkpoints["supernet"])
+
+    def supernet_runs(workload: str, placements: list[str]) -> list[dict]:
+        return [{"workload": workload, "engine": engine, "model": supernet, "placements": placements,
+                 **({"hf_overrides": overrides} if overrides else {})} for engine, overrides in SUPERNET_LAYOUTS.items()]  # fmt: skip
+
     runs = []
     hybrids = {name: hybrid_placement(cycle, args.layers) for name, cycle in HYBRIDS.items()}
     for name, placement in {**UNIFORM, **hybrids}.items():
-        runs.append({"workload": name, "engine": "unthinned", "model": supernet, "placements": [placement]})
-        runs.append({"workload": name, "engine": "per kind", "model": supernet, "placements": [placement],
-                     "hf_overrides": {"supernet_cache_layout": "per_kind"}})  # fmt: skip
+        runs += supernet_runs(name, [placement])
         runs.append({"workload": name, "engine": "thinned", "model": supernet, "placements": [placement],
                      "hf_overrides": {"supernet_placements": [placement]}})  # fmt: skip
         if name in NATIVE_FOR and NATIVE_FOR[name] in args.natives:
@@ -127,10 +138,9 @@ def engines(args, checkpoints: dict[str, Path]) -> list[dict]:
                          "placements": [None], "native": native})  # fmt: skip
     if args.workloads:
         runs = [run for run in runs if run["workload"] in args.workloads]
-    mixed = list(UNIFORM.values())
-    runs.append({"workload": "mixed (1/4 each uniform)", "engine": "unthinned", "model": supernet, "placements": mixed})
-    runs.append({"workload": "mixed (1/4 each uniform)", "engine": "per kind", "model": supernet, "placements": mixed,
-                 "hf_overrides": {"supernet_cache_layout": "per_kind"}})  # fmt: skip
+    runs += supernet_runs("mixed (1/4 each uniform)", list(UNIFORM.values()))
+    if args.engines:
+        runs = [run for run in runs if run["engine"] in args.engines or run.get("native") in args.engines]
     return runs
 
 
@@ -216,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--workloads", nargs="*", default=None,
                         help=f"placements to run besides the mixed workload (default: all of {[*UNIFORM, *HYBRIDS]})")
+    parser.add_argument("--engines", nargs="*", default=None,
+                        help="engines to run (default: all): unthinned, 'conv in page', 'per kind', thinned, and the "
+                             "--natives by name")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "capacity")
     args = parser.parse_args(argv)

@@ -181,11 +181,12 @@ def test_capacity_table_compares_each_engine_with_the_thinned_one():
 @pytest.mark.engine
 @pytest.mark.slow
 def test_capacity_benchmark_runs_end_to_end(tmp_path):
-    """Five real engines (all-GDN unthinned, per kind and thinned; the mixed workload both ways) at toy sizes."""
+    """Five real engines (all-GDN unthinned, with vLLM's per-kind groups and thinned; the mixed workload the first two
+    ways) at toy sizes, the engines picked by name."""
     bench = _load_bench("bench_capacity")
     results = bench.main(["--requests", "4", "--prompt", "64", "--new-tokens", "4", "--budget-mib", "8", "--layers", "2",
-                          "--natives", "--workloads", "all-GDN", "--workdir", str(tmp_path / "work"),
-                          "--out", str(tmp_path / "out")])  # fmt: skip
+                          "--natives", "--workloads", "all-GDN", "--engines", "unthinned", "per kind", "thinned",
+                          "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])  # fmt: skip
     engines = [(row["workload"], row["engine"]) for row in results["rows"]]
     assert engines == [("all-GDN", "unthinned"), ("all-GDN", "per kind"), ("all-GDN", "thinned"),
                        ("mixed (1/4 each uniform)", "unthinned"), ("mixed (1/4 each uniform)", "per kind")]  # fmt: skip

@@ -173,6 +173,32 @@ def test_preempted_mixed_batch_resumes_with_the_same_tokens_and_logprobs(tmp_pat
         )
 
 
+@pytest.mark.engine
+def test_conv_states_apart_give_the_same_tokens_and_logprobs_under_preemption(tmp_path_factory):
+    """With the conv states in a table beside the pool (`page_layout`, forced: the fixture's own choice keeps them
+    in the page), pages are 16 tokens (6144 B: the delta-rule state exactly) and each block has a conv row; a mixed
+    batch preempted by a small cache gives the tokens and logprobs of the default layout with an ample cache."""
+    batch = [{"name": "mixed", "requests": _mixed_requests()}]
+    overrides = {"supernet_conv_states": "apart"}
+    ample = _run(tmp_path_factory, "ample_in_page", _engine(), batch)
+    apart = _run(tmp_path_factory, "tight_apart", _engine(block_size=None, num_gpu_blocks_override=48, hf_overrides=overrides),
+                 batch, state_pages=True)  # fmt: skip
+    assert apart["block_size"] == 16
+    (pages,) = apart["state_pages"]
+    assert pages["page_bytes"] == 16 * 384
+    assert pages["conv_tables"] == 1, "the pool's tensors overlay each other: so do their conv rows"
+    for name, layer in pages["layers"].items():
+        assert layer["conv_in_table"], name
+        conv, recurrent = layer["shapes"]
+        assert conv[0] == recurrent[0] == pages["num_blocks"] and recurrent[1:] == [6, 16, 16], (name, layer)
+    assert apart["metrics"]["vllm:num_preemptions"] > 0, "the small cache was meant to force preemptions"
+    for placement, free, preempted in zip(MIXED, ample["batches"]["mixed"], apart["batches"]["mixed"], strict=True):
+        assert preempted["token_ids"] == free["token_ids"], placement
+        torch.testing.assert_close(
+            torch.tensor(preempted["logprobs"]), torch.tensor(free["logprobs"]), atol=LOGPROB_ATOL, rtol=0
+        )
+
+
 @pytest.fixture(scope="module")
 def gdn_default_checkpoint(tmp_path_factory):
     """The fixture with a presets file whose default is all-GDN (the plain third layer stays attention)."""

@@ -168,7 +168,7 @@ def test_the_frontend_sees_waiting_requests_and_cache_use(clock):
     serving = ServingPlacements(spec, PresetsFile.model_validate(PRESETS))
 
     class Footprints:
-        page_bytes = 1
+        block_bytes = 1
 
         def pages(self, placement, num_tokens):
             return num_tokens // 10

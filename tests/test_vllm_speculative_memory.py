@@ -69,7 +69,7 @@ def plain_results(kernel_checkpoint, tmp_path_factory):  # noqa: F811
 @pytest.mark.engine
 def test_the_pool_of_a_speculating_deployment_is_smaller_by_the_reserve(slotted_results, plain_results):
     (memory,) = slotted_results["draft_memory"]
-    reserve, page = memory["slots"] * memory["slot_bytes"], memory["page_bytes"]
+    reserve, page = memory["slots"] * memory["slot_bytes"], memory["block_bytes"]
     assert memory["slots"] == SLOTS and reserve > page
     fewer = plain_results["num_gpu_blocks"] - slotted_results["num_gpu_blocks"]
     assert reserve // page <= fewer <= -(-reserve // page), (fewer, reserve, page)

@@ -106,6 +106,25 @@ def block_tables_of(worker) -> dict:
     }  # fmt: skip
 
 
+def state_pages_of(worker) -> dict:
+    """Where each linear mixer keeps its states (`LLM.collective_rpc(state_pages_of)`): conv states in the table
+    beside the pool or in the state page, each state tensor's shape, how many conv-state tables there are, and the
+    pool's page size."""
+    from vllm_supernet.linear_mixer import LinearMixerLayer
+
+    runner = worker.model_runner
+    layers = {name: layer for name, layer in runner.compilation_config.static_forward_context.items()
+              if isinstance(layer, LinearMixerLayer)}  # fmt: skip
+    tables = {layer.state_pages[0].untyped_storage().data_ptr() for layer in layers.values() if layer.conv_in_table}
+    return {
+        "page_bytes": runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes,
+        "num_blocks": runner.kv_cache_config.num_blocks,
+        "conv_tables": len(tables),
+        "layers": {name: {"conv_in_table": layer.conv_in_table, "shapes": [list(pages.shape) for pages in layer.state_pages]}
+                   for name, layer in layers.items()},  # fmt: skip
+    }
+
+
 def _main(scenario_path: str) -> None:
     """Engine process. scenario: {model, engine: {kwargs}, batches: [{name, requests: [{prompt_token_ids,
     placement?, draft_placement?, max_tokens, prompt_logprobs?, logprobs?, ignore_eos?, temperature?, n?,
@@ -113,8 +132,8 @@ def _main(scenario_path: str) -> None:
     engine, and disable_log_stats False, `speculation` gives each batch's drafting counts; with disable_log_stats
     False, `metrics` holds vLLM's counters and gauges after the last batch),
     env?: {variables set before the engine starts}, rank_shapes?: bool (see `rank_shapes`), block_tables?: bool
-    (see `block_tables_of`),
-    draft_memory?: bool (each rank's `speculative.DraftMemory` after the batches, with its pool's page bytes)}."""
+    (see `block_tables_of`), state_pages?: bool (see `state_pages_of`),
+    draft_memory?: bool (each rank's `speculative.DraftMemory` after the batches, with what one block of its pool costs)}."""
     from vllm import LLM, SamplingParams
 
     from vllm_supernet.speculative import speculation_counts
@@ -132,6 +151,8 @@ def _main(scenario_path: str) -> None:
         results["rank_shapes"] = llm.collective_rpc("rank_shapes")
     if scenario.get("block_tables"):
         results["block_tables"] = llm.collective_rpc(block_tables_of)
+    if scenario.get("state_pages"):
+        results["state_pages"] = llm.collective_rpc(state_pages_of)
 
     def params(request: dict) -> SamplingParams:
         extra = {key: request[key] for key in ("placement", "draft_placement") if key in request} or None

@@ -107,17 +107,23 @@ def default_groups(vllm_config, groups: list) -> list:
     return [group for index, group in enumerate(groups) if index in used]
 
 
-def default_does_not_fit(vllm_config, kv_cache_specs: list[dict], available_memory: int | None = None,
-                         num_pages: int | None = None) -> str | None:  # fmt: skip
-    """Why one request of the default placement at `max_model_len` cannot fit `num_pages` usable pages (or
-    `available_memory` bytes), in the words of the 400 (`footprint.CacheFootprints.too_long`); None if it fits.
-    `kv_cache_specs`: the workers' {cache layer: spec}, whose attention block size the engine has aligned."""
+def engine_footprints(vllm_config, kv_cache_specs: list[dict]):
+    """The deployment's footprints at the attention block size of the workers' specs ({cache layer: spec} per
+    worker), which they aligned at start-up."""
     from vllm.v1.kv_cache_interface import AttentionSpec
 
     from vllm_supernet.footprint import CacheFootprints
 
     block_sizes = [spec.block_size for specs in kv_cache_specs for spec in specs.values() if isinstance(spec, AttentionSpec)]
-    footprints = CacheFootprints.of(vllm_config, block_size=block_sizes[0] if block_sizes else None)
+    return CacheFootprints.of(vllm_config, block_size=block_sizes[0] if block_sizes else None)
+
+
+def default_does_not_fit(vllm_config, kv_cache_specs: list[dict], available_memory: int | None = None,
+                         num_pages: int | None = None) -> str | None:  # fmt: skip
+    """Why one request of the default placement at `max_model_len` cannot fit `num_pages` usable pages (or
+    `available_memory` bytes), in the words of the 400 (`footprint.CacheFootprints.too_long`); None if it fits.
+    `kv_cache_specs`: the workers' {cache layer: spec}, whose attention block size the engine has aligned."""
+    footprints = engine_footprints(vllm_config, kv_cache_specs)
     if num_pages is None:  # block 0 is vLLM's null block
         override = vllm_config.cache_config.num_gpu_blocks_override
         num_pages = (override if override is not None else available_memory // footprints.page_bytes) - 1

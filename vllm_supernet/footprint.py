@@ -24,6 +24,7 @@ import torch
 from vllm.utils.math_utils import cdiv
 
 from shared_spec import Apriel2TextConfig, AttentionMixerConfig, MixerKind, Placement
+from vllm_supernet.page_layout import PageLayout, conv_states_choice
 from vllm_supernet.placements import ServingPlacements
 
 # Tokens the self-speculator's draft runs per forward when it catches up on a request: with the window and the
@@ -40,7 +41,8 @@ class MixerCache:
     kind: MixerKind
     token_bytes: int = 0  # attention: K and V of one token
     window: int | None = None  # sliding window: tokens it keeps
-    state_bytes: int = 0  # linear mixer: its state page (conv + delta rule)
+    state_bytes: int = 0  # linear mixer: its state (conv + delta rule)
+    conv_bytes: int = 0  # linear mixer: the convolution part of `state_bytes`
     shapes: tuple = ()  # attention: (KV heads, head size) of one token's keys; linear mixer: (conv, recurrent) state shapes
 
 
@@ -56,8 +58,9 @@ def mixer_caches(config: Apriel2TextConfig, serving: ServingPlacements, dtype: t
                                              window=mixer.window_size, shapes=(kv_heads, mixer.head_size))  # fmt: skip
         else:
             shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {layer} mixer {name!r}")
-            state = sum(torch.Size(shape).numel() * d.itemsize for shape, d in zip(shapes, state_dtypes, strict=True))
-            caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=state, shapes=tuple(map(tuple, shapes)))
+            conv, delta_rule = (torch.Size(shape).numel() * d.itemsize for shape, d in zip(shapes, state_dtypes, strict=True))
+            caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=conv + delta_rule, conv_bytes=conv,
+                                             shapes=tuple(map(tuple, shapes)))  # fmt: skip
     return caches
 
 
@@ -74,7 +77,7 @@ class CacheFootprints:
     """Pages and bytes a request of each placement holds (one rank's pool; every rank holds the same count)."""
 
     def __init__(self, caches: dict, block_size: int, chunk_tokens: int, speculative_tokens: int, tp_size: int,
-                 dtype: torch.dtype = torch.float32, max_model_len: int = 0):  # fmt: skip
+                 dtype: torch.dtype = torch.float32, max_model_len: int = 0, conv_states: str = "auto"):  # fmt: skip
         self.caches = caches
         self.block_size = block_size  # tokens per attention page
         self.chunk_tokens = chunk_tokens  # the scheduler's token budget per step (a prefill chunk)
@@ -83,8 +86,9 @@ class CacheFootprints:
         self.dtype = dtype  # the model's: attention keys and values, convolution states of a draft
         self.max_model_len = max_model_len
         self._draft_slots: dict[tuple[str, ...], DraftSlotLayout] = {}  # by the placement's mixers
-        attention_pages = [c.token_bytes * block_size for c in caches.values() if c.token_bytes]
-        self.page_bytes = max(attention_pages + [c.state_bytes for c in caches.values()])
+        self.layout = PageLayout.of_caches(caches, block_size, conv_states)
+        self.page_bytes = self.layout.page_bytes  # a page of vLLM's pool
+        self.block_bytes = self.layout.block_bytes  # what a page costs: with its convolution-state row, if any
 
     @classmethod
     def of(cls, vllm_config, block_size: int | None = None) -> CacheFootprints:
@@ -110,7 +114,8 @@ class CacheFootprints:
             state_dtypes = (model_config.dtype, torch.float32)
         caches = mixer_caches(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config),
                               model_config.dtype, state_dtypes, tp_size)  # fmt: skip
-        return cls(caches, block_size, chunk_tokens, speculative_tokens, tp_size, model_config.dtype, model_config.max_model_len)
+        return cls(caches, block_size, chunk_tokens, speculative_tokens, tp_size, model_config.dtype, model_config.max_model_len,
+                   conv_states_choice(model_config))  # fmt: skip
 
     def _used(self, placement: Placement):
         return [self.caches[layer, name] for layer, name in enumerate(placement.mixers) if (layer, name) in self.caches]
@@ -147,9 +152,9 @@ class CacheFootprints:
             return None
         mib = 2**20
         return (
-            f"placement {placement.canonical!r} needs {needed} cache pages ({needed * self.page_bytes / mib:.1f} MiB "
+            f"placement {placement.canonical!r} needs {needed} cache pages ({needed * self.block_bytes / mib:.1f} MiB "
             f"per rank) for {num_tokens} tokens, but this deployment's cache has {num_pages} pages "
-            f"({num_pages * self.page_bytes / mib:.1f} MiB per rank); ask for fewer tokens (prompt + max_tokens), "
+            f"({num_pages * self.block_bytes / mib:.1f} MiB per rank); ask for fewer tokens (prompt + max_tokens), "
             "a placement with fewer full-attention layers, or start the deployment with more cache memory"
         )
 

@@ -114,7 +114,7 @@ class SupernetGatedDeltaNet(LinearMixerLayer):
     def decode_on_pages(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         from vllm import _custom_ops as vllm_ops
 
-        conv_pages, recurrent_pages = self.kv_cache
+        conv_pages, recurrent_pages = self.state_pages
         batch_size, heads = hidden_states.shape[0], self.heads
         qkv, z, beta_logits, alpha = self.project_inputs(hidden_states)
         qkv = convolution_step(qkv, self.convolution.weight, conv_pages, slots)

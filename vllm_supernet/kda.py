@@ -123,7 +123,7 @@ class SupernetKimiDeltaAttention(LinearMixerLayer):
         return self.project_output(out, gate_low)
 
     def decode_on_pages(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        conv_pages, recurrent_pages = self.kv_cache
+        conv_pages, recurrent_pages = self.state_pages
         batch_size, heads, head_dim = hidden_states.shape[0], self.num_heads, self.head_dim
         state_dtype = ops.compute_dtype(hidden_states.dtype)
         projected, _ = self.in_proj(hidden_states)

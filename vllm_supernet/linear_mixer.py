@@ -125,6 +125,7 @@ class LinearMixerLayer(nn.Module, MambaBase):
         """This rank's place in the tensor-parallel group, its page shapes (`page_shapes` raises for
         head counts that do not divide), and the cache layer's registration."""
         self.layer_name = prefix
+        self.vllm_config = vllm_config  # its block size, aligned after the model is built, settles `conv_apart`
         self.tp_size = get_tensor_model_parallel_world_size()
         self.tp_rank = get_tensor_model_parallel_rank()
         self.page_shapes_of_rank = self.page_shapes(config, self.tp_size, prefix)
@@ -134,6 +135,7 @@ class LinearMixerLayer(nn.Module, MambaBase):
             raise ValueError(f"Duplicate layer name: {prefix}")
         compilation_config.static_forward_context[prefix] = self
         self.kv_cache = (torch.tensor([]), torch.tensor([]))
+        self.conv_in_table = False  # `use_conv_table`
 
     # ---- MambaBase -----------------------------------------------------------------------------
 
@@ -144,11 +146,43 @@ class LinearMixerLayer(nn.Module, MambaBase):
     def get_attn_backend(self) -> type[GDNAttentionBackend]:
         return LinearMixerBackend
 
-    def get_state_shape(self) -> PageShapes:
-        return self.page_shapes_of_rank
+    def get_state_shape(self) -> PageShapes | tuple[tuple[int, int, int]]:
+        """The state page: conv and delta-rule states, or the delta-rule state alone where the conv states
+        live in the table beside the pool (`page_layout`)."""
+        return self.page_shapes_of_rank[1:] if self.conv_apart else self.page_shapes_of_rank
 
-    def get_state_dtype(self) -> tuple[torch.dtype, torch.dtype]:
-        return self.dtypes
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return self.dtypes[1:] if self.conv_apart else self.dtypes
+
+    # ---- where the states are ----------------------------------------------------------------------
+
+    @property
+    def conv_apart(self) -> bool:
+        """Whether the deployment's layout keeps conv states in a table beside the pool (asked when vLLM
+        builds the cache specs, after it aligned the block size)."""
+        from vllm_supernet.footprint import CacheFootprints
+
+        return CacheFootprints.of(self.vllm_config).layout.conv_apart
+
+    def use_conv_table(self, table: torch.Tensor) -> None:
+        """Keep the conv states in `table` [num_blocks, row bytes] (int8), a row per block beside the pool:
+        vLLM bound this layer's pages ([delta-rule states]); its kv_cache becomes [delta-rule states, conv
+        states], the order of `page_layout.APART_COPY_FUNCS` (prefix caching's copies)."""
+        (recurrent_pages,) = self.kv_cache
+        conv_shape, conv_dtype = self.page_shapes_of_rank[0], self.dtypes[0]
+        row = torch.Size(conv_shape).numel() * conv_dtype.itemsize
+        conv_pages = table[:, :row].view(conv_dtype).view(table.shape[0], *conv_shape)
+        self.kv_cache = [recurrent_pages, conv_pages]
+        self.conv_in_table = True
+
+    @property
+    def state_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv states [num_blocks, C, K-1], delta-rule states [num_blocks, H, Dk, Dv]) of every block."""
+        if self.conv_in_table:
+            recurrent_pages, conv_pages = self.kv_cache
+            return conv_pages, recurrent_pages
+        conv_pages, recurrent_pages = self.kv_cache
+        return conv_pages, recurrent_pages
 
     # ---- a step ----------------------------------------------------------------------------------
 
@@ -178,12 +212,12 @@ class LinearMixerLayer(nn.Module, MambaBase):
         moved = sources != slots
         if bool(moved.any()):
             sources, slots = sources[moved], slots[moved]
-            for pages in self.kv_cache:
+            for pages in self.state_pages:
                 pages.index_copy_(0, slots, pages.index_select(0, sources))
 
     def load_cache(self, slots: torch.Tensor, has_state: bool, dtype: torch.dtype) -> LinearMixerCache:
         """The states of pages `slots` as a reference cache (zeros for a request starting from scratch)."""
-        conv_pages, recurrent_pages = self.kv_cache
+        conv_pages, recurrent_pages = self.state_pages
         conv = conv_pages.index_select(0, slots).to(dtype)  # [B, C_total, K-1]
         recurrent = recurrent_pages.index_select(0, slots).float()  # [B, H, Dk, Dv]
         if not has_state:
@@ -206,7 +240,7 @@ class LinearMixerLayer(nn.Module, MambaBase):
         return self.forward_sequence(hidden_states[None], cache)[0]
 
     def store_cache(self, slots: torch.Tensor, cache: LinearMixerCache) -> None:
-        conv_pages, recurrent_pages = self.kv_cache
+        conv_pages, recurrent_pages = self.state_pages
         conv = torch.cat([cache.conv_states[name] for name in self.conv_names], dim=1)
         conv_pages.index_copy_(0, slots, conv.to(conv_pages.dtype))
         recurrent_pages.index_copy_(0, slots, cache.recurrent_state.to(recurrent_pages.dtype))

@@ -183,7 +183,7 @@ class PlacementMetrics:
             running.add_metric([label], num_running)
             waiting.add_metric([label], num_waiting)
             pages.add_metric([label], num_pages)
-            cache_bytes.add_metric([label], num_pages * self.footprints.page_bytes)
+            cache_bytes.add_metric([label], num_pages * self.footprints.block_bytes)
         prompt = CounterMetricFamily("vllm_supernet_prompt_tokens", "Prompt tokens received, by placement",
                                      labels=["placement"])  # fmt: skip
         generation = CounterMetricFamily("vllm_supernet_generation_tokens", "Tokens generated, by placement",

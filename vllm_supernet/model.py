@@ -28,7 +28,6 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
@@ -47,8 +46,10 @@ from shared_spec import (
     MLPConfig,
     StochasticMixerConfig,
 )
+from vllm_supernet import page_layout
 from vllm_supernet.attention import SupernetAttention
 from vllm_supernet.batch import StepRequests, SupernetBatch
+from vllm_supernet.footprint import CacheFootprints
 from vllm_supernet.gdn import SupernetGatedDeltaNet
 from vllm_supernet.kda import SupernetKimiDeltaAttention
 from vllm_supernet.linear_mixer import state_dtypes
@@ -293,6 +294,7 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        self.vllm_config = vllm_config
         check_speculative_config(vllm_config)
         self.config = vllm_config.model_config.hf_config.apriel2()
         self.serving = ServingPlacements.from_model_config(vllm_config.model_config)
@@ -365,10 +367,13 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
         serving = ServingPlacements.from_model_config(vllm_config.model_config)
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         dtypes = state_dtypes(vllm_config)
+        if CacheFootprints.of(vllm_config).layout.conv_apart:  # the page holds the delta-rule state alone
+            dtypes = dtypes[1:]
         specs = {}
         for index, name, mixer in served_mixer_configs(config, serving):
             if not isinstance(mixer, AttentionMixerConfig):
                 shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {index} mixer {name!r}")
+                shapes = shapes[-len(dtypes) :]
                 specs[shapes] = MambaSpec(shapes=shapes, dtypes=dtypes, block_size=-1)
         return list(specs.values()) or [MambaSpec(shapes=(), dtypes=(), block_size=-1)]
 
@@ -383,7 +388,12 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
     @classmethod
     def get_mamba_state_copy_func(cls):
         # Whole-page copies of (conv, recurrent) for prefix caching's "align" mode.
-        return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
+        return page_layout.copy_funcs(conv_apart=False)
+
+    def get_mamba_state_copy_funcs(self, mamba_types) -> dict:
+        """The deployment's: with the conv states apart, in the order of the layers' kv_cache (`page_layout`)."""
+        funcs = page_layout.copy_funcs(CacheFootprints.of(self.vllm_config).layout.conv_apart)
+        return {mamba_type: funcs for mamba_type in mamba_types}
 
 
 def load_stacked_weights(

@@ -43,21 +43,25 @@ vLLM 0.32 internals relied on:
   `_max_memory_usage_bytes_from_groups`, `get_max_concurrency_for_kv_cache_config` and `get_kv_cache_configs`
   (also imported by name into vllm/v1/engine/core.py) are replaced by wrappers for supernets; `Scheduler.__init__`,
   `add_request` and `_free_blocks` (vllm/v1/core/sched/scheduler.py) install and feed the per-request views; in
-  the worker, `mamba_utils.collect_mamba_copy_meta`, `MultiGroupBlockTable.compute_slot_mapping` /
+  the worker, `mamba_utils.collect_mamba_copy_meta` (and `validate_mamba_state_copy_funcs`, which counts a spec's
+  states: the conv-state table's copy is one more, `page_layout.py`), `MultiGroupBlockTable.compute_slot_mapping` /
   `commit_block_table` (vllm/v1/worker/block_table.py) and `GPUModelRunner._build_attention_metadata` /
   `_get_slot_mappings` / `_may_reorder_batch` skip groups no request of the step holds blocks in (the metadata
   pass reads groups by position: `kv_cache_config.kv_cache_groups`, `attn_groups`, `input_batch.block_table`, its
   `slot_mappings` argument; `_update_states` calls `_may_reorder_batch` once the step's rows are final, and
   `_dummy_run` builds a batch of its own); after `GPUModelRunner.initialize_kv_cache` (which rebuilds the input
-  batch for several groups) the CPU runner's `_postprocess_tensors` makes each block table one tensor again, and
+  batch for several groups and binds each layer's views of `kv_cache_config.kv_cache_tensors` to its `kv_cache`)
+  the CPU runner's `_postprocess_tensors` makes each block table one tensor again, the linear mixers get their
+  rows of the conv-state table where the layout has one (`page_layout.allocate_conv_tables`), and
   on a CPU without Triton the slot mappings call `cpu_triton_utils._compute_slot_mapping_kernel_impl` directly;
   `OutputProcessor.add_request` / `process_outputs` / `abort_requests` (vllm/v1/engine/output_processor.py) feed
   the metrics; `InputProcessor.process_inputs` refuses what cannot fit (`cache_config.num_gpu_blocks`,
   `block_size`: the engine's, reported back to the frontend).
 - `Platform.check_and_update_config` (the current platform's class; called from `VllmConfig.__post_init__` in the
-  process that builds the config) is followed, for supernets holding attention and state pages, by
-  `Platform._align_hybrid_block_size` from a 16-token block (`_patch_block_alignment`); the worker's later
-  `update_block_size_for_backend` then finds the size already aligned.
+  process that builds the config) is followed, for supernets holding attention and state pages, by the block
+  size `page_layout.choose_block_size` picks and `Platform._align_hybrid_block_size`, which pads the state pages
+  to it (`_patch_block_alignment`); the worker's later `update_block_size_for_backend` (after the model is built,
+  before the cache specs are asked for) then finds the size already aligned.
 - `vllm.triton_utils.dispatcher.register_kernels` (what the CPU platform's `register_triton_kernel_overrides`
   calls at worker start) swaps a Triton kernel for a Python/C++ stand-in; `fix_cpu_expand_kernel` registers a
   correct stand-in for `rejection_sampler.expand_kernel` (vLLM 0.32's CPU one writes into a copy) when the
@@ -72,6 +76,7 @@ from dataclasses import replace
 from typing import Any
 
 from shared_spec import Placement, PlacementError
+from vllm_supernet import page_layout
 from vllm_supernet.batch import SupernetBatch
 from vllm_supernet.config import MODEL_TYPE
 from vllm_supernet.metrics import placement_metrics
@@ -112,15 +117,15 @@ def install_frontend_patches() -> None:
 def _patch_block_alignment() -> None:
     """A deployment holding attention and state pages gets the smallest attention block, in steps of
     `attention.block_step` tokens (16, or 32 where blocks of 16 would slow the CPU kernel), whose page holds
-    its largest state page.
+    its largest state page, or its largest delta-rule state where the convolution states go apart (`page_layout`).
 
     vLLM gives every page of a hybrid model one size: attention blocks are made long enough to hold a state
     page and state pages are padded to them (`Platform._align_hybrid_block_size`), in steps of the larger of
     the backends' smallest kernel block and `cache_config.block_size`, which the CPU platform sets to 128 when
     nobody asked. Pages then overshoot the state by up to 128 tokens of keys and values: the benchmark model's
     137 KiB states went into 256 KiB pages, so an all-GDN request held 1.9x its bytes and a sliding window up
-    to 128 tokens more than it needs. In steps of 32 tokens the same model's pages are 160 KiB (144 KiB in steps of
-    16, where the kernel allows them at full speed).
+    to 128 tokens more than it needs. In steps of 32 tokens the same model's pages are 160 KiB, or 128 KiB with
+    the convolution states in a table beside the pool (`page_layout.choose_block_size` picks).
 
     The size is settled when the config is built (`check_and_update_config`, in the process that builds it),
     not where vLLM aligns it (at worker start): the engine core's scheduler keeps a copy of the cache config
@@ -137,17 +142,20 @@ def _patch_block_alignment() -> None:
         if not is_supernet(vllm_config.model_config):
             return
         from vllm_supernet.attention import SupernetAttentionBackend, block_step
+        from vllm_supernet.footprint import CacheFootprints
         from vllm_supernet.model import attention_head_sizes, holds_attention_and_states
+        from vllm_supernet.page_layout import choose_block_size, conv_states_choice
 
         cache_config, model_config = vllm_config.cache_config, vllm_config.model_config
+        choice = conv_states_choice(model_config)  # a bad value fails here, before any work
         if (
             not cache_config.user_specified_block_size
             and holds_attention_and_states(model_config)  # else one kind of page: vLLM's sizes
         ):
-            cache_config.block_size = block_step(
-                model_config.dtype, attention_head_sizes(model_config), cache_config.cache_dtype
-            )
-            cls._align_hybrid_block_size(vllm_config, SupernetAttentionBackend)
+            step = block_step(model_config.dtype, attention_head_sizes(model_config), cache_config.cache_dtype)
+            caches = CacheFootprints.of(vllm_config, block_size=step).caches
+            cache_config.block_size = choose_block_size(caches, step, choice)
+            cls._align_hybrid_block_size(vllm_config, SupernetAttentionBackend)  # pads the state pages to it
 
     platform.check_and_update_config = classmethod(check_and_update_config)
 
@@ -160,9 +168,11 @@ def _patch_cache_groups() -> None:
         allocates_by_placement,
         default_does_not_fit,
         default_groups,
+        engine_footprints,
         per_mixer_groups,
         without_draft_reserve,
     )
+    from vllm_supernet.page_layout import without_conv_table
 
     original = kv_cache_utils.get_kv_cache_groups
 
@@ -198,8 +208,9 @@ def _patch_cache_groups() -> None:
     original_configs = kv_cache_utils.get_kv_cache_configs
 
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
-        if is_supernet(vllm_config.model_config):  # the pool, its checks and its log lines get what drafts leave
-            available_memory = without_draft_reserve(vllm_config, available_memory)
+        if is_supernet(vllm_config.model_config):  # the pool, its checks and its log lines get what drafts leave,
+            available_memory = without_draft_reserve(vllm_config, available_memory)  # less the conv-state table
+            available_memory = without_conv_table(engine_footprints(vllm_config, kv_cache_specs).layout, available_memory)
         try:
             return original_configs(vllm_config, kv_cache_specs, available_memory)
         except ValueError as error:
@@ -579,6 +590,7 @@ def install_runner_patch() -> None:
             self._postprocess_tensors()
         _share_block_counts(self.input_batch.block_table)
         _note_state_groups(self)
+        page_layout.allocate_conv_tables(self)
 
         # The draft slots take the memory kept out of the pool (`speculative.draft_reserve`), now that the pool
         # is allocated: measured before it, they would have been counted as the model's own.
@@ -782,6 +794,17 @@ def _patch_mamba_copies() -> None:
         return original(copy_bufs, kv_cache_config, copy_funcs, held, *args, **kwargs)
 
     mamba_utils.collect_mamba_copy_meta = collect_mamba_copy_meta
+
+    # With the conv states in the table beside the pool (`page_layout`), a state page's spec lists the
+    # delta-rule state alone and its layers' kv_cache the table's conv states after it: vLLM's check that a
+    # spec has a state for each copy function sees one state fewer than is copied.
+    original_validate = mamba_utils.validate_mamba_state_copy_funcs
+
+    def validate_mamba_state_copy_funcs(mamba_groups, copy_funcs):
+        apart = page_layout.copy_funcs(conv_apart=True)
+        return original_validate(mamba_groups, {kind: funcs[:1] if funcs == apart else funcs for kind, funcs in copy_funcs.items()})
+
+    mamba_utils.validate_mamba_state_copy_funcs = validate_mamba_state_copy_funcs
 
 
 def fix_cpu_expand_kernel() -> None:

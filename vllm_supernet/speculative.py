@@ -366,7 +366,7 @@ class SelfSpeculator:
 class SpeculatorTiming:
     """Worker extension (`LLM(..., worker_extension_cls="vllm_supernet.speculative.SpeculatorTiming")`):
     `llm.collective_rpc("draft_timing")` returns each rank's `DraftTiming` since the last call (as a dict),
-    `llm.collective_rpc("draft_memory")` its `DraftMemory` and the bytes of one page of vLLM's pool."""
+    `llm.collective_rpc("draft_memory")` its `DraftMemory` and what one block of vLLM's pool costs."""
 
     def draft_timing(self) -> dict:
         drafter = self.model_runner.drafter
@@ -374,8 +374,11 @@ class SpeculatorTiming:
         return asdict(timing)
 
     def draft_memory(self) -> dict:
-        groups = self.model_runner.kv_cache_config.kv_cache_groups
-        return {**asdict(self.model_runner.drafter.memory), "page_bytes": groups[0].kv_cache_spec.page_size_bytes}
+        """The draft slots' memory, and what one block of the pool costs (its page and conv-state row, if any)."""
+        from vllm_supernet.footprint import CacheFootprints
+
+        block_bytes = CacheFootprints.of(self.model_runner.vllm_config).block_bytes
+        return {**asdict(self.model_runner.drafter.memory), "block_bytes": block_bytes}
 
 
 def speculation_counts(llm) -> dict[str, int]:
