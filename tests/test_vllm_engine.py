@@ -124,8 +124,9 @@ def _reference_greedy(model, prompt: list[int], placement, new_tokens: int) -> t
 def test_pages_are_the_smallest_that_hold_a_state_page(engine_results):
     """Attention blocks step by 16 or 32 tokens (`attention.block_step`), not by the CPU platform's default of 128:
     the fixture's pages are 32 tokens of float32 keys and values (32 x 384 B), the smallest step whose page holds
-    its largest state page (KDA, 9600 B, 25 tokens) either way; 128-token pages would pad each state page to 5x its
-    size."""
+    its largest state page (KDA, 9600 B, 25 tokens); 128-token pages would pad each state page to 5x its size. Its
+    conv states stay in the page (`page_layout`: 16-token pages with a conv-state row would fill attention blocks
+    to 0.64, worse than the GDN pages' 0.69)."""
     assert engine_results["block_size"] == 32
 
 

@@ -71,7 +71,7 @@ def block_step(dtype: torch.dtype, head_sizes: list[int], cache_dtype: str) -> i
     x86 its "vec16" path in place of "amx" or "vec"), then 32. The vec16 path costs more than the finer step
     saves: on the benchmark model at 8k tokens, all-FA decodes at 0.72x Llama's step on 144-token pages and at
     0.99x on 160-token ones (`bench_step_time.py --placement all-FA --context 8192 --supernet-block-sizes 144`),
-    while an all-GDN request's 137 KiB state takes a 160 KiB page in place of a 144 KiB one."""
+    while a state that a coarser step fits worse can keep its convolution states apart (`page_layout`)."""
     slower = any(
         _get_attn_isa(dtype, BLOCK_STEP, head, cache_dtype) != _get_attn_isa(dtype, 2 * BLOCK_STEP, head, cache_dtype)
         for head in head_sizes

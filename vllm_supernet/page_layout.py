@@ -5,13 +5,14 @@ vLLM gives every page of a hybrid model one size: attention blocks long enough t
 page, state pages padded to them (`patches._patch_block_alignment`), in steps of `attention.block_step` tokens
 (32 on x86, where blocks of 16 send the CPU attention kernel down a slower path). A GDN or KDA state page is a
 delta-rule state (heads x Dk x Dv in float32: often a whole number of steps) and small convolution states (the
-last K - 1 inputs of each convolution channel). On the benchmark model that is 128 KiB + 9 KiB where a step is
-32 KiB, so the convolution states alone cost a fifth step: 160 KiB pages for 137 KiB states, and an all-GDN
-request held 1.17x its bytes (0.84x the requests of a deployment thinned to all-GDN under one budget).
+last K - 1 inputs of each convolution channel). On the benchmark model that is 128 KiB + 6 KiB (GDN) or 9 KiB
+(KDA) where a step is 32 KiB, so the convolution states alone cost a fifth step: 160 KiB pages for 134-137 KiB
+states, and an all-GDN request held 1.19x its bytes (0.84x the requests of a deployment thinned to all-GDN under
+one budget).
 
 **Convolution states apart.** The state page is then the delta-rule state alone (128 KiB: no padding), and
-each block of the pool has a row of a convolution-state table beside it (9 KiB), addressed by the block's id:
-a block belongs to one cache group at a time, so a state page's row is its own, and vLLM's block ids, prefix
+each block of the pool has a row of a convolution-state table beside it (9 KiB, the largest conv state), addressed
+by the block's id: a block belongs to one cache group at a time, so a state page's row is its own, and vLLM's block ids, prefix
 caching's copies and speculation's per-draft pages carry the row along (`patches._patch_mamba_copies`,
 `linear_mixer.LinearMixerLayer.state_pages`). Every block then costs page + row, attention blocks included:
 their keys and values fill 128 of 137 KiB. The table is carved out of the cache memory before vLLM sizes its
@@ -20,8 +21,8 @@ pool (`without_conv_table`), so pool and table stay within the budget.
 **The choice** (`choose_block_size`, `supernet_conv_states` in `--hf-overrides`: `auto`, the default,
 `in_page` or `apart`): the layout whose worst-used page is fuller. In the page, a linear mixer's state fills
 state / page and attention fills its pages; apart, a state fills state / (page' + row) and attention
-page' / (page' + row). The benchmark model: 137/160 = 0.86 in the page against 128/137 = 0.93 apart, so apart;
-the upstream fixture (float32, 16-dim heads): 0.78 in the page against 0.64 apart, so in the page.
+page' / (page' + row). The benchmark model: 134/160 = 0.84 in the page against 128/137 = 0.93 apart, so apart;
+the upstream fixture (float32, 16-dim heads): 0.69 in the page against 0.64 apart, so in the page.
 
 Every process derives the layout from the same two facts: conv states are apart exactly when an attention
 page cannot hold a whole state page (and `in_page` was not asked for) (`PageLayout.of_caches`), so the
