@@ -275,6 +275,39 @@ def test_cpu_attention_kernel_equals_reference(kernel_checkpoint, kernel_engine_
             assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs, strict=True)) < 1e-4
 
 
+
+@pytest.fixture(scope="module")
+def prefix_apart_results(kernel_checkpoint, tmp_path_factory):
+    """The kernel checkpoint keeps its conv states beside the pool (`page_layout`: float32, 32 tokens of keys and
+    values hold its 16 KiB delta-rule state), with prefix caching on ("align" mode copies each state page and its
+    conv row): one long prompt with a placement, the same again, then with another placement."""
+    (prompt,) = _random_prompts([300], seed=17)
+    linear, other = "kda,gdn,gdn", "gdn,attention,gdn"
+    scenario = _kernel_scenario(kernel_checkpoint, enable_prefix_caching=True)
+    scenario["batches"] = [
+        {"name": name, "requests": [_request(prompt, placement, max_tokens=NEW_TOKENS, logprobs=0)]}
+        for name, placement in (("a", linear), ("a_again", linear), ("b", other))
+    ]
+    scenario["state_pages"] = True  # an RPC of a function: the engine core in process
+    scenario["env"] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return run_engine(scenario, tmp_path_factory.mktemp("vllm_prefix_apart")), prompt, {"a": linear, "b": other}
+
+
+def test_prefix_cache_hits_with_conv_states_beside_the_pool(kernel_checkpoint, prefix_apart_results):
+    from fast_llm_supernet.model import SupernetForCausalLM
+
+    results, prompt, placements = prefix_apart_results
+    (pages,) = results["state_pages"]
+    assert pages["conv_tables"] == 1 and all(layer["conv_in_table"] for layer in pages["layers"].values())
+    reference_model = SupernetForCausalLM.from_pretrained(kernel_checkpoint, dtype=torch.float32)
+    batches = results["batches"]
+    for name in ("a", "a_again", "b"):
+        tokens, logprobs = _reference_greedy(reference_model, prompt, placements[name[0]], NEW_TOKENS)
+        output = batches[name][0]
+        assert output["token_ids"] == tokens, name
+        assert max(abs(a - b) for a, b in zip(output["logprobs"], logprobs, strict=True)) < 1e-4, name
+    assert batches["a_again"][0]["num_cached_tokens"] > 0 and batches["b"][0]["num_cached_tokens"] == 0
+
 # ---- vLLM's CPU GDN decode kernel (bfloat16 only) --------------------------------------------------
 # The same checkpoint served in bfloat16: GDN decode steps run vLLM's fused kernel on the state pages.
 # bfloat16 engines and the bfloat16 reference round differently, so greedy paths may part at near
