@@ -145,10 +145,11 @@ def engines(args, checkpoints: dict[str, Path]) -> list[dict]:
 
 
 def run(args) -> dict:
-    shape = Shape(layers=args.layers)
+    shape = Shape(layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = {"supernet": args.workdir / f"supernet_w{args.window}_l{args.layers}"}
-    checkpoints.update({native: args.workdir / f"{native}_w{args.window}_l{args.layers}" for native in args.natives})
+    tag = f"w{args.window}_l{args.layers}" + ("" if shape == Shape(layers=args.layers) else f"_h{args.heads}_kv{args.kv_heads}_d{args.head_dim}")
+    checkpoints = {"supernet": args.workdir / f"supernet_{tag}"}
+    checkpoints.update({native: args.workdir / f"{native}_{tag}" for native in args.natives})
     for kind, path in checkpoints.items():
         if not (path / "config.json").exists():
             path.mkdir(parents=True, exist_ok=True)
@@ -223,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-mib", type=float, default=128, help="KV-cache budget of every engine")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=Shape.heads,
+                        help="attention heads, GDN value heads and KDA heads (the benchmark model's by default)")
+    parser.add_argument("--kv-heads", type=int, default=Shape.kv_heads, help="attention KV heads and GDN key heads")
+    parser.add_argument("--head-dim", type=int, default=Shape.head_dim, help="every mixer's head size")
     parser.add_argument("--natives", nargs="*", default=["llama", "mistral_swa", "qwen3_5_gdn"])
     parser.add_argument("--workloads", nargs="*", default=None,
                         help=f"placements to run besides the mixed workload (default: all of {[*UNIFORM, *HYBRIDS]})")

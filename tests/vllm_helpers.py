@@ -73,14 +73,14 @@ class RankShapes:
 
 def rank_shapes(model) -> dict:
     """What one rank's model holds: per linear layer its (input, output) partition sizes (CPU frees the
-    weights once oneDNN has packed them), per other parameter its shape, per linear mixer its state
-    page shapes, per attention mixer its query and KV heads."""
+    weights once oneDNN has packed them), per other parameter its shape, per linear mixer its (conv,
+    delta-rule) state shapes, per attention mixer its query and KV heads."""
     linears, parameters, states = {}, {}, {}
     for name, module in model.named_modules():
         if hasattr(module, "output_size_per_partition"):
             linears[name] = [module.input_size_per_partition, module.output_size_per_partition]
-        if hasattr(module, "get_state_shape"):
-            states[name] = [list(shape) for shape in module.get_state_shape()]
+        if hasattr(module, "page_shapes_of_rank"):  # wherever the layout keeps them (`page_layout`)
+            states[name] = [list(shape) for shape in module.page_shapes_of_rank]
         if hasattr(module, "num_kv_heads") and hasattr(module, "attn"):
             states[name] = {"heads": module.num_heads, "kv_heads": module.num_kv_heads}
     for name, parameter in model.named_parameters():
