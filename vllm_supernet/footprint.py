@@ -5,7 +5,8 @@ runs, what vLLM's manager of that group gives it: full attention one page per `b
 window at most the window plus one prefill chunk, a linear mixer (GDN, KDA) one state page (one per draft
 position more when the deployment speculates). Every page has one size (vLLM unifies them: attention pages of
 `block_size` tokens, state pages padded to it), and the pool has `num_gpu_blocks - 1` of them (block 0 is
-vLLM's null block).
+vLLM's null block). Where the convolution states live beside the pool (`page_layout`), a page costs its row of
+that table too (`block_bytes`).
 
 These counts serve three checks, all in the words of `CacheFootprints.too_long`: a request that could not
 fit the whole pool at its maximum length is a 400 at admission (`patches.py`), a deployment whose default

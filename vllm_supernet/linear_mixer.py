@@ -167,7 +167,7 @@ class LinearMixerLayer(nn.Module, MambaBase):
     def use_conv_table(self, table: torch.Tensor) -> None:
         """Keep the conv states in `table` [num_blocks, row bytes] (int8), a row per block beside the pool:
         vLLM bound this layer's pages ([delta-rule states]); its kv_cache becomes [delta-rule states, conv
-        states], the order of `page_layout.APART_COPY_FUNCS` (prefix caching's copies)."""
+        states], the order of `page_layout.copy_funcs(conv_apart=True)` (prefix caching's copies)."""
         (recurrent_pages,) = self.kv_cache
         conv_shape, conv_dtype = self.page_shapes_of_rank[0], self.dtypes[0]
         row = torch.Size(conv_shape).numel() * conv_dtype.itemsize
@@ -180,8 +180,8 @@ class LinearMixerLayer(nn.Module, MambaBase):
         """(conv states [num_blocks, C, K-1], delta-rule states [num_blocks, H, Dk, Dv]) of every block."""
         if self.conv_in_table:
             recurrent_pages, conv_pages = self.kv_cache
-            return conv_pages, recurrent_pages
-        conv_pages, recurrent_pages = self.kv_cache
+        else:
+            conv_pages, recurrent_pages = self.kv_cache
         return conv_pages, recurrent_pages
 
     # ---- a step ----------------------------------------------------------------------------------
