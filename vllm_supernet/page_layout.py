@@ -74,19 +74,27 @@ class PageLayout:
     def of_caches(cls, caches, block_size: int, choice: str = "auto") -> PageLayout:
         """The layout of a deployment with these mixer caches (`footprint.mixer_caches`, one rank's) and
         attention pages of `block_size` tokens."""
-        token_bytes = max((c.token_bytes for c in caches.values() if c.token_bytes), default=0)
-        states = [c for c in caches.values() if c.state_bytes]
-        largest_state = max((c.state_bytes for c in states), default=0)
-        apart = choice != "in_page" and token_bytes > 0 and block_size * token_bytes < largest_state
-        if not apart:
-            return cls(block_size, max(block_size * token_bytes, largest_state))
-        delta_rule = max(c.state_bytes - c.conv_bytes for c in states)
-        return cls(block_size, max(block_size * token_bytes, delta_rule), conv_row_bytes(caches))
+        attention_page = block_size * token_bytes(caches)
+        largest_state = max((c.state_bytes for c in states(caches)), default=0)
+        if choice == "in_page" or attention_page == 0 or attention_page >= largest_state:
+            return cls(block_size, max(attention_page, largest_state))
+        delta_rule = max(c.state_bytes - c.conv_bytes for c in states(caches))
+        return cls(block_size, max(attention_page, delta_rule), conv_row_bytes(caches))
+
+
+def token_bytes(caches) -> int:
+    """Keys and values of one token in the attention mixer that holds the most (0: no attention)."""
+    return max((c.token_bytes for c in caches.values() if c.token_bytes), default=0)
+
+
+def states(caches) -> list:
+    """The linear mixers' caches."""
+    return [c for c in caches.values() if c.state_bytes]
 
 
 def conv_row_bytes(caches) -> int:
     """A row of the convolution-state table: the largest convolution state of a served linear mixer."""
-    largest = max(c.conv_bytes for c in caches.values() if c.state_bytes)
+    largest = max(c.conv_bytes for c in states(caches))
     return cdiv(largest, ROW_ALIGNMENT) * ROW_ALIGNMENT
 
 
@@ -94,10 +102,9 @@ def choose_block_size(caches, step: int, choice: str = "auto") -> int:
     """Tokens per attention page of a deployment holding attention and state pages, in steps of `step`: the
     smallest that holds every state page, or the smallest that holds every delta-rule state with the
     convolution states apart, whichever leaves its worst-used page fuller (`choice` may force one)."""
-    token_bytes = max(c.token_bytes for c in caches.values() if c.token_bytes)
-    states = [c for c in caches.values() if c.state_bytes]
-    in_page = step * cdiv(max(c.state_bytes for c in states), step * token_bytes)
-    apart = step * cdiv(max(c.state_bytes - c.conv_bytes for c in states), step * token_bytes)
+    step_bytes = step * token_bytes(caches)
+    in_page = step * cdiv(max(c.state_bytes for c in states(caches)), step_bytes)
+    apart = step * cdiv(max(c.state_bytes - c.conv_bytes for c in states(caches)), step_bytes)
     if choice == "in_page" or apart == in_page:
         return in_page
     if choice == "apart":
@@ -109,10 +116,8 @@ def worst_use(caches, block_size: int) -> float:
     """The smallest share of a block's bytes that a served mixer's page uses (attention pages of the mixer with
     the most bytes per token; each linear mixer's state page), with the layout `block_size` gives."""
     layout = PageLayout.of_caches(caches, block_size)
-    token_bytes = max(c.token_bytes for c in caches.values() if c.token_bytes)
-    shares = [block_size * token_bytes / layout.block_bytes]
-    shares += [c.state_bytes / layout.block_bytes for c in caches.values() if c.state_bytes]
-    return min(shares)
+    shares = [block_size * token_bytes(caches)] + [c.state_bytes for c in states(caches)]
+    return min(shares) / layout.block_bytes
 
 
 def without_conv_table(layout: PageLayout, available_memory: list[int]) -> list[int]:
