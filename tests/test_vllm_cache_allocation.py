@@ -23,6 +23,7 @@ def test_cache_layer_names_map_to_layer_and_mixer():
 
     assert cache_layer_key("model.decoder.blocks.3.mixer.mixers.gdn") == (3, "gdn")
     assert cache_layer_key("model.decoder.blocks.12.mixer") == (12, None)
+    assert cache_layer_key("model.decoder.blocks.3.mixer.mixers.gdn.part2") == (3, "gdn"), "a state's further page"
     with pytest.raises(ValueError, match="not a supernet cache layer"):
         cache_layer_key("model.layers.0.self_attn.attn")
     with pytest.raises(ValueError, match="one \\(layer, mixer\\)"):
@@ -112,6 +113,26 @@ def test_footprint_counts_pages_per_mixer_kind():
     assert speculating.fixed_bytes(linear) == 2 * 5 * state
 
 
+def test_a_large_state_is_spread_over_pages_of_vllms_attention_size():
+    from shared_spec import GDNMixerConfig
+    from vllm_supernet.footprint import STATE_PAGE_TOKENS, state_parts
+    from vllm_supernet.gdn import SupernetGatedDeltaNet
+
+    gdn = GDNMixerConfig(value_heads=8, key_heads=2, key_head_dim=128, value_head_dim=128, convolution_layer={"kernel_size": 4})
+    allowed = SupernetGatedDeltaNet.allowed_parts(gdn, tp_size=1)
+    assert allowed == [1, 2, 4, 8]
+    # Four parts: two value heads each, with a copy of the key head they read (Q and K channels of one head).
+    assert SupernetGatedDeltaNet.part_shapes(gdn, 1, 4) == ((128 + 128 + 2 * 128, 3), (2, 128, 128))
+    state = 8 * 128 * 128 * 4  # float32: 512 KiB
+    token = 2 * 2 * 128 * 2  # 2 KV heads of 128 in bf16: 1 KiB, so vLLM's 128-token attention page is 128 KiB
+    assert STATE_PAGE_TOKENS == 128 and state_parts(allowed, state, token, "auto", "gdn") == 4
+    assert state_parts(allowed, state, 0, "auto", "gdn") == 1, "no attention served: no page size to meet"
+    assert state_parts(allowed, state // 4, token, "auto", "gdn") == 1
+    assert state_parts(allowed, state, token, 2, "gdn") == 2
+    with pytest.raises(ValueError, match="supernet_state_parts = 3 does not split its heads evenly; allowed: auto, 1, 2, 4, 8"):
+        state_parts(allowed, state, token, 3, "gdn")
+
+
 def test_too_long_names_what_is_needed_and_what_there_is():
     footprints, _, _ = _fixture_footprints()
     assert footprints.too_long(_Placement(["gdn", "kda", "attention"]), 1000, 10) is None
@@ -193,6 +214,30 @@ def test_conv_states_apart_give_the_same_tokens_and_logprobs_under_preemption(tm
         assert conv[0] == recurrent[0] == pages["num_blocks"] and recurrent[1:] == [6, 16, 16], (name, layer)
     assert apart["metrics"]["vllm:num_preemptions"] > 0, "the small cache was meant to force preemptions"
     for placement, free, preempted in zip(MIXED, ample["batches"]["mixed"], apart["batches"]["mixed"], strict=True):
+        assert preempted["token_ids"] == free["token_ids"], placement
+        torch.testing.assert_close(
+            torch.tensor(preempted["logprobs"]), torch.tensor(free["logprobs"]), atol=LOGPROB_ATOL, rtol=0
+        )
+
+
+@pytest.mark.engine
+def test_states_spread_over_pages_give_the_same_tokens_and_logprobs_under_preemption(tmp_path_factory):
+    """Each linear mixer's state spread over three pages by head range (`footprint.state_parts`, forced: the
+    fixture's own states fit an attention page), each part a cache group of its own: a mixed batch preempted by
+    a small cache gives the tokens and logprobs of the default layout with an ample cache."""
+    batch = [{"name": "mixed", "requests": _mixed_requests()}]
+    ample = _run(tmp_path_factory, "ample_whole", _engine(), batch)
+    spread = _run(tmp_path_factory, "tight_spread", _engine(num_gpu_blocks_override=12, hf_overrides={"supernet_state_parts": 3}),
+                  batch, state_pages=True)  # fmt: skip
+    (pages,) = spread["state_pages"]
+    assert len(pages["layers"]) == 3 * 4, "two layers of a GDN and a KDA, three parts each"
+    for name, layer in pages["layers"].items():
+        conv, recurrent = layer["shapes"]
+        # A third of the rank's 6 value heads, and of its conv channels (GDN: Q|K|V of 3 + 3 + 6 heads of 16;
+        # KDA: q|k|v of 6 heads of 16 each).
+        assert recurrent[1:] == [2, 16, 16] and conv[1] == (192 if ".mixers.gdn" in name else 288) // 3, (name, layer)
+    assert spread["metrics"]["vllm:num_preemptions"] > 0, "the small cache was meant to force preemptions"
+    for placement, free, preempted in zip(MIXED, ample["batches"]["mixed"], spread["batches"]["mixed"], strict=True):
         assert preempted["token_ids"] == free["token_ids"], placement
         torch.testing.assert_close(
             torch.tensor(preempted["logprobs"]), torch.tensor(free["logprobs"]), atol=LOGPROB_ATOL, rtol=0

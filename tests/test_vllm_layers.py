@@ -77,11 +77,14 @@ def built_as_vllm(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _served(layer_class, config, reference, dtype, prefix):
+def _served(layer_class, config, reference, dtype, prefix, parts=1):
+    """The reference's weights in the vLLM layer; its state spread over `parts` pages (`supernet_state_parts`)."""
     from vllm_supernet.model import load_stacked_weights
 
     with built_as_vllm(dtype) as vllm_config:
+        vllm_config.model_config.hf_config.supernet_state_parts = parts
         layer = layer_class(config, HIDDEN, vllm_config, prefix)
+    assert len(layer.pages) == parts
     loaded = load_stacked_weights(layer, reference.state_dict().items())
     assert loaded == {name for name, _ in layer.named_parameters()}, "every parameter loaded"
     for module in layer.modules():  # vLLM's post-loading step (oneDNN packing on CPU)
@@ -92,26 +95,34 @@ def _served(layer_class, config, reference, dtype, prefix):
 
 
 def _decode_both_ways(reference, served, dtype, prompt=7, steps=4):
-    """Prefill a dense cache with the reference, copy it into pages at SLOTS (the other pages:
-    poison), then decode `steps` tokens with the reference on the dense cache and the served layer on
-    the pages. Returns the largest output and state differences; checks the poison is untouched."""
+    """Prefill a dense cache with the reference, copy it into pages at SLOTS (part i of a state spread over
+    several pages: at SLOTS rolled by i, its heads and conv channels; the other pages: poison), then decode
+    `steps` tokens with the reference on the dense cache and the served layer on the pages. Returns the largest
+    output and state differences; checks the poison is untouched."""
     hidden = torch.randn(len(SLOTS), prompt + steps, HIDDEN).to(dtype)
     cache = reference.new_cache(len(SLOTS), "cpu", dtype)
     reference(hidden[:, :prompt], cache)
-    (conv_channels, kernel), state_shape = served.get_state_shape()
-    conv_pages = torch.full((NUM_SLOTS, conv_channels, kernel), 1e4, dtype=dtype)
-    recurrent_pages = torch.full((NUM_SLOTS, *state_shape), 1e4)
-    conv_pages[SLOTS] = torch.cat([cache.conv_states[name] for name in served.conv_names], dim=1)
-    recurrent_pages[SLOTS] = cache.recurrent_state
-    served.kv_cache = (conv_pages, recurrent_pages)
+    conv = torch.cat([cache.conv_states[name] for name in served.conv_names], dim=1)
+    slots = [SLOTS.roll(part) for part in range(len(served.pages))]
+    for part, part_slots in zip(served.pages, slots, strict=True):
+        (conv_channels, kernel), state_shape = part.shapes
+        conv_pages = torch.full((NUM_SLOTS, conv_channels, kernel), 1e4, dtype=dtype)
+        recurrent_pages = torch.full((NUM_SLOTS, *state_shape), 1e4)
+        conv_pages[part_slots] = conv if part.channels is None else conv[:, part.channels]
+        recurrent_pages[part_slots] = cache.recurrent_state[:, part.heads]
+        part.kv_cache = (conv_pages, recurrent_pages)
     worst_out = 0.0
     for t in range(prompt, prompt + steps):
         expected = reference(hidden[:, t : t + 1], cache)[:, 0]
-        out = served.decode(hidden[:, t], SLOTS)
+        out = served.decode(hidden[:, t], slots)
         worst_out = max(worst_out, (out.float() - expected.float()).abs().max().item())
-    worst_state = (recurrent_pages[SLOTS] - cache.recurrent_state).abs().max().item()
-    others = [slot for slot in range(NUM_SLOTS) if slot not in SLOTS.tolist()]
-    assert bool((recurrent_pages[others] == 1e4).all()) and bool((conv_pages[others] == 1e4).all())
+    recurrent = torch.cat([part.kv_cache[1][part_slots] for part, part_slots in zip(served.pages, slots, strict=True)], dim=1)
+    worst_state = (recurrent - cache.recurrent_state).abs().max().item()
+    for part, part_slots in zip(served.pages, slots, strict=True):
+        others = [slot for slot in range(NUM_SLOTS) if slot not in part_slots.tolist()]
+        assert all(bool((pages[others] == 1e4).all()) for pages in part.kv_cache)
+    loaded = served.load_cache(slots, True, dtype)  # the pages read back as one state
+    assert torch.equal(loaded.recurrent_state, recurrent)
     return worst_out, worst_state
 
 
@@ -126,7 +137,7 @@ def _prefill_both_ways(reference, served, dtype, length=70):
     return (out.float() - expected.float()).abs().max().item(), state_difference
 
 
-def _kda(dtype):
+def _kda(dtype, parts=1):
     config = KDAMixerConfig.model_validate({"type": "kda", "heads": 2, "head_dim": 16, "convolution_layer": {"kernel_size": 4}})
     torch.manual_seed(0)
     reference = KimiDeltaAttention(config, HIDDEN).to(dtype).eval()
@@ -135,10 +146,10 @@ def _kda(dtype):
         reference.f_b_proj.weight.mul_(4)  # decays that vary by channel
     from vllm_supernet.kda import SupernetKimiDeltaAttention
 
-    return reference, _served(SupernetKimiDeltaAttention, config, reference, dtype, "model.decoder.blocks.0.mixer.mixers.kda")
+    return reference, _served(SupernetKimiDeltaAttention, config, reference, dtype, "model.decoder.blocks.0.mixer.mixers.kda", parts)
 
 
-def _gdn(dtype, head_dim=16):
+def _gdn(dtype, head_dim=16, parts=1):
     config = GDNMixerConfig(
         value_heads=4, key_heads=2, key_head_dim=head_dim, value_head_dim=head_dim, convolution_layer={"kernel_size": 4}
     )
@@ -151,12 +162,13 @@ def _gdn(dtype, head_dim=16):
         reference.in_proj_ba.weight.mul_(4)  # gates that vary: a swapped alpha/beta must show
     from vllm_supernet.gdn import SupernetGatedDeltaNet
 
-    return reference, _served(SupernetGatedDeltaNet, config, reference, dtype, "model.decoder.blocks.0.mixer.mixers.gdn")
+    return reference, _served(SupernetGatedDeltaNet, config, reference, dtype, "model.decoder.blocks.0.mixer.mixers.gdn", parts)
 
 
+@pytest.mark.parametrize("parts", [1, 2], ids=["one_page", "two_pages"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kda_layer_prefill_and_decode_match_the_reference(one_rank, dtype):
-    reference, served = _kda(dtype)
+def test_kda_layer_prefill_and_decode_match_the_reference(one_rank, dtype, parts):
+    reference, served = _kda(dtype, parts)
     with torch.no_grad():
         prefill_out, prefill_state = _prefill_both_ways(reference, served, dtype)
         decode_out, decode_state = _decode_both_ways(reference, served, dtype)
@@ -166,18 +178,20 @@ def test_kda_layer_prefill_and_decode_match_the_reference(one_rank, dtype):
     assert max(prefill_state, decode_state) < tolerance
 
 
-@pytest.mark.parametrize("head_dim", [16, 64, 128])
-def test_gdn_layer_decode_with_vllm_kernel_matches_the_reference(one_rank, head_dim):
-    """bfloat16: vLLM's CPU GDN kernel's dtype."""
-    reference, served = _gdn(torch.bfloat16, head_dim)
+@pytest.mark.parametrize(("head_dim", "parts"), [(16, 1), (64, 1), (128, 1), (16, 2), (16, 4)])
+def test_gdn_layer_decode_with_vllm_kernel_matches_the_reference(one_rank, head_dim, parts):
+    """bfloat16: vLLM's CPU GDN kernel's dtype. Two parts: each holds one key head and its two value heads; four:
+    one value head each, two parts holding a copy of the key head they share."""
+    reference, served = _gdn(torch.bfloat16, head_dim, parts)
     assert served.decodes_on_pages
     with torch.no_grad():
         worst_out, worst_state = _decode_both_ways(reference, served, torch.bfloat16)
     assert worst_out < 3e-2 and worst_state < 2e-2
 
 
-def test_gdn_layer_float32_prefill_and_decode_match_the_reference(one_rank):
-    reference, served = _gdn(torch.float32)
+@pytest.mark.parametrize("parts", [1, 2, 4], ids=["one_page", "two_pages", "four_pages"])
+def test_gdn_layer_float32_prefill_and_decode_match_the_reference(one_rank, parts):
+    reference, served = _gdn(torch.float32, parts=parts)
     assert not served.decodes_on_pages
     with torch.no_grad():
         prefill_out, prefill_state = _prefill_both_ways(reference, served, torch.float32)

@@ -110,11 +110,11 @@ def state_pages_of(worker) -> dict:
     """Where each linear mixer keeps its states (`LLM.collective_rpc(state_pages_of)`): conv states in the table
     beside the pool or in the state page, each state tensor's shape, how many conv-state tables there are, and the
     pool's page size."""
-    from vllm_supernet.linear_mixer import LinearMixerLayer
+    from vllm_supernet.linear_mixer import StatePages
 
     runner = worker.model_runner
     layers = {name: layer for name, layer in runner.compilation_config.static_forward_context.items()
-              if isinstance(layer, LinearMixerLayer)}  # fmt: skip
+              if isinstance(layer, StatePages)}  # fmt: skip
     tables = {layer.state_pages[0].untyped_storage().data_ptr() for layer in layers.values() if layer.conv_in_table}
     return {
         "page_bytes": runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes,

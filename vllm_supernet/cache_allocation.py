@@ -54,12 +54,13 @@ from vllm_supernet.placements import EXTRA_ARGS_KEY, ServingPlacements
 
 logger = logging.getLogger("vllm.supernet")
 # Cache layer names are the mixers' checkpoint paths: "...blocks.3.mixer.mixers.gdn" (a supernet block's
-# mixer) or "...blocks.3.mixer" (a plain block's only mixer).
-_CACHE_LAYER = re.compile(r"\.blocks\.(\d+)\.mixer(?:\.mixers\.([^.]+))?$")
+# mixer) or "...blocks.3.mixer" (a plain block's only mixer), with ".part1", ... for the further pages of a
+# state spread over several (`linear_mixer.StatePages`).
+_CACHE_LAYER = re.compile(r"\.blocks\.(\d+)\.mixer(?:\.mixers\.([^.]+))?(?:\.part\d+)?$")
 
 
 def cache_layer_key(layer_name: str) -> tuple[int, str | None]:
-    """(layer index, mixer name or None for a plain block) of a cache layer name."""
+    """(layer index, mixer name or None for a plain block) of a cache layer name (any part of a state)."""
     match = _CACHE_LAYER.search(layer_name)
     if match is None:
         raise ValueError(f"not a supernet cache layer name: {layer_name!r}")

@@ -5,7 +5,10 @@ runs, what vLLM's manager of that group gives it: full attention one page per `b
 window at most the window plus one prefill chunk, a linear mixer (GDN, KDA) one state page (one per draft
 position more when the deployment speculates). Every page has one size (vLLM unifies them: attention pages of
 `block_size` tokens, state pages padded to it), and the pool has `num_gpu_blocks - 1` of them (block 0 is
-vLLM's null block). Where the convolution states live beside the pool (`page_layout`), a page costs its row of
+vLLM's null block). A linear mixer's state too large for an attention page of `STATE_PAGE_TOKENS` tokens is
+spread over several pages (`state_parts`), each holding an equal range of its heads, as the ranks of a larger
+tensor-parallel group would: attention then keeps pages of vLLM's own size, so a request pays for at most one
+part-filled page per attention layer whatever the deployment's linear mixers hold. Where the convolution states live beside the pool (`page_layout`), a page costs its row of
 that table too (`block_bytes`).
 
 These counts serve three checks, all in the words of `CacheFootprints.too_long`: a request that could not
@@ -35,6 +38,12 @@ DRAFT_CHUNK_TOKENS = 512
 DRAFT_ALIGNMENT = 64
 
 
+# A linear mixer's state is spread over as many pages as it takes for each to hold no more than this many tokens
+# of the deployment's widest attention (vLLM's own block size on CPU, so all-FA requests hold Llama's pages).
+STATE_PAGE_TOKENS = 128
+PARTS_OVERRIDE_KEY = "supernet_state_parts"  # hf_overrides: `auto` (the default) or a number of pages per state
+
+
 @dataclass(frozen=True)
 class MixerCache:
     """One served (layer, mixer)'s cache on one rank."""
@@ -42,27 +51,72 @@ class MixerCache:
     kind: MixerKind
     token_bytes: int = 0  # attention: K and V of one token
     window: int | None = None  # sliding window: tokens it keeps
-    state_bytes: int = 0  # linear mixer: its state (conv + delta rule)
+    state_bytes: int = 0  # linear mixer: one page of its state (conv + delta rule of one part)
     conv_bytes: int = 0  # linear mixer: the convolution part of `state_bytes`
     shapes: tuple = ()  # attention: (KV heads, head size) of one token's keys; linear mixer: (conv, recurrent) state shapes
+    parts: int = 1  # linear mixer: pages its state is spread over, each an equal range of its heads
+    page_shapes: tuple = ()  # linear mixer: (conv, recurrent) shapes of one part
 
 
-def mixer_caches(config: Apriel2TextConfig, serving: ServingPlacements, dtype: torch.dtype, state_dtypes, tp_size: int):
+def state_parts_choice(model_config) -> str | int:
+    """The deployment's `supernet_state_parts` (`auto` by default; 1 with vLLM's own grouping, kept as it was)."""
+    from vllm_supernet.cache_allocation import allocates_by_placement
+
+    choice = getattr(model_config.hf_config, PARTS_OVERRIDE_KEY, None) or "auto"
+    if choice != "auto" and not (isinstance(choice, int) and choice >= 1):
+        raise ValueError(f"{PARTS_OVERRIDE_KEY} = {choice!r}; allowed: auto, or a positive number of pages per state")
+    return choice if allocates_by_placement(model_config) else 1
+
+
+def state_parts(allowed: list[int], delta_rule_bytes: int, attention_token_bytes: int, choice: str | int, where: str) -> int:
+    """Pages a linear mixer's state is spread over, of the counts its heads `allowed`
+    (`LinearMixerLayer.allowed_parts`): `choice`, or (`auto`) the fewest whose delta-rule part fits
+    `STATE_PAGE_TOKENS` tokens of attention (the most allowed if none does; 1 where no attention is served)."""
+    if choice != "auto":
+        if choice not in allowed:
+            raise ValueError(f"{where}: {PARTS_OVERRIDE_KEY} = {choice} does not split its heads evenly; "
+                             f"allowed: auto, {', '.join(map(str, allowed))}")  # fmt: skip
+        return choice
+    if not attention_token_bytes:
+        return 1
+    page = STATE_PAGE_TOKENS * attention_token_bytes
+    return next((parts for parts in allowed if delta_rule_bytes <= page * parts), allowed[-1])
+
+
+def mixer_caches(config: Apriel2TextConfig, serving: ServingPlacements, dtype: torch.dtype, state_dtypes, tp_size: int,
+                 parts_choice: str | int = 1):  # fmt: skip
     """{(layer, mixer name): MixerCache} of every served mixer, one rank's share."""
     from vllm_supernet.model import mixer_layer, served_mixer_configs
 
+    served = list(served_mixer_configs(config, serving))
+    token_bytes = attention_token_bytes([mixer for _, _, mixer in served], dtype, tp_size)
     caches = {}
-    for layer, name, mixer in served_mixer_configs(config, serving):
+    for layer, name, mixer in served:
         if isinstance(mixer, AttentionMixerConfig):
-            kv_heads = max(mixer.head_groups // tp_size, 1)  # replicated when the ranks outnumber them
-            caches[layer, name] = MixerCache(MixerKind.of(mixer), token_bytes=2 * kv_heads * mixer.head_size * dtype.itemsize,
-                                             window=mixer.window_size, shapes=(kv_heads, mixer.head_size))  # fmt: skip
-        else:
-            shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {layer} mixer {name!r}")
-            conv, delta_rule = (torch.Size(shape).numel() * d.itemsize for shape, d in zip(shapes, state_dtypes, strict=True))
-            caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=conv + delta_rule, conv_bytes=conv,
-                                             shapes=tuple(map(tuple, shapes)))  # fmt: skip
+            caches[layer, name] = attention_cache(mixer, dtype, tp_size)
+            continue
+        where = f"layer {layer} mixer {name!r}"
+        layer_class = mixer_layer(mixer)
+        shapes = layer_class.page_shapes(mixer, tp_size, where)
+        delta_rule = torch.Size(shapes[1]).numel() * state_dtypes[1].itemsize
+        parts = state_parts(layer_class.allowed_parts(mixer, tp_size), delta_rule, token_bytes, parts_choice, where)
+        page_shapes = layer_class.part_shapes(mixer, tp_size, parts)
+        conv, delta_rule = (torch.Size(shape).numel() * d.itemsize for shape, d in zip(page_shapes, state_dtypes, strict=True))
+        caches[layer, name] = MixerCache(MixerKind.of(mixer), state_bytes=conv + delta_rule, conv_bytes=conv,
+                                         shapes=tuple(map(tuple, shapes)), parts=parts, page_shapes=page_shapes)  # fmt: skip
     return caches
+
+
+def attention_cache(mixer: AttentionMixerConfig, dtype: torch.dtype, tp_size: int) -> MixerCache:
+    kv_heads = max(mixer.head_groups // tp_size, 1)  # replicated when the ranks outnumber them
+    return MixerCache(MixerKind.of(mixer), token_bytes=2 * kv_heads * mixer.head_size * dtype.itemsize,
+                      window=mixer.window_size, shapes=(kv_heads, mixer.head_size))  # fmt: skip
+
+
+def attention_token_bytes(mixers: list, dtype: torch.dtype, tp_size: int) -> int:
+    """Keys and values of one token (one rank) in the attention mixer of `mixers` that holds the most (0: none)."""
+    attention = [mixer for mixer in mixers if isinstance(mixer, AttentionMixerConfig)]
+    return max((attention_cache(mixer, dtype, tp_size).token_bytes for mixer in attention), default=0)
 
 
 @dataclass(frozen=True)
@@ -114,7 +168,7 @@ class CacheFootprints:
         if state_dtypes is None:  # vLLM's defaults: convolution states in the model dtype, delta-rule states in float32
             state_dtypes = (model_config.dtype, torch.float32)
         caches = mixer_caches(model_config.hf_config.apriel2(), ServingPlacements.from_model_config(model_config),
-                              model_config.dtype, state_dtypes, tp_size)  # fmt: skip
+                              model_config.dtype, state_dtypes, tp_size, state_parts_choice(model_config))  # fmt: skip
         return cls(caches, block_size, chunk_tokens, speculative_tokens, tp_size, model_config.dtype, model_config.max_model_len,
                    conv_states_choice(model_config))  # fmt: skip
 
@@ -127,7 +181,7 @@ class CacheFootprints:
         total = 0
         for cache in self._used(placement):
             if cache.state_bytes:
-                total += 1 + self.speculative_tokens
+                total += (1 + self.speculative_tokens) * cache.parts
             elif cache.window is not None:
                 kept = cdiv(cache.window - 1 + self.chunk_tokens, self.block_size) + 1
                 total += min(attention_blocks, kept)
@@ -140,9 +194,9 @@ class CacheFootprints:
         return self.tp_size * sum(c.token_bytes for c in self._used(placement) if c.window is None)
 
     def fixed_bytes(self, placement: Placement) -> int:
-        """Cache bytes that do not grow with the context (state pages, one more per draft position when the
+        """Cache bytes that do not grow with the context (state pages, as many more per draft position when the
         deployment speculates; full windows), all ranks."""
-        return self.tp_size * sum(c.state_bytes * (1 + self.speculative_tokens) + (c.token_bytes * c.window if c.window else 0)
+        return self.tp_size * sum(c.state_bytes * c.parts * (1 + self.speculative_tokens) + (c.token_bytes * c.window if c.window else 0)
                                   for c in self._used(placement))  # fmt: skip
 
     def too_long(self, placement: Placement, num_tokens: int, num_pages: int) -> str | None:

@@ -35,7 +35,6 @@ from vllm_supernet.linear_mixer import (
     PageShapes,
     ShardedConvolution,
     SupernetGatedRMSNorm,
-    convolution_step,
     divide_heads,
     head_sharded,
 )
@@ -84,11 +83,17 @@ class SupernetGatedDeltaNet(LinearMixerLayer):
         )
 
     @staticmethod
+    def conv_blocks(config: GDNMixerConfig, tp_size: int) -> list[tuple[int, int]]:
+        """One rank's (heads, head dim) of Q, K and V, the convolution's channels in page order."""
+        key_heads, value_heads = config.key_heads // tp_size, config.value_heads // tp_size
+        return [(key_heads, config.key_head_dim)] * 2 + [(value_heads, config.value_head_dim)]
+
+    @staticmethod
     def page_shapes(config: GDNMixerConfig, tp_size: int, where: str) -> PageShapes:
         """One rank's (conv state over Q|K|V, delta-rule state [Hv, Dk, Dv])."""
-        key_heads = divide_heads(config.key_heads, tp_size, "gdn key_heads", where)
+        divide_heads(config.key_heads, tp_size, "gdn key_heads", where)
         value_heads = divide_heads(config.value_heads, tp_size, "gdn value_heads", where)
-        conv_channels = 2 * key_heads * config.key_head_dim + value_heads * config.value_head_dim
+        conv_channels = sum(heads * dim for heads, dim in SupernetGatedDeltaNet.conv_blocks(config, tp_size))
         kernel_size = config.convolution_layer.kernel_size
         return (conv_channels, kernel_size - 1), (value_heads, config.key_head_dim, config.value_head_dim)
 
@@ -111,26 +116,41 @@ class SupernetGatedDeltaNet(LinearMixerLayer):
         )
         return self.project_output(out, z)
 
-    def decode_on_pages(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        return self.convolution.weight
+
+    def decode_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """[B, D] -> Q|K|V before the convolution [B, conv_dim], (Z, beta logits, alpha)."""
+        qkv, z, beta_logits, alpha = self.project_inputs(hidden_states)
+        return qkv, (z, beta_logits, alpha)
+
+    def delta_rule_step(self, qkv: torch.Tensor, heads: slice, rest: tuple, recurrent_pages: torch.Tensor,
+                        slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Q|K|V of value heads `heads` and their key heads [B, C'] -> [B, heads, Dv], with vLLM's CPU kernel on
+        the pages in place."""
         from vllm import _custom_ops as vllm_ops
 
-        conv_pages, recurrent_pages = self.state_pages
-        batch_size, heads = hidden_states.shape[0], self.heads
-        qkv, z, beta_logits, alpha = self.project_inputs(hidden_states)
-        qkv = convolution_step(qkv, self.convolution.weight, conv_pages, slots)
-        query, key, value = qkv.split([heads.key_dim, heads.key_dim, heads.value_dim], dim=-1)
+        _, beta_logits, alpha = rest
+        batch_size, dims = qkv.shape[0], self.heads
+        value_heads = heads.stop - heads.start
+        key_heads = max(value_heads * dims.key_heads // dims.value_heads, 1)  # fewer value heads than a key head has: 1
+        query, key, value = qkv.split([key_heads * dims.key_head_dim] * 2 + [value_heads * dims.value_head_dim], dim=-1)
         # The kernel reads a flat token dimension: [1, B, heads, dim], one token per request.
         out = vllm_ops.fused_sigmoid_gating_delta_rule_update_cpu(
-            A_log=self.A_log.float(),
-            dt_bias=self.dt_bias.to(hidden_states.dtype),
-            q=query.reshape(1, batch_size, heads.key_heads, heads.key_head_dim).contiguous(),
-            k=key.reshape(1, batch_size, heads.key_heads, heads.key_head_dim).contiguous(),
-            v=value.reshape(1, batch_size, heads.value_heads, heads.value_head_dim).contiguous(),
-            a=alpha.contiguous(),
-            b=beta_logits.contiguous(),
+            A_log=self.A_log[heads].float(),
+            dt_bias=self.dt_bias[heads].to(qkv.dtype),
+            q=query.reshape(1, batch_size, key_heads, dims.key_head_dim).contiguous(),
+            k=key.reshape(1, batch_size, key_heads, dims.key_head_dim).contiguous(),
+            v=value.reshape(1, batch_size, value_heads, dims.value_head_dim).contiguous(),
+            a=alpha[:, heads].contiguous(),
+            b=beta_logits[:, heads].contiguous(),
             initial_state_source=recurrent_pages,
             initial_state_indices=slots.to(torch.int32),
             cu_seqlens=torch.arange(batch_size + 1, dtype=torch.int32),
             use_qk_l2norm_in_kernel=True,
-        )  # [B, 1, Hv, Dv]
-        return self.project_output(out[:, 0], z)
+        )  # [B, 1, heads, Dv]
+        return out[:, 0]
+
+    def decode_output(self, out: torch.Tensor, rest: tuple) -> torch.Tensor:
+        return self.project_output(out, rest[0])

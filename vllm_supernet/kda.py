@@ -34,7 +34,6 @@ from vllm_supernet.linear_mixer import (
     PageShapes,
     ShardedConvolution,
     SupernetGatedRMSNorm,
-    convolution_step,
     divide_heads,
     head_sharded,
 )
@@ -84,6 +83,11 @@ class SupernetKimiDeltaAttention(LinearMixerLayer):
         self.decodes_on_pages = vllm_config.device_config.device_type == "cpu"  # vLLM's CPU conv op
 
     @staticmethod
+    def conv_blocks(config: KDAMixerConfig, tp_size: int) -> list[tuple[int, int]]:
+        """One rank's (heads, head dim) of q, k and v, the convolutions' channels in page order."""
+        return [(config.heads // tp_size, config.head_dim)] * 3
+
+    @staticmethod
     def page_shapes(config: KDAMixerConfig, tp_size: int, where: str) -> PageShapes:
         """One rank's (conv states of q|k|v, delta-rule state [H, D, D])."""
         heads = divide_heads(config.heads, tp_size, "kda heads", where)
@@ -122,25 +126,37 @@ class SupernetKimiDeltaAttention(LinearMixerLayer):
         )
         return self.project_output(out, gate_low)
 
-    def decode_on_pages(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        conv_pages, recurrent_pages = self.state_pages
-        batch_size, heads, head_dim = hidden_states.shape[0], self.num_heads, self.head_dim
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        return self.qkv_conv.weight  # the three convolutions as one: their weights and states lie side by side
+
+    def decode_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """[B, D] -> q|k|v before their convolutions [B, 3 H Dh], (log decay [B, H, Dh], beta [B, H], output-gate
+        input [B, Dh])."""
+        heads, head_dim = self.num_heads, self.head_dim
         state_dtype = ops.compute_dtype(hidden_states.dtype)
         projected, _ = self.in_proj(hidden_states)
         qkv, beta_logits = projected.split([3 * heads * head_dim, heads], dim=-1)
         low_rank, _ = self.low_rank_proj(hidden_states)
         decay_low, gate_low = low_rank.chunk(2, dim=-1)
-
-        # The three convolutions as one: their weights and states lie side by side.
-        qkv = convolution_step(qkv, self.qkv_conv.weight, conv_pages, slots)
-        query_key, value = qkv.view(batch_size, 3, heads, head_dim).split([2, 1], dim=1)
-        query, key = ops.l2norm(query_key).to(state_dtype).unbind(1)  # [B, H, Dh] each
         decay_logits, _ = self.f_b_proj(decay_low)
         log_decay = kda_log_decay(decay_logits, self.A_log, self.dt_bias, heads, head_dim)  # [B, H, Dh]
-        beta = beta_logits.to(state_dtype).sigmoid()
+        return qkv, (log_decay, beta_logits.to(state_dtype).sigmoid(), gate_low)
 
+    def delta_rule_step(self, qkv: torch.Tensor, heads: slice, rest: tuple, recurrent_pages: torch.Tensor,
+                        slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """q|k|v of heads `heads` after their convolutions [B, 3 H' Dh] -> [B, H', Dh], the states of pages `slots`
+        updated in place."""
+        log_decay, beta, _ = rest
+        batch_size, state_dtype = qkv.shape[0], beta.dtype
+        query_key, value = qkv.view(batch_size, 3, heads.stop - heads.start, self.head_dim).split([2, 1], dim=1)
+        query, key = ops.l2norm(query_key).to(state_dtype).unbind(1)  # [B, H', Dh] each
         # (index_select / index_copy_: several times cheaper than pages[slots] on CPU.)
-        state = recurrent_pages.index_select(0, slots).to(state_dtype)  # [B, H, Dh, Dh]
-        out = ops.gated_delta_rule_step(query, key, value[:, 0].to(state_dtype), log_decay, beta, state, head_dim**-0.5)
+        state = recurrent_pages.index_select(0, slots).to(state_dtype)  # [B, H', Dh, Dh]
+        out = ops.gated_delta_rule_step(query, key, value[:, 0].to(state_dtype), log_decay[:, heads], beta[:, heads],
+                                        state, self.head_dim**-0.5)  # fmt: skip
         recurrent_pages.index_copy_(0, slots, state.to(recurrent_pages.dtype))
-        return self.project_output(out.to(hidden_states.dtype), gate_low)
+        return out.to(qkv.dtype)
+
+    def decode_output(self, out: torch.Tensor, rest: tuple) -> torch.Tensor:
+        return self.project_output(out, rest[2])

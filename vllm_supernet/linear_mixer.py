@@ -15,6 +15,12 @@ by the subclass's `forward_sequence` on a `LinearMixerCache` copied out of the p
 Cache layer names (the `prefix` each registers in `static_forward_context`) are the checkpoint paths,
 e.g. `model.decoder.blocks.3.mixer.mixers.gdn`: exactly one integer, the layer index; several cache
 layers of one decoder layer share it (vllm/v1/worker/utils.py: `bind_kv_cache`, `extract_layer_index`).
+
+A state too large for an attention page of vLLM's size is spread over several pages (`footprint.state_parts`):
+part i holds heads [i H/k, (i+1) H/k) of the delta-rule state and the convolution channels that feed them, what
+rank i of a k-times larger tensor-parallel group would hold. Each part is a cache layer of its own
+(`StatePages`): part 0 at the mixer's name, part i at `{name}.part{i}` (not an integer: the same layer index),
+so vLLM gives it a cache group, block tables and metadata of its own, and a request holds one page of each.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from fast_llm_supernet.model.linear_mixer import GatedRMSNorm, LinearMixerCache
 from vllm_supernet.batch import StepRequests, deferred_builder, layer_metadata
 
-# (conv state [C, K-1], delta-rule state [H, Dk, Dv]) of one rank's page.
+# (conv state [C, K-1], delta-rule state [H, Dk, Dv]) of one rank's state.
 PageShapes = tuple[tuple[int, int], tuple[int, int, int]]
 
 
@@ -109,31 +115,20 @@ class LinearMixerBackend(GDNAttentionBackend):
 _DeferredGDNMetadataBuilder = deferred_builder(GDNAttentionMetadataBuilder)
 
 
-class LinearMixerLayer(nn.Module, MambaBase):
-    """Base of `SupernetGatedDeltaNet` and `SupernetKimiDeltaAttention`.
+class StatePages(MambaBase):
+    """One cache layer of a linear mixer: a page per request holding its whole state (one part) or one part of it,
+    heads `heads` of the delta-rule state and conv channels `channels` (None: all of them) of the rank's."""
 
-    A subclass sets `conv_names` (its convolutions, in page order) and `decodes_on_pages` (whether its
-    kernel step applies), implements `page_shapes(config, tp_size, where)`,
-    `forward_sequence(hidden_states [1, T, D], cache) -> [1, T, D]` and
-    `decode_on_pages(hidden_states [B, D], slots [B]) -> [B, D]`, and calls `_init_pages`.
-    """
-
-    conv_names: tuple[str, ...]
-    decodes_on_pages: bool
-
-    def _init_pages(self, config, vllm_config: VllmConfig, prefix: str) -> None:
-        """This rank's place in the tensor-parallel group, its page shapes (`page_shapes` raises for
-        head counts that do not divide), and the cache layer's registration."""
-        self.layer_name = prefix
+    def __init__(self, layer_name: str, shapes: PageShapes, dtypes: tuple, vllm_config: VllmConfig,
+                 heads: slice, channels: torch.Tensor | None):  # fmt: skip
+        self.layer_name = layer_name
+        self.shapes, self.dtypes = shapes, dtypes
         self.vllm_config = vllm_config  # its block size, aligned after the model is built, settles `conv_apart`
-        self.tp_size = get_tensor_model_parallel_world_size()
-        self.tp_rank = get_tensor_model_parallel_rank()
-        self.page_shapes_of_rank = self.page_shapes(config, self.tp_size, prefix)
-        self.dtypes = state_dtypes(vllm_config)
+        self.heads, self.channels = heads, channels
         compilation_config = vllm_config.compilation_config
-        if prefix in compilation_config.static_forward_context:
-            raise ValueError(f"Duplicate layer name: {prefix}")
-        compilation_config.static_forward_context[prefix] = self
+        if layer_name in compilation_config.static_forward_context:
+            raise ValueError(f"Duplicate layer name: {layer_name}")
+        compilation_config.static_forward_context[layer_name] = self
         self.kv_cache = (torch.tensor([]), torch.tensor([]))
         self.conv_in_table = False  # `use_conv_table`
 
@@ -149,7 +144,7 @@ class LinearMixerLayer(nn.Module, MambaBase):
     def get_state_shape(self) -> PageShapes | tuple[tuple[int, int, int]]:
         """The state page: conv and delta-rule states, or the delta-rule state alone where the conv states
         live in the table beside the pool (`page_layout`)."""
-        return self.page_shapes_of_rank[1:] if self.conv_apart else self.page_shapes_of_rank
+        return self.shapes[1:] if self.conv_apart else self.shapes
 
     def get_state_dtype(self) -> tuple[torch.dtype, ...]:
         return self.dtypes[1:] if self.conv_apart else self.dtypes
@@ -169,7 +164,7 @@ class LinearMixerLayer(nn.Module, MambaBase):
         vLLM bound this layer's pages ([delta-rule states]); its kv_cache becomes [delta-rule states, conv
         states], the order of `page_layout.copy_funcs(conv_apart=True)` (prefix caching's copies)."""
         (recurrent_pages,) = self.kv_cache
-        conv_shape, conv_dtype = self.page_shapes_of_rank[0], self.dtypes[0]
+        conv_shape, conv_dtype = self.shapes[0], self.dtypes[0]
         row = torch.Size(conv_shape).numel() * conv_dtype.itemsize
         conv_pages = table[:, :row].view(conv_dtype).view(table.shape[0], *conv_shape)
         self.kv_cache = [recurrent_pages, conv_pages]
@@ -184,49 +179,119 @@ class LinearMixerLayer(nn.Module, MambaBase):
             conv_pages, recurrent_pages = self.kv_cache
         return conv_pages, recurrent_pages
 
+
+class LinearMixerLayer(nn.Module):
+    """Base of `SupernetGatedDeltaNet` and `SupernetKimiDeltaAttention`.
+
+    A subclass sets `conv_names` (its convolutions, in page order) and `decodes_on_pages` (whether its
+    kernel step applies), implements `conv_blocks(config, tp_size)` (one rank's (heads, head dim) of each block of
+    conv channels, in page order), `page_shapes(config, tp_size, where)`,
+    `forward_sequence(hidden_states [1, T, D], cache) -> [1, T, D]`, and for the kernel step
+    `decode_inputs(hidden_states [B, D]) -> (conv inputs [B, C], rest)`, `delta_rule_step(conv outputs of a part,
+    heads, rest, delta-rule pages, slots) -> [B, H/k, Dv]` and `decode_output([B, H, Dv], rest) -> [B, D]`; its
+    `__init__` calls `_init_pages` and names its convolution `self.conv_weight` [C, 1, K].
+    """
+
+    conv_names: tuple[str, ...]
+    decodes_on_pages: bool
+
+    @classmethod
+    def allowed_parts(cls, config, tp_size: int) -> list[int]:
+        """How many equal parts one rank's state can be spread over: each part takes an equal range of the
+        delta-rule heads, and of every block of conv channels either an equal range of its heads or, for a block
+        with fewer heads than parts (GDN's key heads), the one head its value heads read (held in each such part;
+        every copy sees the same inputs, so they stay equal)."""
+        blocks = [heads for heads, _ in cls.conv_blocks(config, tp_size)]
+        return [parts for parts in range(1, max(blocks) + 1)
+                if all(heads % parts == 0 or parts % heads == 0 for heads in blocks) and max(blocks) % parts == 0]  # fmt: skip
+
+    @classmethod
+    def part_shapes(cls, config, tp_size: int, parts: int) -> PageShapes:
+        """(conv state, delta-rule state) shapes of one part of one rank's state."""
+        (_, width), (heads, *dims) = cls.page_shapes(config, tp_size, "")
+        channels = sum(max(block_heads // parts, 1) * dim for block_heads, dim in cls.conv_blocks(config, tp_size))
+        return (channels, width), (heads // parts, *dims)
+
+    def _init_pages(self, config, vllm_config: VllmConfig, prefix: str) -> None:
+        """This rank's place in the tensor-parallel group, its state shapes (`page_shapes` raises for head counts
+        that do not divide), and its state's cache layers: one per part (`footprint.state_parts`)."""
+        from vllm_supernet.footprint import attention_token_bytes, state_parts, state_parts_choice
+        from vllm_supernet.model import deployment_mixer_configs
+
+        self.layer_name = prefix
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.page_shapes_of_rank = self.page_shapes(config, self.tp_size, prefix)
+        self.dtypes = state_dtypes(vllm_config)
+        model_config = vllm_config.model_config
+        delta_rule_bytes = torch.Size(self.page_shapes_of_rank[1]).numel() * self.dtypes[1].itemsize
+        token_bytes = attention_token_bytes(deployment_mixer_configs(model_config), model_config.dtype, self.tp_size)
+        parts = state_parts(self.allowed_parts(config, self.tp_size), delta_rule_bytes, token_bytes,
+                            state_parts_choice(model_config), prefix)  # fmt: skip
+        shapes = self.part_shapes(config, self.tp_size, parts)
+        part_heads = shapes[1][0]
+        channels = part_channels(self.conv_blocks(config, self.tp_size), parts)
+        self.pages = [
+            StatePages(prefix if part == 0 else f"{prefix}.part{part}", shapes, self.dtypes, vllm_config,
+                       slice(part * part_heads, (part + 1) * part_heads), channels[part])  # fmt: skip
+            for part in range(parts)
+        ]
+
     # ---- a step ----------------------------------------------------------------------------------
 
     def run(self, hidden_states: torch.Tensor, positions: torch.Tensor, step: StepRequests) -> torch.Tensor:
         """hidden_states [N, D] of `step`'s tokens -> [N, D]; each request continues its own state."""
-        metadata = layer_metadata(self.layer_name)
-        if metadata is None:  # dummy run: every rank skips the same way, so no collective is missed
+        metadata = [layer_metadata(part.layer_name) for part in self.pages]
+        if metadata[0] is None:  # dummy run: every rank skips the same way, so no collective is missed
             return torch.zeros_like(hidden_states)
-        split = DecodeSplit.of(step, metadata, hidden_states.shape[0])
+        # One split per part: the same requests in the same order, each part's own pages.
+        splits = [DecodeSplit.of(step, part_metadata, hidden_states.shape[0]) for part_metadata in metadata]
+        split = splits[0]
         if split.rows is None:  # the common case: every token is a one-token continuation
-            return self.decode(hidden_states, split.decode_slots)
+            return self.decode(hidden_states, [s.decode_slots for s in splits])
         output = torch.zeros_like(hidden_states)
         if len(split.decode_slots):
-            decoded = self.decode(hidden_states.index_select(0, split.rows), split.decode_slots)
+            decoded = self.decode(hidden_states.index_select(0, split.rows), [s.decode_slots for s in splits])
             output.index_copy_(0, split.rows, decoded)
-        for rows, sources, slots in split.speculative:  # token j of every verifying request, j = 0, 1, ...
-            self.copy_pages(sources, slots)
+        for j, (rows, _, _) in enumerate(split.speculative):  # token j of every verifying request, j = 0, 1, ...
+            slots = [s.speculative[j][2] for s in splits]
+            self.copy_pages([s.speculative[j][1] for s in splits], slots)
             output.index_copy_(0, rows, self.decode(hidden_states.index_select(0, rows), slots))
-        for slots, start, length, has_state in split.others:  # prefills and chunks: one by one
+        for i, (_, start, length, has_state) in enumerate(split.others):  # prefills and chunks: one by one
+            slots = [s.others[i][0] for s in splits]
             cache = self.load_cache(slots, has_state, hidden_states.dtype)
             output[start : start + length] = self.forward_sequence(hidden_states[start : start + length][None], cache)[0]
             self.store_cache(slots, cache)
         return output
 
-    def copy_pages(self, sources: torch.Tensor, slots: torch.Tensor) -> None:
-        """State pages `sources` [B] into pages `slots` [B] (where they differ)."""
-        moved = sources != slots
-        if bool(moved.any()):
-            sources, slots = sources[moved], slots[moved]
-            for pages in self.state_pages:
-                pages.index_copy_(0, slots, pages.index_select(0, sources))
+    def copy_pages(self, sources: list[torch.Tensor], slots: list[torch.Tensor]) -> None:
+        """Per part, state pages `sources` [B] into pages `slots` [B] (where they differ)."""
+        for part, part_sources, part_slots in zip(self.pages, sources, slots, strict=True):
+            moved = part_sources != part_slots
+            if bool(moved.any()):
+                for pages in part.state_pages:
+                    pages.index_copy_(0, part_slots[moved], pages.index_select(0, part_sources[moved]))
 
-    def load_cache(self, slots: torch.Tensor, has_state: bool, dtype: torch.dtype) -> LinearMixerCache:
-        """The states of pages `slots` as a reference cache (zeros for a request starting from scratch)."""
-        conv_pages, recurrent_pages = self.state_pages
-        conv = conv_pages.index_select(0, slots).to(dtype)  # [B, C_total, K-1]
-        recurrent = recurrent_pages.index_select(0, slots).float()  # [B, H, Dk, Dv]
+    def load_cache(self, slots: list[torch.Tensor], has_state: bool, dtype: torch.dtype) -> LinearMixerCache:
+        """The states in pages `slots` (one [B] per part) as a reference cache (zeros for a request starting
+        from scratch)."""
+        conv_parts, recurrent_parts = [], []
+        for part, part_slots in zip(self.pages, slots, strict=True):
+            conv_pages, recurrent_pages = part.state_pages
+            conv_parts.append(conv_pages.index_select(0, part_slots).to(dtype))  # [B, C / k, K-1]
+            recurrent_parts.append(recurrent_pages.index_select(0, part_slots).float())  # [B, H / k, Dk, Dv]
+        conv, recurrent = conv_parts[0], torch.cat(recurrent_parts, dim=1) if len(self.pages) > 1 else recurrent_parts[0]
+        if len(self.pages) > 1:
+            conv = torch.empty(conv.shape[0], self.page_shapes_of_rank[0][0], conv.shape[2], dtype=dtype, device=conv.device)
+            for part, conv_part in zip(self.pages, conv_parts, strict=True):
+                conv.index_copy_(1, part.channels, conv_part)
         if not has_state:
             conv.zero_()
             recurrent.zero_()
         return self.as_cache(conv, recurrent)
 
     def as_cache(self, conv: torch.Tensor, recurrent: torch.Tensor) -> LinearMixerCache:
-        """A page's layout (conv states [B, C_total, K-1] of every convolution stacked, recurrent state) as a
+        """A rank's state (conv states [B, C_total, K-1] of every convolution stacked, recurrent state) as a
         reference cache."""
         channels = conv.shape[1] // len(self.conv_names)  # every convolution of a mixer has the same width
         return LinearMixerCache(
@@ -239,22 +304,54 @@ class LinearMixerLayer(nn.Module, MambaBase):
         (positions: unused, the state has them); leaves new state tensors in `cache`."""
         return self.forward_sequence(hidden_states[None], cache)[0]
 
-    def store_cache(self, slots: torch.Tensor, cache: LinearMixerCache) -> None:
-        conv_pages, recurrent_pages = self.state_pages
+    def store_cache(self, slots: list[torch.Tensor], cache: LinearMixerCache) -> None:
         conv = torch.cat([cache.conv_states[name] for name in self.conv_names], dim=1)
-        conv_pages.index_copy_(0, slots, conv.to(conv_pages.dtype))
-        recurrent_pages.index_copy_(0, slots, cache.recurrent_state.to(recurrent_pages.dtype))
+        for part, part_slots in zip(self.pages, slots, strict=True):
+            conv_pages, recurrent_pages = part.state_pages
+            part_conv = conv if part.channels is None else conv.index_select(1, part.channels)
+            conv_pages.index_copy_(0, part_slots, part_conv.to(conv_pages.dtype))
+            recurrent_pages.index_copy_(0, part_slots, cache.recurrent_state[:, part.heads].to(recurrent_pages.dtype))
 
-    def decode(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def decode(self, hidden_states: torch.Tensor, slots: list[torch.Tensor]) -> torch.Tensor:
         """hidden_states [B, D]: one new token of each request -> [B, D]; their states continue in pages
-        `slots` (updated in place): the subclass's kernel step on the pages where it applies, else
-        `forward_sequence` on one token per request, on states copied out of the pages and back."""
+        `slots` (one [B] per part, updated in place): the subclass's kernel step on the pages where it applies,
+        else `forward_sequence` on one token per request, on states copied out of the pages and back."""
         if self.decodes_on_pages:
             return self.decode_on_pages(hidden_states, slots)
         cache = self.load_cache(slots, True, hidden_states.dtype)
         out = self.forward_sequence(hidden_states[:, None], cache)[:, 0]
         self.store_cache(slots, cache)
         return out
+
+    def decode_on_pages(self, hidden_states: torch.Tensor, slots: list[torch.Tensor]) -> torch.Tensor:
+        """The kernel step: per part, its conv channels' convolution step and its heads' delta rule on its pages."""
+        conv_inputs, rest = self.decode_inputs(hidden_states)  # [B, C], the subclass's gates and output inputs
+        outputs = []
+        for part, part_slots in zip(self.pages, slots, strict=True):
+            conv_pages, recurrent_pages = part.state_pages
+            x, weight = conv_inputs, self.conv_weight
+            if part.channels is not None:
+                x, weight = x.index_select(1, part.channels), weight.index_select(0, part.channels)
+            x = convolution_step(x, weight, conv_pages, part_slots)
+            outputs.append(self.delta_rule_step(x, part.heads, rest, recurrent_pages, part_slots))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, H, Dv]
+        return self.decode_output(out, rest)
+
+
+def part_channels(blocks: list[tuple[int, int]], parts: int) -> list[torch.Tensor | None]:
+    """Per part, the rank's conv channels it holds ([C'], in page order) of conv blocks `blocks` ((heads, head
+    dim) each, side by side): an equal range of a block's heads, or the one head of a block with fewer heads than
+    parts that part i's heads read (head i // (parts / heads)); [None] for one part (all channels)."""
+    if parts == 1:
+        return [None]
+    channels, offset = [[] for _ in range(parts)], 0
+    for heads, head_dim in blocks:
+        share = max(heads // parts, 1)  # heads of this block in a part
+        for part in range(parts):
+            first = part * heads // parts  # its first head
+            channels[part].append(torch.arange(offset + first * head_dim, offset + (first + share) * head_dim))
+        offset += heads * head_dim
+    return [torch.cat(part) for part in channels]
 
 
 @dataclass

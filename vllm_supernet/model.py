@@ -362,18 +362,16 @@ class Apriel2ForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     @classmethod
     def get_mamba_specs_from_config(cls, vllm_config: VllmConfig) -> list[MambaSpec]:
-        """One spec per kind of linear-mixer state page served (per rank); vLLM pads all pages to the largest."""
-        config = vllm_config.model_config.hf_config.apriel2()
-        serving = ServingPlacements.from_model_config(vllm_config.model_config)
-        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        """One spec per kind of linear-mixer state page served (per rank, one part of a state spread over several
+        pages); vLLM pads all pages to the largest."""
+        footprints = CacheFootprints.of(vllm_config)
         dtypes = state_dtypes(vllm_config)
-        if CacheFootprints.of(vllm_config).layout.conv_apart:  # the page holds the delta-rule state alone
+        if footprints.layout.conv_apart:  # the page holds the delta-rule state alone
             dtypes = dtypes[1:]
         specs = {}
-        for index, name, mixer in served_mixer_configs(config, serving):
-            if not isinstance(mixer, AttentionMixerConfig):
-                shapes = mixer_layer(mixer).page_shapes(mixer, tp_size, f"layer {index} mixer {name!r}")
-                shapes = shapes[-len(dtypes) :]
+        for cache in footprints.caches.values():
+            if cache.state_bytes:
+                shapes = cache.page_shapes[-len(dtypes) :]
                 specs[shapes] = MambaSpec(shapes=shapes, dtypes=dtypes, block_size=-1)
         return list(specs.values()) or [MambaSpec(shapes=(), dtypes=(), block_size=-1)]
 

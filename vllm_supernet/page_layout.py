@@ -14,7 +14,7 @@ one budget).
 each block of the pool has a row of a convolution-state table beside it (9 KiB, the largest conv state), addressed
 by the block's id: a block belongs to one cache group at a time, so a state page's row is its own, and vLLM's block ids, prefix
 caching's copies and speculation's per-draft pages carry the row along (`patches._patch_mamba_copies`,
-`linear_mixer.LinearMixerLayer.state_pages`). Every block then costs page + row, attention blocks included:
+`linear_mixer.StatePages.state_pages`). Every block then costs page + row, attention blocks included:
 their keys and values fill 128 of 137 KiB. The table is carved out of the cache memory before vLLM sizes its
 pool (`without_conv_table`), so pool and table stay within the budget.
 
@@ -131,7 +131,7 @@ def without_conv_table(layout: PageLayout, available_memory: list[int]) -> list[
 def copy_funcs(conv_apart: bool) -> tuple:
     """Prefix caching's ("align" mode) state copies of a linear mixer, in the order of its layer's kv_cache:
     whole-page copies of (conv, delta-rule) states in the page, or (delta-rule, conv) with the conv states in
-    the table (`LinearMixerLayer.use_conv_table`), whose copy vLLM's check of the spec's state count does not
+    the table (`StatePages.use_conv_table`), whose copy vLLM's check of the spec's state count does not
     see (`patches._patch_mamba_copies`)."""
     from vllm.model_executor.layers.mamba.mamba_utils import get_conv_copy_spec, get_temporal_copy_spec
 
@@ -146,7 +146,7 @@ def allocate_conv_tables(runner) -> None:
     import torch
 
     from vllm_supernet.footprint import CacheFootprints
-    from vllm_supernet.linear_mixer import LinearMixerLayer
+    from vllm_supernet.linear_mixer import StatePages
 
     layout = CacheFootprints.of(runner.vllm_config).layout
     if not layout.conv_apart:
@@ -155,7 +155,7 @@ def allocate_conv_tables(runner) -> None:
     tables: dict[tuple[int, int], torch.Tensor] = {}
     for tensor in config.kv_cache_tensors:
         for index, name in enumerate(tensor.layers):
-            if isinstance(layers.get(name), LinearMixerLayer):
+            if isinstance(layers.get(name), StatePages):
                 place = (tensor.offset + index * tensor.layer_stride, tensor.block_stride)  # its block 0, and the step
                 if place not in tables:
                     blocks = config.num_blocks_of(tensor)
