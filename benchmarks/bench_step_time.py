@@ -46,6 +46,7 @@ from bench_vllm import (  # noqa: E402
     LAYERS,
     NATIVE_FOR,
     PLACEMENTS,
+    Shape,
     add_random_requests,
     build_engine,
     make_checkpoints,
@@ -138,7 +139,8 @@ def run(args) -> dict:
     workdir = args.workdir
     logdir = workdir / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = make_checkpoints(workdir, args.window, args.layers)
+    shape = Shape(layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
+    checkpoints = make_checkpoints(workdir, args.window, args.layers, shape)
     placement = PLACEMENTS[args.placement]
     options = {"max_model_len": args.context + args.new_tokens + 16, "max_num_seqs": args.batch,
                "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}  # fmt: skip
@@ -161,6 +163,12 @@ def run(args) -> dict:
         engines[f"supernet block {block_size}"] = (
             StepEngine(f"supernet_block_{block_size}", checkpoints["supernet"], {**options, "block_size": block_size},
                        logdir, in_process),
+            placement,
+        )  # fmt: skip
+    for parts in args.supernet_state_parts:  # the unthinned supernet again, its states over a given number of pages
+        engines[f"supernet {parts} pages per state"] = (
+            StepEngine(f"supernet_parts_{parts}", checkpoints["supernet"],
+                       {**options, "hf_overrides": {"supernet_state_parts": parts}}, logdir, in_process),
             placement,
         )  # fmt: skip
     samples: dict[str, dict] = {name: {"steps": [], "stages": {}, "paired": []} for name in engines}
@@ -250,6 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--supernet-block-sizes", type=int, nargs="*", default=[],
                         help="also time the unthinned supernet with these attention page sizes (tokens); its "
                         "default page is the smallest step (attention.block_step) that holds a state page")  # fmt: skip
+    parser.add_argument("--heads", type=int, default=Shape.heads,
+                        help="attention heads, GDN value heads and KDA heads (the benchmark model's by default)")
+    parser.add_argument("--kv-heads", type=int, default=Shape.kv_heads, help="attention KV heads and GDN key heads")
+    parser.add_argument("--head-dim", type=int, default=Shape.head_dim, help="every mixer's head size")
+    parser.add_argument("--supernet-state-parts", type=int, nargs="*", default=[],
+                        help="also the unthinned supernet with each linear mixer's state over this many pages "
+                             "(`supernet_state_parts`; the default picks them: vllm_supernet/footprint.py)")  # fmt: skip
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="cache budget per engine")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/supernet_bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "step_time")
@@ -264,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"step_time_{args.placement}_{args.context}" + ("" if args.layers == LAYERS else f"_l{args.layers}")
+    if (args.heads, args.kv_heads, args.head_dim) != (Shape.heads, Shape.kv_heads, Shape.head_dim):
+        stem += f"_h{args.heads}_kv{args.kv_heads}_d{args.head_dim}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results, command.strip())
     (args.out / f"{stem}.md").write_text(table)

@@ -208,14 +208,19 @@ def write_torchvision_stub(root: Path) -> Path:
     return root
 
 
-def make_checkpoints(workdir: Path, window: int, layers: int = LAYERS) -> dict[str, Path]:
+def make_checkpoints(workdir: Path, window: int, layers: int = LAYERS, shape: Shape | None = None) -> dict[str, Path]:
+    """The supernet and its native twins (written to `workdir` if missing); `shape`: other sizes than the
+    benchmark model's (the same paths as `bench_capacity.py` gives them)."""
+    shape = shape or Shape(layers=layers)
     suffix = f"_w{window}" if layers == LAYERS else f"_w{window}_l{layers}"
+    if shape != Shape(layers=layers):
+        suffix = f"_w{window}_l{layers}_h{shape.heads}_kv{shape.kv_heads}_d{shape.head_dim}"
     paths = {kind: workdir / f"{kind}{suffix}" for kind in ("supernet", "llama", "mistral_swa", "qwen3_5_gdn")}
     for kind, path in paths.items():
         if (path / "config.json").exists():
             continue
         path.mkdir(parents=True, exist_ok=True)
-        make_supernet(path, window, layers) if kind == "supernet" else make_native(kind, path, window, layers)
+        make_supernet(path, window, shape=shape) if kind == "supernet" else make_native(kind, path, window, shape=shape)
     return paths
 
 
