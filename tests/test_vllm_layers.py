@@ -94,33 +94,42 @@ def _served(layer_class, config, reference, dtype, prefix, parts=1):
     return layer
 
 
-def _decode_both_ways(reference, served, dtype, prompt=7, steps=4):
+def _decode_both_ways(reference, served, dtype, prompt=7, steps=4, conv_table=False):
     """Prefill a dense cache with the reference, copy it into pages at SLOTS (part i of a state spread over
-    several pages: at SLOTS rolled by i, its heads and conv channels; the other pages: poison), then decode
-    `steps` tokens with the reference on the dense cache and the served layer on the pages. Returns the largest
-    output and state differences; checks the poison is untouched."""
+    several pages: its heads and conv channels at SLOTS + i * NUM_SLOTS, block ids of other cache groups; the other
+    pages: poison), then decode `steps` tokens with the reference on the dense cache and the served layer on the
+    pages. `conv_table`: the conv states in one table beside the pools, a row per block (`page_layout`). Returns
+    the largest output and state differences; checks the poison is untouched."""
     hidden = torch.randn(len(SLOTS), prompt + steps, HIDDEN).to(dtype)
     cache = reference.new_cache(len(SLOTS), "cpu", dtype)
     reference(hidden[:, :prompt], cache)
     conv = torch.cat([cache.conv_states[name] for name in served.conv_names], dim=1)
-    slots = [SLOTS.roll(part) for part in range(len(served.pages))]
+    num_blocks = NUM_SLOTS * len(served.pages)
+    slots = [SLOTS + part * NUM_SLOTS for part in range(len(served.pages))]
+    (conv_channels, kernel), _ = served.pages[0].shapes
+    table = torch.full((num_blocks, conv_channels * kernel * dtype.itemsize), 7, dtype=torch.int8)
     for part, part_slots in zip(served.pages, slots, strict=True):
-        (conv_channels, kernel), state_shape = part.shapes
-        conv_pages = torch.full((NUM_SLOTS, conv_channels, kernel), 1e4, dtype=dtype)
-        recurrent_pages = torch.full((NUM_SLOTS, *state_shape), 1e4)
+        recurrent_pages = torch.full((num_blocks, *part.shapes[1]), 1e4)
+        if conv_table:
+            part.kv_cache = (recurrent_pages,)
+            part.use_conv_table(table)
+        else:
+            part.kv_cache = (torch.full((num_blocks, conv_channels, kernel), 1e4, dtype=dtype), recurrent_pages)
+        conv_pages, _ = part.state_pages
         conv_pages[part_slots] = conv if part.channels is None else conv[:, part.channels]
         recurrent_pages[part_slots] = cache.recurrent_state[:, part.heads]
-        part.kv_cache = (conv_pages, recurrent_pages)
+    poison = {id(pages): pages.clone() for part in served.pages for pages in part.state_pages}
     worst_out = 0.0
     for t in range(prompt, prompt + steps):
         expected = reference(hidden[:, t : t + 1], cache)[:, 0]
         out = served.decode(hidden[:, t], slots)
         worst_out = max(worst_out, (out.float() - expected.float()).abs().max().item())
-    recurrent = torch.cat([part.kv_cache[1][part_slots] for part, part_slots in zip(served.pages, slots, strict=True)], dim=1)
+    recurrent = torch.cat([part.state_pages[1][part_slots] for part, part_slots in zip(served.pages, slots, strict=True)], dim=1)
     worst_state = (recurrent - cache.recurrent_state).abs().max().item()
     for part, part_slots in zip(served.pages, slots, strict=True):
-        others = [slot for slot in range(NUM_SLOTS) if slot not in part_slots.tolist()]
-        assert all(bool((pages[others] == 1e4).all()) for pages in part.kv_cache)
+        others = [block for block in range(num_blocks) if block not in part_slots.tolist()
+                  and not any(block in s.tolist() for s in slots)]  # fmt: skip
+        assert all(torch.equal(pages[others], poison[id(pages)][others]) for pages in part.state_pages)
     loaded = served.load_cache(slots, True, dtype)  # the pages read back as one state
     assert torch.equal(loaded.recurrent_state, recurrent)
     return worst_out, worst_state
@@ -171,21 +180,22 @@ def test_kda_layer_prefill_and_decode_match_the_reference(one_rank, dtype, parts
     reference, served = _kda(dtype, parts)
     with torch.no_grad():
         prefill_out, prefill_state = _prefill_both_ways(reference, served, dtype)
-        decode_out, decode_state = _decode_both_ways(reference, served, dtype)
+        decode_out, decode_state = _decode_both_ways(reference, served, dtype, conv_table=parts > 1)
     # float32: the same math up to summation order; bf16: roundings of the matmuls and the conv op.
     tolerance = 2e-5 if dtype == torch.float32 else 3e-2
     assert max(prefill_out, decode_out) < tolerance
     assert max(prefill_state, decode_state) < tolerance
 
 
-@pytest.mark.parametrize(("head_dim", "parts"), [(16, 1), (64, 1), (128, 1), (16, 2), (16, 4)])
-def test_gdn_layer_decode_with_vllm_kernel_matches_the_reference(one_rank, head_dim, parts):
+@pytest.mark.parametrize(("head_dim", "parts", "conv_table"),
+                         [(16, 1, False), (64, 1, False), (128, 1, False), (16, 2, False), (16, 4, False), (16, 4, True)])  # fmt: skip
+def test_gdn_layer_decode_with_vllm_kernel_matches_the_reference(one_rank, head_dim, parts, conv_table):
     """bfloat16: vLLM's CPU GDN kernel's dtype. Two parts: each holds one key head and its two value heads; four:
-    one value head each, two parts holding a copy of the key head they share."""
+    one value head each, two parts holding a copy of the key head they share; in the page or in the conv table."""
     reference, served = _gdn(torch.bfloat16, head_dim, parts)
     assert served.decodes_on_pages
     with torch.no_grad():
-        worst_out, worst_state = _decode_both_ways(reference, served, torch.bfloat16)
+        worst_out, worst_state = _decode_both_ways(reference, served, torch.bfloat16, conv_table=conv_table)
     assert worst_out < 3e-2 and worst_state < 2e-2
 
 

@@ -280,9 +280,12 @@ class LinearMixerLayer(nn.Module):
             conv_pages, recurrent_pages = part.state_pages
             conv_parts.append(conv_pages.index_select(0, part_slots).to(dtype))  # [B, C / k, K-1]
             recurrent_parts.append(recurrent_pages.index_select(0, part_slots).float())  # [B, H / k, Dk, Dv]
-        conv, recurrent = conv_parts[0], torch.cat(recurrent_parts, dim=1) if len(self.pages) > 1 else recurrent_parts[0]
-        if len(self.pages) > 1:
-            conv = torch.empty(conv.shape[0], self.page_shapes_of_rank[0][0], conv.shape[2], dtype=dtype, device=conv.device)
+        if len(self.pages) == 1:
+            conv, recurrent = conv_parts[0], recurrent_parts[0]
+        else:  # the rank's state: the parts' heads in order, each part's conv channels where they come from
+            recurrent = torch.cat(recurrent_parts, dim=1)
+            batch_size, _, width = conv_parts[0].shape
+            conv = conv_parts[0].new_empty(batch_size, self.page_shapes_of_rank[0][0], width)
             for part, conv_part in zip(self.pages, conv_parts, strict=True):
                 conv.index_copy_(1, part.channels, conv_part)
         if not has_state:
