@@ -8,8 +8,8 @@ position more when the deployment speculates). Every page has one size (vLLM uni
 vLLM's null block). A linear mixer's state too large for an attention page of `STATE_PAGE_TOKENS` tokens is
 spread over several pages (`state_parts`), each holding an equal range of its heads, as the ranks of a larger
 tensor-parallel group would: attention then keeps pages of vLLM's own size, so a request pays for at most one
-part-filled page per attention layer whatever the deployment's linear mixers hold. Where the convolution states live beside the pool (`page_layout`), a page costs its row of
-that table too (`block_bytes`).
+part-filled page per attention layer whatever the deployment's linear mixers hold. Where the convolution states
+live beside the pool (`page_layout`), a page costs its row of that table too (`block_bytes`).
 
 These counts serve three checks, all in the words of `CacheFootprints.too_long`: a request that could not
 fit the whole pool at its maximum length is a 400 at admission (`patches.py`), a deployment whose default

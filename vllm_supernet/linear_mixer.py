@@ -189,7 +189,7 @@ class LinearMixerLayer(nn.Module):
     `forward_sequence(hidden_states [1, T, D], cache) -> [1, T, D]`, and for the kernel step
     `decode_inputs(hidden_states [B, D]) -> (conv inputs [B, C], rest)`, `delta_rule_step(conv outputs of a part,
     heads, rest, delta-rule pages, slots) -> [B, H/k, Dv]` and `decode_output([B, H, Dv], rest) -> [B, D]`; its
-    `__init__` calls `_init_pages` and names its convolution `self.conv_weight` [C, 1, K].
+    `__init__` calls `_init_pages`, and `conv_weight` is its convolution's weight [C, 1, K].
     """
 
     conv_names: tuple[str, ...]
@@ -287,7 +287,7 @@ class LinearMixerLayer(nn.Module):
             batch_size, _, width = conv_parts[0].shape
             conv = conv_parts[0].new_empty(batch_size, self.page_shapes_of_rank[0][0], width)
             for part, conv_part in zip(self.pages, conv_parts, strict=True):
-                conv.index_copy_(1, part.channels, conv_part)
+                conv.index_copy_(1, part.channels.to(conv.device), conv_part)
         if not has_state:
             conv.zero_()
             recurrent.zero_()
@@ -311,7 +311,7 @@ class LinearMixerLayer(nn.Module):
         conv = torch.cat([cache.conv_states[name] for name in self.conv_names], dim=1)
         for part, part_slots in zip(self.pages, slots, strict=True):
             conv_pages, recurrent_pages = part.state_pages
-            part_conv = conv if part.channels is None else conv.index_select(1, part.channels)
+            part_conv = conv if part.channels is None else conv.index_select(1, part.channels.to(conv.device))
             conv_pages.index_copy_(0, part_slots, part_conv.to(conv_pages.dtype))
             recurrent_pages.index_copy_(0, part_slots, cache.recurrent_state[:, part.heads].to(recurrent_pages.dtype))
 
@@ -334,7 +334,8 @@ class LinearMixerLayer(nn.Module):
             conv_pages, recurrent_pages = part.state_pages
             x, weight = conv_inputs, self.conv_weight
             if part.channels is not None:
-                x, weight = x.index_select(1, part.channels), weight.index_select(0, part.channels)
+                channels = part.channels.to(x.device)
+                x, weight = x.index_select(1, channels), weight.index_select(0, channels)
             x = convolution_step(x, weight, conv_pages, part_slots)
             outputs.append(self.delta_rule_step(x, part.heads, rest, recurrent_pages, part_slots))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [B, H, Dv]
