@@ -21,6 +21,8 @@ part i holds heads [i H/k, (i+1) H/k) of the delta-rule state and the convolutio
 rank i of a k-times larger tensor-parallel group would hold. Each part is a cache layer of its own
 (`StatePages`): part 0 at the mixer's name, part i at `{name}.part{i}` (not an integer: the same layer index),
 so vLLM gives it a cache group, block tables and metadata of its own, and a request holds one page of each.
+vLLM finds cache layers in `static_forward_context` alone (`get_layers_from_vllm_config(vllm_config,
+AttentionLayerBase)` for the specs, `bind_kv_cache_to_layers` for the pages), so a part needs no module of its own.
 """
 
 from __future__ import annotations
