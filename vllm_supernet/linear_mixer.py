@@ -220,13 +220,12 @@ class LinearMixerLayer(nn.Module):
         from vllm_supernet.footprint import attention_token_bytes, state_parts, state_parts_choice
         from vllm_supernet.model import deployment_mixer_configs
 
-        self.layer_name = prefix
         self.tp_size = get_tensor_model_parallel_world_size()
         self.tp_rank = get_tensor_model_parallel_rank()
         self.page_shapes_of_rank = self.page_shapes(config, self.tp_size, prefix)
-        self.dtypes = state_dtypes(vllm_config)
+        dtypes = state_dtypes(vllm_config)
         model_config = vllm_config.model_config
-        delta_rule_bytes = torch.Size(self.page_shapes_of_rank[1]).numel() * self.dtypes[1].itemsize
+        delta_rule_bytes = torch.Size(self.page_shapes_of_rank[1]).numel() * dtypes[1].itemsize
         token_bytes = attention_token_bytes(deployment_mixer_configs(model_config), model_config.dtype, self.tp_size)
         parts = state_parts(self.allowed_parts(config, self.tp_size), delta_rule_bytes, token_bytes,
                             state_parts_choice(model_config), prefix)  # fmt: skip
@@ -234,7 +233,7 @@ class LinearMixerLayer(nn.Module):
         part_heads = shapes[1][0]
         channels = part_channels(self.conv_blocks(config, self.tp_size), parts)
         self.pages = [
-            StatePages(prefix if part == 0 else f"{prefix}.part{part}", shapes, self.dtypes, vllm_config,
+            StatePages(prefix if part == 0 else f"{prefix}.part{part}", shapes, dtypes, vllm_config,
                        slice(part * part_heads, (part + 1) * part_heads), channels[part])  # fmt: skip
             for part in range(parts)
         ]
