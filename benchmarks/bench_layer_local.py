@@ -42,15 +42,16 @@ SMOLLM2 = {  # SmolLM2-135M-Instruct's config.json, where the GGUF file is not i
     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
     "rope_theta": 100000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192,
 }
-# name -> (fast diagonal blocks, parallel mixers, keep freed memory)
+# name -> (fast diagonal blocks, parallel mixers, keep freed memory, bf16 mixers)
 VARIANTS = {
-    "before": (False, False, False),
-    "after": (True, True, True),
+    "before": (False, False, False, False),
+    "float32": (True, True, True, False),
+    "bf16": (True, True, True, True),
 }
 ABLATION = {
-    "diagonal blocks only": (True, False, False),
-    "parallel mixers only": (False, True, False),
-    "allocator only": (False, False, True),
+    "diagonal blocks only": (True, False, False, False),
+    "parallel mixers only": (False, True, False, False),
+    "allocator only": (False, False, True, False),
 }
 
 
@@ -79,7 +80,7 @@ def run_variant(name: str, layers: int, steps: int, threads: int) -> dict:
     from fast_llm_supernet.training.loss import DistillLossConfig
     from fast_llm_supernet.training.trainer import select_trainable_parameters
 
-    fast_diagonal, parallel, keep_memory = {**VARIANTS, **ABLATION}[name]
+    fast_diagonal, parallel, keep_memory, bf16 = {**VARIANTS, **ABLATION}[name]
     if keep_memory:
         cpu_allocator.keep_freed_memory()
     ops.FAST_DIAGONAL_BLOCKS = fast_diagonal
@@ -106,7 +107,8 @@ def run_variant(name: str, layers: int, steps: int, threads: int) -> dict:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         layer_local_backward(
-            student, teacher, placement, input_ids, None, trainable, loss, workers=threads if parallel else 1
+            student, teacher, placement, input_ids, None, trainable, loss, workers=threads if parallel else 1,
+            bf16=bf16,
         )
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -157,7 +159,7 @@ def main() -> int:
                   "source": source},
         "threads": args.threads, "rounds": args.rounds, "steps_per_process": args.steps,
         "cpu_count": os.cpu_count(), "variants": {name: {"switches": dict(zip(
-            ("fast_diagonal_blocks", "parallel_mixers", "keep_freed_memory"), {**VARIANTS, **ABLATION}[name],
+            ("fast_diagonal_blocks", "parallel_mixers", "keep_freed_memory", "bf16_mixers"), {**VARIANTS, **ABLATION}[name],
             strict=True))} for name in names},
         "rows": rows,
     }

@@ -548,6 +548,43 @@ def test_layer_local_mixers_on_cpu_workers_equal_one_after_another(tiny_run):
         torch.testing.assert_close(parallel_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_layer_local_bf16_mixers_give_the_float32_loss_and_gradients_within_bf16_rounding(tiny_run):
+    """`bf16=True` (the `cpu_bf16` config field) runs the student mixers' matmuls in bf16 on one and on two
+    workers: the loss and every gradient stay float32 and within bf16 rounding of the float32 step's."""
+    from fast_llm_supernet.training.layer_local import layer_local_backward
+    from fast_llm_supernet.training.loss import DistillLossConfig
+    from fast_llm_supernet.training.trainer import select_trainable_parameters
+
+    student = SupernetForCausalLM.from_pretrained(tiny_run / "supernet")
+    teacher = SupernetForCausalLM.from_pretrained(tiny_run / "supernet").requires_grad_(False)
+    trainable = select_trainable_parameters(student, "mixers", ["attention"])
+    placement = teacher.resolve_placement("attention*")
+    input_ids = torch.randint(0, 320, (2, 70))
+    loss_config = DistillLossConfig(reverse_kl=0, forward_kl=0, activation=1.0, activation_distance="mse")
+
+    def step(bf16: bool, workers: int):
+        student.zero_grad(set_to_none=True)
+        output = layer_local_backward(student, teacher, placement, input_ids, None, trainable, loss_config,
+                                      workers=workers, bf16=bf16)
+        return output.total.item(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    loss, grads = step(bf16=False, workers=1)
+    for workers in (1, 2):
+        bf16_loss, bf16_grads = step(bf16=True, workers=workers)
+        assert bf16_loss != loss  # the matmuls did run in bf16
+        assert bf16_loss == pytest.approx(loss, rel=0.03)
+        assert bf16_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert bf16_grads[name].dtype == torch.float32
+            cosine = torch.nn.functional.cosine_similarity(bf16_grads[name].flatten(), grad.flatten(), dim=0)
+            assert cosine > 0.98, (name, cosine.item())
+
+
+def test_cpu_bf16_is_refused_outside_the_layer_local_objective(tiny_run):
+    with pytest.raises(ConfigError, match="cpu_bf16 applies to objective 'layer_local' only"):
+        parse_config(base_config(tiny_run, "bf16_e2e", cpu_bf16=True))
+
+
 @pytest.mark.slow
 def test_layer_local_stage_lowers_kl_and_resumes(tiny_run, converted_tiny_teacher):
     """Layer-local training alone moves every linear mixer towards the teacher (held-out KL falls), and a run

@@ -95,7 +95,7 @@ def causal_conv1d(
         y = F.conv1d(padded, weight, groups=channels)  # [B, C, T]
     if apply_silu:
         y = F.silu(y)
-    return y.transpose(1, 2), padded[..., seq_len:].contiguous()
+    return y.transpose(1, 2).contiguous(), padded[..., seq_len:].contiguous()
 
 
 def _prepare_decay(g: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,10 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16 autocast for the forward passes; applies on CUDA only (CPU always computes in float32).
     bf16: bool = True
+    # bf16 autocast on a CPU too, for objective `layer_local` only: the student mixers' matmuls run in bf16 (the
+    # teacher's targets, the distance and the gradients stay float32). 1.2x a step at SmolLM2-135M's shape on a
+    # CPU with AVX512-BF16 (benchmarks/bench_layer_local.py); CPUs without it emulate bf16 and get slower.
+    cpu_bf16: bool = False
     # Deterministic algorithms (CPU runs are then bit-reproducible, which resume relies on).
     deterministic: bool = True
     threads: int | None = Field(None, ge=1)
@@ -200,6 +204,8 @@ class TrainConfig(_Strict):
     def _warmup_fits(self) -> TrainConfig:
         if self.optimizer.warmup_steps > self.steps:
             raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) exceeds steps ({self.steps})")
+        if self.cpu_bf16 and self.objective != "layer_local":
+            raise ValueError(f"cpu_bf16 applies to objective 'layer_local' only (got objective '{self.objective}')")
         if self.objective == "layer_local":
             logit_terms = {name: getattr(self.loss, name) for name in ("reverse_kl", "forward_kl", "cross_entropy")}
             if any(logit_terms.values()) or self.loss.activation == 0:

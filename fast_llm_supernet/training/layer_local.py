@@ -58,12 +58,15 @@ def layer_local_backward(
     config: DistillLossConfig,
     scale: float = 1.0,
     workers: int | None = None,
+    bf16: bool = False,
 ) -> LossOutput:
     """Accumulate into the student's gradients `scale` x the mean over trainable (layer, mixer) pairs of the
     per-token distance between the mixer's output and the teacher's, each on the teacher's own layer input.
 
     `workers`: how many mixers train at once on a CPU, each on one intra-op thread (None: as many as torch's
     intra-op threads; 1: one after another on all of them). Elsewhere they run one after another.
+    `bf16`: the student mixers' forwards under bf16 autocast (their matmuls in bf16; the teacher's targets, the
+    distance and the gradients stay float32).
     Returns the loss (detached: the backward passes are done) and metrics per mixer name and per layer.
     """
     pairs = sorted(trainable_mixers)
@@ -75,7 +78,8 @@ def layer_local_backward(
     def train_mixer(pair: tuple[int, str]) -> float:
         layer, name = pair
         mixer_input, target = io[layer]
-        output = blocks[layer].get_mixer(name)(mixer_input)  # [B, T, D]
+        with torch.autocast(mixer_input.device.type, dtype=torch.bfloat16, enabled=bf16):  # autocast is per thread
+            output = blocks[layer].get_mixer(name)(mixer_input).float()  # [B, T, D]
         term = masked_mean(activation_distance(output, target, config.activation_distance), loss_mask)
         (term * (scale / len(pairs))).backward()  # frees this mixer's graph
         return term.item()

@@ -317,6 +317,7 @@ class Trainer:
         if self.device.type == "cpu":
             cpu_allocator.keep_freed_memory()  # no page faults on every step's activations (cpu_allocator)
         self.use_bf16 = config.bf16 and self.device.type == "cuda"
+        self.layer_local_cpu_bf16 = config.cpu_bf16 and self.device.type == "cpu"  # inside each mixer's thread
         self.output_dir = config.output_dir
         self.checkpoints_dir = self.output_dir / CHECKPOINTS_DIR
 
@@ -438,6 +439,7 @@ class Trainer:
             return layer_local_backward(
                 self.student, self.teacher, self.placements.teacher, batch["input_ids"], batch["loss_mask"],
                 self.trainable_mixers, self.config.loss, scale=scale,
+                bf16=self.layer_local_cpu_bf16,
             ).metrics
 
         return self._accumulate(step, micro_step)
