@@ -173,8 +173,8 @@ class TrainConfig(_Strict):
     # bf16 autocast for the forward passes; applies on CUDA only (CPU always computes in float32).
     bf16: bool = True
     # bf16 autocast on a CPU too, for objective `layer_local` only: the student mixers' matmuls run in bf16 (the
-    # teacher's targets, the distance and the gradients stay float32). 1.2x a step at SmolLM2-135M's shape on a
-    # CPU with AVX512-BF16 (benchmarks/bench_layer_local.py); CPUs without it emulate bf16 and get slower.
+    # teacher's targets, the distance and the gradients stay float32). 1.13x a step at SmolLM2-135M's shape on a
+    # CPU with AVX512-BF16 (benchmarks/bench_layer_local.py; where bf16 matmuls are emulated, measure first).
     cpu_bf16: bool = False
     # Deterministic algorithms (CPU runs are then bit-reproducible, which resume relies on).
     deterministic: bool = True
