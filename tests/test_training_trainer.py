@@ -518,10 +518,9 @@ def test_layer_local_gradients_are_each_mixers_own_distance(tiny_run):
             torch.testing.assert_close(got[name], parameter.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_layer_local_mixers_on_cpu_workers_equal_one_after_another(tiny_run):
-    """Two workers (one mixer per thread, one intra-op thread each) give the serial path's loss, metrics and
-    gradients, within float32 rounding; torch's thread count is restored after."""
-    from fast_llm_supernet.training.layer_local import layer_local_backward
+def _layer_local_run(tiny_run):
+    """The tiny supernet as student and teacher, its trainable linear mixers, the teacher placement, 2 x 70 tokens
+    (two chunks: the per-chunk loop runs) and the activation-only loss: `layer_local_backward`'s arguments."""
     from fast_llm_supernet.training.loss import DistillLossConfig
     from fast_llm_supernet.training.trainer import select_trainable_parameters
 
@@ -529,8 +528,17 @@ def test_layer_local_mixers_on_cpu_workers_equal_one_after_another(tiny_run):
     teacher = SupernetForCausalLM.from_pretrained(tiny_run / "supernet").requires_grad_(False)
     trainable = select_trainable_parameters(student, "mixers", ["attention"])
     placement = teacher.resolve_placement("attention*")
-    input_ids = torch.randint(0, 320, (2, 70))  # two chunks: the per-chunk loop runs
+    input_ids = torch.randint(0, 320, (2, 70))
     loss_config = DistillLossConfig(reverse_kl=0, forward_kl=0, activation=1.0, activation_distance="mse")
+    return student, teacher, placement, input_ids, trainable, loss_config
+
+
+def test_layer_local_mixers_on_cpu_workers_equal_one_after_another(tiny_run):
+    """Two workers (one mixer per thread, one intra-op thread each) give the serial path's loss, metrics and
+    gradients, within float32 rounding; torch's thread count is restored after."""
+    from fast_llm_supernet.training.layer_local import layer_local_backward
+
+    student, teacher, placement, input_ids, trainable, loss_config = _layer_local_run(tiny_run)
     threads = torch.get_num_threads()
     runs = []
     for workers in (1, 2):
@@ -552,15 +560,8 @@ def test_layer_local_bf16_mixers_give_the_float32_loss_and_gradients_within_bf16
     """`bf16=True` (the `cpu_bf16` config field) runs the student mixers' matmuls in bf16 on one and on two
     workers: the loss and every gradient stay float32 and within bf16 rounding of the float32 step's."""
     from fast_llm_supernet.training.layer_local import layer_local_backward
-    from fast_llm_supernet.training.loss import DistillLossConfig
-    from fast_llm_supernet.training.trainer import select_trainable_parameters
 
-    student = SupernetForCausalLM.from_pretrained(tiny_run / "supernet")
-    teacher = SupernetForCausalLM.from_pretrained(tiny_run / "supernet").requires_grad_(False)
-    trainable = select_trainable_parameters(student, "mixers", ["attention"])
-    placement = teacher.resolve_placement("attention*")
-    input_ids = torch.randint(0, 320, (2, 70))
-    loss_config = DistillLossConfig(reverse_kl=0, forward_kl=0, activation=1.0, activation_distance="mse")
+    student, teacher, placement, input_ids, trainable, loss_config = _layer_local_run(tiny_run)
 
     def step(bf16: bool, workers: int):
         student.zero_grad(set_to_none=True)
