@@ -178,14 +178,24 @@ def test_yaml_loading_overrides_and_cli_rejects_before_work(tiny_run, tmp_path, 
     assert not (tiny_run / "yaml").exists()  # nothing was started
 
 
-@pytest.mark.parametrize("example", ["tiny_distill.yaml", "tiny_sft.yaml"])
+@pytest.mark.parametrize(
+    "example",
+    ["tiny_distill.yaml", "tiny_sft.yaml", "smollm2/layer_local.yaml", "smollm2/distill.yaml", "smollm2/sft.yaml"],
+)
 def test_example_configs_validate(tiny_run, example):
+    """Every shipped recipe parses and validates, the real teacher's too: a recipe edit is checked here, not two
+    hours into `scripts/main.sh --teacher smollm2`. Replaced: the paths its earlier stages would write, and the
+    real teacher's 30-layer placements (test_examples_smollm2_chat.py parses those for 30 layers)."""
     path = Path(__file__).parent.parent / "examples" / example
-    overrides = [
-        f"output_dir={tiny_run / 'example'}",
-        f"model.checkpoint={tiny_run / 'supernet'}",
-        f"data.train.paths={tiny_run / ('chat.jsonl' if 'sft' in example else 'text.jsonl')}",
-    ]
+    raw = yaml.safe_load(path.read_text())
+    data = tiny_run / ("chat.jsonl" if "sft" in example else "text.jsonl")
+    overrides = [f"output_dir={tiny_run / 'example'}", f"model.checkpoint={tiny_run / 'supernet'}", f"data.train.paths={data}"]
+    if "eval" in raw.get("data", {}):
+        overrides.append(f"data.eval.paths={data}")
+    if "teacher" in raw:
+        overrides.append(f"teacher.checkpoint={tiny_run / 'supernet'}")
+    if raw.get("sampling", {}).get("predefined"):
+        overrides += ["sampling.predefined=[]", "sampling.predefined_probabilities=[]"]
     config = load_config(path, overrides)
     assert config.steps > 0
 
