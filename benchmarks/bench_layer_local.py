@@ -76,7 +76,7 @@ def run_variant(name: str, layers: int, steps: int, threads: int) -> dict:
     from fast_llm_supernet.model import SupernetForCausalLM, ops
     from fast_llm_supernet.tools.convert import MixerKind, build_supernet_config, read_teacher_config
     from fast_llm_supernet.training import cpu_allocator
-    from fast_llm_supernet.training.layer_local import layer_local_backward
+    from fast_llm_supernet.training.layer_local import cpu_bf16_is_native, layer_local_backward
     from fast_llm_supernet.training.loss import DistillLossConfig
     from fast_llm_supernet.training.trainer import select_trainable_parameters
 
@@ -114,7 +114,8 @@ def run_variant(name: str, layers: int, steps: int, threads: int) -> dict:
         optimizer.step()
         if step:  # the first step warms up (allocations, thread pools)
             seconds.append(time.perf_counter() - start)
-    return {"variant": name, "step_seconds": seconds, "mixers": len(trainable)}
+    cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_bf16_is_native()}
+    return {"variant": name, "step_seconds": seconds, "mixers": len(trainable), "cpu": cpu}
 
 
 def main() -> int:
@@ -134,7 +135,7 @@ def main() -> int:
     names = list(VARIANTS) + (list(ABLATION) if args.ablation else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    mixers = None
+    mixers = cpu = None
     for round_index in range(args.rounds):
         for name in names if round_index % 2 == 0 else reversed(names):
             command = [sys.executable, __file__, "--variant", name, "--layers", str(args.layers),
@@ -143,6 +144,7 @@ def main() -> int:
                                 .stdout.strip().splitlines()[-1])
             seconds[name] += result["step_seconds"]
             mixers = result["mixers"]
+            cpu = result["cpu"]
             print(f"round {round_index + 1} {name:<22} " + " ".join(f"{s:.2f}s" for s in result["step_seconds"]),
                   flush=True)
 
@@ -158,7 +160,7 @@ def main() -> int:
         "shape": {"layers": args.layers, "batch": BATCH, "sequence": SEQUENCE, "trained_mixers": mixers,
                   "source": source},
         "threads": args.threads, "rounds": args.rounds, "steps_per_process": args.steps,
-        "cpu_count": os.cpu_count(), "variants": {name: {"switches": dict(zip(
+        "cpu_count": os.cpu_count(), "cpu": cpu, "variants": {name: {"switches": dict(zip(
             ("fast_diagonal_blocks", "parallel_mixers", "keep_freed_memory", "bf16_mixers"), {**VARIANTS, **ABLATION}[name],
             strict=True))} for name in names},
         "rows": rows,
@@ -166,7 +168,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "layer_local.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Layer-local step, {args.layers} layers ({mixers} trained mixers), {BATCH} x {SEQUENCE} tokens, "
-             f"{args.threads} threads; {source}; median of {args.rounds} x {args.steps} steps per variant.", "",
+             f"{args.threads} threads; {source}; median of {args.rounds} x {args.steps} steps per variant; CPU "
+             f"{cpu['capability']}, native bf16 matmuls: {'yes' if cpu['native_bf16'] else 'no'}.", "",
              "| variant | step (s) | training tokens/s | vs before |", "| --- | --- | --- | --- |"]
     lines += [f"| {row['variant']} | {row['median_step_s']:.2f} | {row['tokens_per_s']:.0f} | {row['speedup']:.2f}x |"
               for row in rows]

@@ -596,6 +596,25 @@ def test_cpu_bf16_is_refused_outside_the_layer_local_objective(tiny_run):
         parse_config(base_config(tiny_run, "bf16_e2e", cpu_bf16=True))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_warns_where_the_cpu_has_no_native_bf16(tiny_run, monkeypatch, native):
+    """On a CPU without native bf16 matmuls (AVX2 only) bf16 autocast makes the step slower: the trainer says so
+    once, before any step, naming the fix; where bf16 is native it says nothing."""
+    from fast_llm_supernet.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_bf16_is_native", lambda: native)
+    loss = {"reverse_kl": 0.0, "forward_kl": 0.0, "activation": 1.0, "activation_distance": "mse"}
+    config = parse_config(base_config(tiny_run, "bf16_warning", objective="layer_local", cpu_bf16=True, loss=loss))
+    lines = []
+    trainer = Trainer(config, log=lines.append)
+    assert trainer.layer_local_cpu_bf16  # a warning, not a refusal: the run is right, only slower
+    warnings = [line for line in lines if "cpu_bf16" in line]
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "no native bf16" in warnings[0] and "set cpu_bf16: false" in warnings[0]
+
+
 @pytest.mark.slow
 def test_layer_local_stage_lowers_kl_and_resumes(tiny_run, converted_tiny_teacher):
     """Layer-local training alone moves every linear mixer towards the teacher (held-out KL falls), and a run

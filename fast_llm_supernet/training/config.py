@@ -173,8 +173,9 @@ class TrainConfig(_Strict):
     # bf16 autocast for the forward passes; applies on CUDA only (CPU always computes in float32).
     bf16: bool = True
     # bf16 autocast on a CPU too, for objective `layer_local` only: the student mixers' matmuls run in bf16 (the
-    # teacher's targets, the distance and the gradients stay float32). 1.13x a step at SmolLM2-135M's shape on a
-    # CPU with AVX512-BF16 (benchmarks/bench_layer_local.py; where bf16 matmuls are emulated, measure first).
+    # teacher's targets, the distance and the gradients stay float32). For CPUs with native bf16 matmuls only:
+    # 1.13x faster a step at SmolLM2-135M's shape with AVX512-BF16, 3.1-3.6x slower on an AVX2-only CPU, where the
+    # trainer warns (`layer_local.cpu_bf16_is_native`; benchmarks/bench_layer_local.py).
     cpu_bf16: bool = False
     # Deterministic algorithms (CPU runs are then bit-reproducible, which resume relies on).
     deterministic: bool = True

@@ -29,6 +29,16 @@ from fast_llm_supernet.training.loss import DistillLossConfig, LossOutput, activ
 from shared_spec import Placement
 
 
+def cpu_bf16_is_native() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN's bf16 path: AVX-512 on x86, BF16 on Arm).
+
+    Where it does not (an AVX2-only x86 CPU), bf16 autocast makes a layer-local step slower, not faster: 3.1-3.6x
+    slower than float32 at SmolLM2-135M's shape on an AVX2 EPYC (benchmarks/README.md), against 1.13x faster on
+    an AVX512-BF16 CPU.
+    """
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @torch.no_grad()
 def teacher_mixer_io(
     teacher: SupernetForCausalLM, teacher_placement: Placement, input_ids: torch.Tensor  # [B, T]

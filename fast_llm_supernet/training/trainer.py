@@ -69,7 +69,7 @@ from fast_llm_supernet.training.data import (
     read_documents,
     split_held_out,
 )
-from fast_llm_supernet.training.layer_local import layer_local_backward
+from fast_llm_supernet.training.layer_local import cpu_bf16_is_native, layer_local_backward
 from fast_llm_supernet.training.loss import (
     LayerActivation,
     distillation_loss,
@@ -318,6 +318,10 @@ class Trainer:
             cpu_allocator.keep_freed_memory()  # no page faults on every step's activations (cpu_allocator)
         self.use_bf16 = config.bf16 and self.device.type == "cuda"
         self.layer_local_cpu_bf16 = config.cpu_bf16 and self.device.type == "cpu"  # inside each mixer's thread
+        if self.layer_local_cpu_bf16 and not cpu_bf16_is_native():
+            self.log(f"warning: cpu_bf16 is set, but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+                     "native bf16 matmuls: they are emulated, and a step runs slower than in float32 (3.1-3.6x at "
+                     "SmolLM2-135M's shape on an AVX2 CPU, benchmarks/README.md); set cpu_bf16: false")
         self.output_dir = config.output_dir
         self.checkpoints_dir = self.output_dir / CHECKPOINTS_DIR
 
