@@ -99,12 +99,17 @@ def test_sft_stage_masks_prompt_tokens_and_lowers_the_answer_loss(tiny_teacher, 
     assert answer_loss(config.export_path, rows, "attention*") == pytest.approx(answer_loss(tiny_teacher, rows, "attention*"))
 
 
+def smollm2_shaped_spec() -> SupernetSpec:
+    """The tiny supernet's mixers over SmolLM2's 30 layers: what the recipes' placements are parsed against."""
+    config = {**TINY_SUPERNET, "decoder": {**TINY_SUPERNET["decoder"], "num_blocks": 30}}
+    return SupernetSpec.from_config(Apriel2TextConfig.model_validate(config))
+
+
 @pytest.mark.parametrize("example", ["distill.yaml", "sft.yaml"])
 def test_recipe_placements_are_smollm2_placements(example):
     """The recipes' targeted placements name SmolLM2's 30 layers (the trainer's config test checks the rest of
     each recipe on a tiny checkpoint)."""
-    config = {**TINY_SUPERNET, "decoder": {**TINY_SUPERNET["decoder"], "num_blocks": 30}}
-    spec = SupernetSpec.from_config(Apriel2TextConfig.model_validate(config))
+    spec = smollm2_shaped_spec()
     sampling = yaml.safe_load((EXAMPLES / example).read_text())["sampling"]
     assert len(sampling["predefined"]) == len(sampling["predefined_probabilities"])
     for placement in sampling["predefined"]:
@@ -115,8 +120,7 @@ def test_sft_config_trains_the_served_placements():
     """sft.yaml's targeted placements: the quality table's (all-attention aside) and the presets `supernet-place`
     picked on the frontier (those measured for speed) of the previous run (results/place/presets.json), for
     SmolLM2's 30 layers. Rerunning place.sh changes the presets: sft.yaml's list follows them."""
-    config = {**TINY_SUPERNET, "decoder": {**TINY_SUPERNET["decoder"], "num_blocks": 30}}
-    spec = SupernetSpec.from_config(Apriel2TextConfig.model_validate(config))
+    spec = smollm2_shaped_spec()
     predefined = yaml.safe_load((EXAMPLES / "sft.yaml").read_text())["sampling"]["predefined"]
     parsed = [Placement.parse(p, spec).canonical for p in predefined]
     table = [p.canonical for label, p in named_placements(spec).items() if label != "all-attention"]
