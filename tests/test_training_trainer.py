@@ -100,6 +100,10 @@ def tiny_run(tmp_path_factory) -> Path:
     return root
 
 
+# The layer-local objective's loss: the activation distance alone (it refuses the logit terms).
+ACTIVATION_ONLY_LOSS = {"reverse_kl": 0.0, "forward_kl": 0.0, "activation": 1.0, "activation_distance": "mse"}
+
+
 def base_config(root: Path, output: str, **overrides) -> dict:
     config = {
         "output_dir": str(root / output),
@@ -510,7 +514,7 @@ def test_layer_local_gradients_are_each_mixers_own_distance(tiny_run):
     assert {name for _, name in trainable} == {"sliding_window", "gdn", "kda"}
     placement = teacher.resolve_placement("attention*")
     input_ids = torch.randint(0, 320, (2, 12))
-    loss_config = DistillLossConfig(reverse_kl=0, forward_kl=0, activation=1.0, activation_distance="mse")
+    loss_config = DistillLossConfig(**ACTIVATION_ONLY_LOSS)
     output = layer_local_backward(student, teacher, placement, input_ids, None, trainable, loss_config)
     got = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
     assert got and all(".mixers.attention." not in name and "mlp" not in name for name in got)
@@ -539,7 +543,7 @@ def _layer_local_run(tiny_run):
     trainable = select_trainable_parameters(student, "mixers", ["attention"])
     placement = teacher.resolve_placement("attention*")
     input_ids = torch.randint(0, 320, (2, 70))
-    loss_config = DistillLossConfig(reverse_kl=0, forward_kl=0, activation=1.0, activation_distance="mse")
+    loss_config = DistillLossConfig(**ACTIVATION_ONLY_LOSS)
     return student, teacher, placement, input_ids, trainable, loss_config
 
 
@@ -603,8 +607,8 @@ def test_cpu_bf16_warns_where_the_cpu_has_no_native_bf16(tiny_run, monkeypatch, 
     from fast_llm_supernet.training import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "cpu_bf16_is_native", lambda: native)
-    loss = {"reverse_kl": 0.0, "forward_kl": 0.0, "activation": 1.0, "activation_distance": "mse"}
-    config = parse_config(base_config(tiny_run, "bf16_warning", objective="layer_local", cpu_bf16=True, loss=loss))
+    config = parse_config(base_config(tiny_run, "bf16_warning", objective="layer_local", cpu_bf16=True,
+                                      loss=ACTIVATION_ONLY_LOSS))
     lines = []
     trainer = Trainer(config, log=lines.append)
     assert trainer.layer_local_cpu_bf16  # a warning, not a refusal: the run is right, only slower
@@ -626,7 +630,7 @@ def test_layer_local_stage_lowers_kl_and_resumes(tiny_run, converted_tiny_teache
         "data.sequence_length": 64,
         "data.batch_size": 4,
         "optimizer": {"lr": 3e-3, "warmup_steps": 3},
-        "loss": {"reverse_kl": 0.0, "forward_kl": 0.0, "activation": 1.0, "activation_distance": "mse"},
+        "loss": ACTIVATION_ONLY_LOSS,
         "eval.max_batches": 4,
         "checkpoint.every": 10,
     }
